@@ -1,0 +1,24 @@
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+CONFIG ?= config/hipcall.toml
+
+.PHONY: run test bench topology clean
+
+$(BIN)/hipcall-ingest: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q -e '.[test]'
+	touch $@
+
+run: $(BIN)/hipcall-ingest
+	$(BIN)/hipcall-ingest run --config $(CONFIG)
+
+test: $(BIN)/hipcall-ingest
+	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+topology: $(BIN)/hipcall-ingest
+	$(BIN)/hipcall-ingest topology --config $(CONFIG)
+
+clean:
+	rm -rf $(VENV) build *.egg-info .pytest_cache

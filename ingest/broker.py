@@ -1,0 +1,110 @@
+"""One broker connection that comes back on its own.
+
+The reconnecting behaviour is a layer over a plain aio-pika connection: `BrokerLink.run` connects,
+hands the connection to the process's `on_connect` (declare the topology, open channels, start
+consumers), waits until the connection dies, backs off, and starts again. Whoever holds the link
+asks `link.connection` for the live connection, or None while there is none.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable, Callable
+
+import aio_pika
+import structlog
+
+from .config import BrokerConfig
+from .errors import BrokerUnavailable, TopologyError
+
+log = structlog.get_logger("ingest.broker")
+
+OnConnect = Callable[[aio_pika.abc.AbstractConnection], Awaitable[None]]
+
+
+async def connect(config: BrokerConfig, name: str) -> aio_pika.abc.AbstractConnection:
+    """A plain connection, or BrokerUnavailable with a message free of the password."""
+    try:
+        return await aio_pika.connect(
+            config.url, timeout=config.connect_timeout, client_properties={"connection_name": name}
+        )
+    except asyncio.CancelledError:
+        raise
+    except Exception as exc:  # aiormq raises many kinds; all of them mean "not reachable now"
+        raise BrokerUnavailable(f"cannot connect to RabbitMQ at {config.safe_url}: {_describe(exc)}") from None
+
+
+def _describe(exc: BaseException) -> str:
+    text = str(exc) or type(exc).__name__
+    return text.split("\n")[0][:200]
+
+
+class BrokerLink:
+    """Keeps one connection open for the life of a process, reconnecting with capped backoff."""
+
+    def __init__(self, config: BrokerConfig, name: str, on_connect: OnConnect) -> None:
+        self._config = config
+        self._name = name
+        self._on_connect = on_connect
+        self.connection: aio_pika.abc.AbstractConnection | None = None
+        self.connected = asyncio.Event()
+        self._task: asyncio.Task | None = None
+        self._stopping = False
+        self._lost = asyncio.Event()
+        self.on_state: Callable[[bool], None] = lambda up: None
+
+    async def __aenter__(self) -> BrokerLink:
+        self._task = asyncio.create_task(self._run(), name=f"broker-link-{self._name}")
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.close()
+
+    async def close(self) -> None:
+        self._stopping = True
+        if self._task:
+            self._task.cancel()
+            await asyncio.gather(self._task, return_exceptions=True)
+        await self._drop()
+
+    def watch(self, closable: aio_pika.abc.AbstractConnection | aio_pika.abc.AbstractChannel) -> None:
+        """When this connection or channel closes for any reason, start over with a new connection."""
+        closable.close_callbacks.add(lambda *_: self._lost.set())
+
+    async def _drop(self) -> None:
+        connection, self.connection = self.connection, None
+        self.connected.clear()
+        self.on_state(False)
+        if connection is not None and not connection.is_closed:
+            try:
+                await asyncio.wait_for(connection.close(), timeout=self._config.connect_timeout)
+            except Exception:  # closing a dead connection may fail in many ways; it is gone either way
+                pass
+
+    async def _run(self) -> None:
+        delay = self._config.reconnect_min
+        while not self._stopping:
+            try:
+                self._lost.clear()
+                connection = await connect(self._config, self._name)
+                self.connection = connection
+                self.watch(connection)
+                await self._on_connect(connection)
+                self.connected.set()
+                self.on_state(True)
+                log.info("broker_connected", broker=self._config.safe_url)
+                delay = self._config.reconnect_min
+                await self._lost.wait()
+                log.warning("broker_connection_lost", broker=self._config.safe_url)
+            except asyncio.CancelledError:
+                raise
+            except TopologyError as exc:
+                log.error("topology_conflict", error=str(exc))
+            except BrokerUnavailable as exc:
+                log.warning("broker_unavailable", error=str(exc), retry_in=delay)
+            except Exception as exc:
+                log.warning("broker_setup_failed", error=_describe(exc), error_type=type(exc).__name__, retry_in=delay)
+            await self._drop()
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, self._config.reconnect_max)
+

@@ -1,0 +1,407 @@
+"""Configuration: built-in defaults, overlaid by one TOML file, overlaid by a few environment variables.
+
+Parsed once, at start-up, into frozen dataclasses that are passed to whatever needs them. Any key
+that is unknown, of the wrong type or out of range stops start-up with a ConfigError that names the
+file and the key.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import re
+import tomllib
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+from types import MappingProxyType
+from typing import Any
+from urllib.parse import urlsplit, urlunsplit
+
+from .errors import ConfigError
+from .names import CONSUMER_RE, EVENT_RE
+
+DEFAULTS_NAME = "defaults.toml"
+
+
+@dataclass(frozen=True)
+class BrokerConfig:
+    url: str
+    exchange: str
+    unrouted: str
+    publish_timeout: float
+    connect_timeout: float
+    reconnect_min: float
+    reconnect_max: float
+
+    @property
+    def safe_url(self) -> str:
+        return redact_url(self.url)
+
+
+@dataclass(frozen=True)
+class HttpConfig:
+    host: str
+    port: int
+    path: str
+    max_body_bytes: int
+    shutdown_timeout: float
+
+
+@dataclass(frozen=True)
+class AuthConfig:
+    tokens: tuple[str, ...]
+    allow_ips: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]
+
+
+@dataclass(frozen=True)
+class LoggingConfig:
+    level: str
+    format: str
+    access: bool
+
+
+@dataclass(frozen=True)
+class RetryConfig:
+    delays: tuple[float, ...]
+    delivery_limit: int
+
+    @property
+    def attempts(self) -> int:
+        return len(self.delays) + 1
+
+
+@dataclass(frozen=True)
+class WorkerConfig:
+    grace_period: float
+    metrics_port: int
+    concurrency: int
+
+
+@dataclass(frozen=True)
+class ConsumerConfig:
+    name: str
+    events: tuple[str, ...]
+    handler: str
+    concurrency: int
+    enabled: bool
+    retry: RetryConfig
+    options: Mapping[str, Any]
+
+
+@dataclass(frozen=True)
+class Config:
+    broker: BrokerConfig
+    http: HttpConfig
+    auth: AuthConfig
+    logging: LoggingConfig
+    retry: RetryConfig
+    worker: WorkerConfig
+    consumers: tuple[ConsumerConfig, ...]
+    source: str
+
+    @property
+    def enabled_consumers(self) -> tuple[ConsumerConfig, ...]:
+        return tuple(c for c in self.consumers if c.enabled)
+
+    def consumer(self, name: str) -> ConsumerConfig | None:
+        return next((c for c in self.consumers if c.name == name), None)
+
+
+def redact_url(url: str) -> str:
+    """The URL with its password replaced, for logs and error messages."""
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    host = parts.hostname or ""
+    if parts.port:
+        host = f"{host}:{parts.port}"
+    return urlunsplit(parts._replace(netloc=f"{parts.username}:***@{host}"))
+
+
+# --- value parsers: each takes (value, key) and returns the parsed value or raises _Bad ----------
+
+
+class _Bad(Exception):
+    """A value did not parse; carries what was expected. Turned into ConfigError with the source."""
+
+
+_DURATION_RE = re.compile(r"^(\d+(?:\.\d+)?)(ms|s|m|h)$")
+_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0}
+
+
+def parse_duration(value: Any) -> float:
+    if isinstance(value, str) and (m := _DURATION_RE.match(value.strip())):
+        return float(m.group(1)) * _UNITS[m.group(2)]
+    raise _Bad('a duration string such as "250ms", "10s", "5m" or "2h"')
+
+
+def _string(value: Any) -> str:
+    if not isinstance(value, str):
+        raise _Bad("a string")
+    return value
+
+
+def _nonempty(value: Any) -> str:
+    if not _string(value):
+        raise _Bad("a non-empty string")
+    return value
+
+
+def _boolean(value: Any) -> bool:
+    if not isinstance(value, bool):
+        raise _Bad("true or false")
+    return value
+
+
+def _integer(low: int, high: int) -> Callable[[Any], int]:
+    def parse(value: Any) -> int:
+        if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
+            raise _Bad(f"a whole number from {low} to {high}")
+        return value
+
+    return parse
+
+
+def _choice(*choices: str) -> Callable[[Any], str]:
+    def parse(value: Any) -> str:
+        if value not in choices:
+            raise _Bad("one of " + ", ".join(f'"{c}"' for c in choices))
+        return value
+
+    return parse
+
+
+def _matching(pattern: re.Pattern[str], what: str) -> Callable[[Any], str]:
+    def parse(value: Any) -> str:
+        if not isinstance(value, str) or not pattern.match(value):
+            raise _Bad(what)
+        return value
+
+    return parse
+
+
+def _list(item: Callable[[Any], Any], *, nonempty: bool = False) -> Callable[[Any], tuple]:
+    def parse(value: Any) -> tuple:
+        if not isinstance(value, list) or (nonempty and not value):
+            raise _Bad("a non-empty list" if nonempty else "a list")
+        try:
+            return tuple(item(v) for v in value)
+        except _Bad as bad:
+            raise _Bad(f"a list of {bad}") from None
+
+    return parse
+
+
+def _cidr(value: Any) -> ipaddress.IPv4Network | ipaddress.IPv6Network:
+    try:
+        return ipaddress.ip_network(_string(value), strict=False)
+    except ValueError:
+        raise _Bad('a network such as "10.0.0.0/8" or "203.0.113.7"') from None
+
+
+def _url(value: Any) -> str:
+    if not isinstance(value, str) or urlsplit(value).scheme not in ("amqp", "amqps"):
+        raise _Bad('an AMQP URL such as "amqp://user:password@host:5672/vhost"')
+    return value
+
+
+def _path(value: Any) -> str:
+    if not isinstance(value, str) or not value.startswith("/"):
+        raise _Bad('a URL path starting with "/"')
+    return value
+
+
+_HANDLER_RE = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$")
+_EVENT = _matching(EVENT_RE, "an event name matching ^[a-z][a-z0-9_.-]{0,63}$")
+_DURATION = parse_duration
+
+_SCHEMA: dict[str, dict[str, Callable[[Any], Any]]] = {
+    "broker": {
+        "url": _url,
+        "exchange": _nonempty,
+        "unrouted": _nonempty,
+        "publish_timeout": _DURATION,
+        "connect_timeout": _DURATION,
+        "reconnect_min": _DURATION,
+        "reconnect_max": _DURATION,
+    },
+    "http": {
+        "host": _nonempty,
+        "port": _integer(0, 65535),
+        "path": _path,
+        "max_body_bytes": _integer(1, 1 << 30),
+        "shutdown_timeout": _DURATION,
+    },
+    "auth": {"tokens": _list(_nonempty), "allow_ips": _list(_cidr)},
+    "logging": {
+        "level": _choice("debug", "info", "warning", "error"),
+        "format": _choice("json", "console"),
+        "access": _boolean,
+    },
+    "retry": {"delays": _list(_DURATION), "delivery_limit": _integer(1, 1000)},
+    "worker": {
+        "grace_period": _DURATION,
+        "metrics_port": _integer(0, 65535),
+        "concurrency": _integer(1, 10_000),
+    },
+}
+
+_CONSUMER_SCHEMA: dict[str, Callable[[Any], Any]] = {
+    "events": _list(_EVENT, nonempty=True),
+    "handler": _matching(_HANDLER_RE, 'an import path "module:function" such as "mycompany.crm:on_event"'),
+    "concurrency": _integer(1, 10_000),
+    "enabled": _boolean,
+}
+_CONSUMER_REQUIRED = ("events", "handler")
+
+
+# --- loading ---------------------------------------------------------------------------------------
+
+
+def load_config(path: str | Path | None = None, env: Mapping[str, str] | None = None) -> Config:
+    """Defaults, then the file at `path` (or $HIPCALL_CONFIG), then the environment overrides."""
+    env = {} if env is None else env
+    defaults = tomllib.loads(resources.files("ingest").joinpath(DEFAULTS_NAME).read_text("utf-8"))
+    path = path or env.get("HIPCALL_CONFIG") or None
+    source = str(path) if path else "built-in defaults"
+    user: dict[str, Any] = {}
+    if path:
+        try:
+            user = tomllib.loads(Path(path).read_text("utf-8"))
+        except FileNotFoundError:
+            raise ConfigError(f"config error: {path}: no such file") from None
+        except (OSError, UnicodeDecodeError) as exc:
+            raise ConfigError(f"config error: {path}: cannot read it ({exc})") from None
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError(f"config error: {path}: not valid TOML: {exc}") from None
+    return _build(defaults, user, source, env)
+
+
+def _build(defaults: dict, user: dict, source: str, env: Mapping[str, str]) -> Config:
+    origin: dict[str, str] = {}  # dotted key -> where its value came from, when not the file
+
+    def fail(key: str, expected: str, value: Any) -> ConfigError:
+        where = origin.get(key, source)
+        shown = "a value that is not shown (it is a secret)" if key in _SECRET_KEYS else _show(value)
+        return ConfigError(f"config error: {where}: {key}: expected {expected}, got {shown}")
+
+    for table in user:
+        if table not in _SCHEMA and table != "consumers":
+            raise ConfigError(f"config error: {source}: unknown table [{table}]")
+    raw = {name: dict(defaults[name]) for name in _SCHEMA}
+    for name in _SCHEMA:
+        given = user.get(name, {})
+        if not isinstance(given, dict):
+            raise fail(name, "a table", given)
+        for key, value in given.items():
+            if key not in _SCHEMA[name]:
+                raise ConfigError(f"config error: {source}: unknown key {name}.{key}")
+            raw[name][key] = value
+
+    for var, (table, key, convert) in _ENV_OVERRIDES.items():
+        if var in env:
+            raw[table][key] = convert(env[var])
+            origin[f"{table}.{key}"] = f"environment {var}"
+
+    parsed: dict[str, dict[str, Any]] = {}
+    for name, spec in _SCHEMA.items():
+        parsed[name] = {}
+        for key, parse in spec.items():
+            try:
+                parsed[name][key] = parse(raw[name][key])
+            except _Bad as bad:
+                raise fail(f"{name}.{key}", str(bad), raw[name][key]) from None
+
+    retry = RetryConfig(**parsed["retry"])
+    worker = WorkerConfig(**parsed["worker"])
+    consumers = _consumers(defaults.get("consumers", {}), user.get("consumers", {}), source, retry, worker, fail)
+    return Config(
+        broker=BrokerConfig(**parsed["broker"]),
+        http=HttpConfig(**parsed["http"]),
+        auth=AuthConfig(**parsed["auth"]),
+        logging=LoggingConfig(**parsed["logging"]),
+        retry=retry,
+        worker=worker,
+        consumers=consumers,
+        source=source,
+    )
+
+
+def _consumers(defaults: dict, user: Any, source: str, retry: RetryConfig, worker: WorkerConfig, fail) -> tuple:
+    if not isinstance(user, dict):
+        raise fail("consumers", "a table of [consumers.NAME] tables", user)
+    merged = {name: dict(table) for name, table in defaults.items()}
+    for name, table in user.items():
+        if not isinstance(table, dict):
+            raise fail(f"consumers.{name}", "a table", table)
+        merged.setdefault(name, {}).update(table)
+
+    result = []
+    for name, table in merged.items():
+        if not CONSUMER_RE.match(name):
+            raise ConfigError(
+                f"config error: {source}: [consumers.{name}]: a consumer name must match ^[a-z][a-z0-9_-]{{0,63}}$"
+            )
+        values: dict[str, Any] = {"concurrency": worker.concurrency, "enabled": True}
+        for key, value in table.items():
+            where = f"consumers.{name}.{key}"
+            if key == "options":
+                if not isinstance(value, dict):
+                    raise fail(where, "a table", value)
+                values["options"] = MappingProxyType(value)
+            elif key == "retry":
+                values["retry"] = _consumer_retry(value, retry, where, fail)
+            elif key in _CONSUMER_SCHEMA:
+                try:
+                    values[key] = _CONSUMER_SCHEMA[key](value)
+                except _Bad as bad:
+                    raise fail(where, str(bad), value) from None
+            else:
+                raise ConfigError(f"config error: {source}: unknown key {where}")
+        for key in _CONSUMER_REQUIRED:
+            if key not in values:
+                raise ConfigError(f"config error: {source}: consumers.{name}.{key} is required")
+        values.setdefault("retry", retry)
+        values.setdefault("options", MappingProxyType({}))
+        result.append(ConsumerConfig(name=name, **values))
+    return tuple(result)
+
+
+def _consumer_retry(value: Any, base: RetryConfig, where: str, fail) -> RetryConfig:
+    if not isinstance(value, dict):
+        raise fail(where, "a table such as { delays = [\"5s\", \"1m\"] }", value)
+    fields = {"delays": base.delays, "delivery_limit": base.delivery_limit}
+    for key, item in value.items():
+        if key not in _SCHEMA["retry"]:
+            raise fail(f"{where}.{key}", "one of the keys delays, delivery_limit", key)
+        try:
+            fields[key] = _SCHEMA["retry"][key](item)
+        except _Bad as bad:
+            raise fail(f"{where}.{key}", str(bad), item) from None
+    return RetryConfig(**fields)
+
+
+def _tokens(value: str) -> list[str]:
+    return [t.strip() for t in value.split(",") if t.strip()]
+
+
+def _port(value: str) -> Any:
+    return int(value) if value.strip().isdigit() else value
+
+
+_SECRET_KEYS = {"auth.tokens"}
+
+_ENV_OVERRIDES: dict[str, tuple[str, str, Callable[[str], Any]]] = {
+    "HIPCALL_AMQP_URL": ("broker", "url", str),
+    "HIPCALL_HTTP_PORT": ("http", "port", _port),
+    "HIPCALL_TOKENS": ("auth", "tokens", _tokens),
+}
+
+
+def _show(value: Any) -> str:
+    """A value for an error message, never long and never a secret in full."""
+    text = repr(value)
+    if isinstance(value, str) and value.startswith(("amqp://", "amqps://")):
+        text = repr(redact_url(value))
+    return text if len(text) <= 60 else text[:57] + "..."

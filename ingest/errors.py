@@ -1,0 +1,25 @@
+"""The errors a user of hipcall-ingest can see, each named for what went wrong."""
+
+
+class HipcallError(Exception):
+    """Base of every error hipcall-ingest raises on purpose; its message says what to do."""
+
+
+class ConfigError(HipcallError):
+    """The configuration file or environment has a key that is wrong: start-up stops (exit 2)."""
+
+
+class TopologyError(HipcallError):
+    """The broker holds an exchange or queue that conflicts with what the config asks for."""
+
+
+class BrokerUnavailable(HipcallError):
+    """The broker cannot be reached or did not confirm in time."""
+
+
+class HandlerImportError(HipcallError):
+    """A consumer's handler cannot be imported or is not callable."""
+
+
+class UsageError(HipcallError):
+    """A command-line argument names something that does not exist (exit 2)."""

@@ -1,0 +1,34 @@
+"""Every name on the broker is derived here and nowhere else."""
+
+import re
+
+EVENT_RE = re.compile(r"^[a-z][a-z0-9_.-]{0,63}$")
+CONSUMER_RE = re.compile(r"^[a-z][a-z0-9_-]{0,63}$")
+
+
+def consumer_queue(consumer: str, event: str) -> str:
+    """The quorum queue a consumer reads one event from."""
+    return f"{consumer}.{event}"
+
+
+def dead_letter_queue(consumer: str, event: str) -> str:
+    return f"{consumer}.{event}.dlq"
+
+
+def retry_queue(consumer: str, delay: float) -> str:
+    """The delay tier a consumer's failed messages wait in before they go back to its queue."""
+    return f"{consumer}.retry.{format_duration(delay)}"
+
+
+def retry_routing_key(consumer: str, delay: float, event: str) -> str:
+    """Routes a failed message into its tier; after the TTL the same key routes it back home."""
+    return f"{consumer}.{format_duration(delay)}.{event}"
+
+
+def format_duration(seconds: float) -> str:
+    """The shortest exact spelling of a duration: 0.25 -> "250ms", 600 -> "10m"."""
+    ms = round(seconds * 1000)
+    for unit, size in (("h", 3_600_000), ("m", 60_000), ("s", 1000)):
+        if ms and ms % size == 0:
+            return f"{ms // size}{unit}"
+    return f"{ms}ms"
