@@ -1,0 +1,407 @@
+"""Fixtures: a real RabbitMQ (a fresh vhost per test, or a throwaway node that tests may stop and
+kill), and the hipcall-ingest processes started the way a user starts them.
+
+No broker, no tests: if none can be had, the suite fails and says how to get one.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.error
+import urllib.request
+from dataclasses import dataclass, field
+from pathlib import Path
+from urllib.parse import quote, urlsplit
+
+import aio_pika
+import pytest
+
+FIXTURES = Path(__file__).parent / "fixtures"
+ROOT = Path(__file__).parent.parent
+DEFAULT_URL = "amqp://guest:guest@127.0.0.1:5672/"
+RABBIT_BIN = Path("/usr/lib/rabbitmq/bin")
+HOW_TO_GET_A_BROKER = (
+    "Start the machine's RabbitMQ with `rabbitmq-server -detached` (it listens on 127.0.0.1:5672, guest/guest), "
+    "or point HIPCALL_TEST_AMQP_URL at a RabbitMQ 3.10+ whose node `rabbitmqctl` on this machine can manage "
+    "(HIPCALL_TEST_RABBITMQ_NODE names it)."
+)
+
+
+def payload(name: str) -> bytes:
+    """One of Hipcall's example payloads, byte for byte."""
+    return (FIXTURES / f"{name}.json").read_bytes()
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_until(check, timeout: float = 20.0, interval: float = 0.05, what: str = "condition"):
+    deadline = time.monotonic() + timeout
+    while True:
+        value = check()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+        time.sleep(interval)
+
+
+# --- talking to the broker from a test (synchronous helpers around aio-pika) -----------------------
+
+
+@dataclass
+class Message:
+    body: bytes
+    headers: dict
+    message_id: str | None
+    content_type: str | None
+    delivery_mode: int | None
+    timestamp: object
+    routing_key: str | None
+
+
+@dataclass
+class Broker:
+    """A vhost on a real broker, with the few looks into it that tests need."""
+
+    url: str
+
+    def _run(self, coro):
+        return asyncio.run(coro)
+
+    def count(self, queue: str) -> int | None:
+        """Messages ready in a queue; None if the queue does not exist."""
+
+        async def main():
+            connection = await aio_pika.connect(self.url)
+            async with connection:
+                channel = await connection.channel()
+                try:
+                    q = await channel.declare_queue(queue, passive=True)
+                except aio_pika.exceptions.ChannelNotFoundEntity:
+                    return None
+                return q.declaration_result.message_count
+
+        return self._run(main())
+
+    def take(self, queue: str, expect: int | None = None, timeout: float = 15.0) -> list[Message]:
+        """Consume and ack everything in a queue; with `expect`, wait until that many have come."""
+
+        async def main():
+            connection = await aio_pika.connect(self.url)
+            taken: list[Message] = []
+            async with connection:
+                channel = await connection.channel()
+                q = await channel.declare_queue(queue, passive=True)
+                deadline = time.monotonic() + timeout
+                while True:
+                    message = await q.get(fail=False, no_ack=False)
+                    if message is None:
+                        if expect is None or len(taken) >= expect or time.monotonic() > deadline:
+                            return taken
+                        await asyncio.sleep(0.05)
+                        continue
+                    await message.ack()
+                    taken.append(
+                        Message(
+                            message.body,
+                            dict(message.headers or {}),
+                            message.message_id,
+                            message.content_type,
+                            int(message.delivery_mode) if message.delivery_mode else None,
+                            message.timestamp,
+                            message.routing_key,
+                        )
+                    )
+
+        return self._run(main())
+
+    def publish(self, exchange: str, routing_key: str, body: bytes, headers: dict | None = None) -> None:
+        async def main():
+            connection = await aio_pika.connect(self.url)
+            async with connection:
+                channel = await connection.channel(publisher_confirms=True)
+                target = channel.default_exchange if exchange == "" else await channel.get_exchange(exchange)
+                await target.publish(
+                    aio_pika.Message(body, headers=headers or {}, delivery_mode=2, message_id="test"), routing_key
+                )
+
+        self._run(main())
+
+
+def _reachable(url: str, timeout: float = 2.0) -> bool:
+    parts = urlsplit(url)
+    try:
+        with socket.create_connection((parts.hostname or "127.0.0.1", parts.port or 5672), timeout=timeout):
+            return True
+    except OSError:
+        return False
+
+
+def _ctl(*args: str, node: str | None = None, timeout: float = 60) -> subprocess.CompletedProcess:
+    command = [str(RABBIT_BIN / "rabbitmqctl") if node and "hipcalltest" in node else "rabbitmqctl"]
+    if node:
+        command += ["-n", node]
+    return subprocess.run(command + list(args), capture_output=True, text=True, timeout=timeout)
+
+
+class Vhosts:
+    """A vhost per test, made and deleted with one `rabbitmqctl eval` each, one at a time (creating
+    many at once with `import_definitions` was seen to hang RabbitMQ 3.10 here)."""
+
+    def __init__(self, base_url: str, node: str | None) -> None:
+        self.base_url = base_url
+        self.user = urlsplit(base_url).username or "guest"
+        self.node = node
+        self.counter = itertools.count()
+
+    def create(self) -> str:
+        name = f"hipcall-test-{os.getpid()}-{next(self.counter)}"
+        done = _ctl(
+            "eval",
+            f'rabbit_vhost:add(<<"{name}">>, <<"tests">>), rabbit_auth_backend_internal:set_permissions('
+            f'<<"{self.user}">>, <<"{name}">>, <<".*">>, <<".*">>, <<".*">>, <<"tests">>).',
+            node=self.node,
+        )
+        if done.returncode != 0 or "ok" not in done.stdout:
+            pytest.fail(f"could not create a test vhost with rabbitmqctl: {done.stdout} {done.stderr}\n{HOW_TO_GET_A_BROKER}")
+        return name
+
+    def delete(self, name: str) -> None:
+        _ctl("eval", f'rabbit_vhost:delete(<<"{name}">>, <<"tests">>).', node=self.node, timeout=120)
+
+    def url(self, vhost: str) -> str:
+        parts = urlsplit(self.base_url)
+        return parts._replace(path="/" + quote(vhost, safe="")).geturl()
+
+
+@pytest.fixture(scope="session")
+def vhosts(tmp_path_factory):
+    """Vhosts on the broker at HIPCALL_TEST_AMQP_URL, or by default on a throwaway node of this run."""
+    url = os.environ.get("HIPCALL_TEST_AMQP_URL")
+    if url:
+        if not _reachable(url):
+            pytest.fail(f"no RabbitMQ answers at {urlsplit(url).hostname}:{urlsplit(url).port or 5672}. {HOW_TO_GET_A_BROKER}")
+        yield Vhosts(url, os.environ.get("HIPCALL_TEST_RABBITMQ_NODE"))
+        return
+    node = RabbitNode(tmp_path_factory.mktemp("rabbit-shared"))
+    node.start()
+    yield Vhosts(node.url, node.name)
+    node.stop()
+
+
+@pytest.fixture
+def broker(vhosts) -> Broker:
+    """A vhost of its own, for a test that does not stop the broker; deleted afterwards."""
+    name = vhosts.create()
+    yield Broker(vhosts.url(name))
+    vhosts.delete(name)
+
+
+# --- a throwaway RabbitMQ node the tests may stop, kill and restart --------------------------------
+
+
+class RabbitNode:
+    """A private rabbitmq-server next to the machine's own: its own name, ports and data directory."""
+
+    def __init__(self, directory: Path) -> None:
+        if not (RABBIT_BIN / "rabbitmq-server").exists():
+            pytest.fail(f"{RABBIT_BIN / 'rabbitmq-server'} not found: install Debian's rabbitmq-server package. {HOW_TO_GET_A_BROKER}")
+        self.dir = directory
+        self.port = free_port()
+        self.dist_port = free_port()
+        self.name = f"hipcalltest{self.port}@localhost"
+        self.url = f"amqp://guest:guest@127.0.0.1:{self.port}/"
+        self.process: subprocess.Popen | None = None
+        (directory / "enabled_plugins").write_text("[].\n")
+        (directory / "rabbitmq.conf").write_text(f"listeners.tcp.default = 127.0.0.1:{self.port}\nloopback_users = none\n")
+        self.env = dict(
+            os.environ,
+            RABBITMQ_NODENAME=self.name,
+            RABBITMQ_NODE_PORT=str(self.port),
+            RABBITMQ_DIST_PORT=str(self.dist_port),
+            RABBITMQ_MNESIA_BASE=str(directory / "mnesia"),
+            RABBITMQ_LOG_BASE=str(directory / "log"),
+            RABBITMQ_ENABLED_PLUGINS_FILE=str(directory / "enabled_plugins"),
+            RABBITMQ_PID_FILE=str(directory / "pid"),
+            RABBITMQ_CONFIG_FILE=str(directory / "rabbitmq"),
+        )
+
+    def start(self) -> None:
+        (self.dir / "pid").unlink(missing_ok=True)
+        self.process = subprocess.Popen(
+            [str(RABBIT_BIN / "rabbitmq-server")],
+            env=self.env,
+            stdout=open(self.dir / "server.out", "ab"),
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+        waited = _ctl("wait", str(self.dir / "pid"), "--timeout", "60", node=self.name, timeout=90)
+        if waited.returncode != 0 or not wait_until(lambda: _reachable(self.url, 0.5), timeout=30, what="node port"):
+            pytest.fail(f"throwaway RabbitMQ node did not start: {waited.stderr.strip()} (see {self.dir}/log)")
+
+    def stop(self) -> None:
+        if self.process and self.process.poll() is None:
+            _ctl("stop", node=self.name, timeout=60)
+            self.process.wait(timeout=60)
+        self.process = None
+
+    def kill(self) -> None:
+        """kill -9, as a crashed machine would."""
+        if self.process and self.process.poll() is None:
+            try:
+                os.killpg(self.process.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+            pid_file = self.dir / "pid"
+            if pid_file.exists():
+                try:
+                    os.kill(int(pid_file.read_text().strip()), signal.SIGKILL)
+                except (ProcessLookupError, ValueError):
+                    pass
+            self.process.wait(timeout=30)
+        wait_until(lambda: not _reachable(self.url, 0.2), timeout=10, what="node to go away")
+        self.process = None
+
+
+@pytest.fixture(scope="session")
+def rabbit_node():
+    """One throwaway node for the session, started on first use; a test may stop, kill or restart it."""
+    node = RabbitNode(Path(tempfile.mkdtemp(prefix="hipcall-rabbit-")))
+    node.start()
+    yield node
+    node.stop()
+    shutil.rmtree(node.dir, ignore_errors=True)
+
+
+@pytest.fixture
+def node_broker(rabbit_node) -> Broker:
+    """The throwaway node, running, for a test that will stop or kill it."""
+    if rabbit_node.process is None or rabbit_node.process.poll() is not None:
+        rabbit_node.start()
+    return Broker(rabbit_node.url)
+
+
+# --- hipcall-ingest processes ------------------------------------------------------------------------
+
+
+@dataclass
+class Proc:
+    """A hipcall-ingest command running as a user would run it, its output in a file."""
+
+    args: list[str]
+    env: dict
+    log_path: Path
+    port: int | None = None
+    process: subprocess.Popen | None = field(default=None, repr=False)
+
+    def start(self) -> "Proc":
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "ingest", *self.args],
+            env=self.env,
+            cwd=self.env.get("HIPCALL_TEST_CWD", str(ROOT)),
+            stdout=open(self.log_path, "ab"),
+            stderr=subprocess.STDOUT,
+        )
+        return self
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def output(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def logs(self) -> list[dict]:
+        lines = []
+        for line in self.output().splitlines():
+            if line.startswith("{"):
+                try:
+                    lines.append(json.loads(line))
+                except ValueError:
+                    pass
+        return lines
+
+    def signal(self, sig: int) -> None:
+        self.process.send_signal(sig)
+
+    def wait(self, timeout: float = 30) -> int:
+        return self.process.wait(timeout=timeout)
+
+    def stop(self, timeout: float = 30) -> int:
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+        return self.process.wait(timeout=timeout)
+
+    def wait_http(self, path: str, status: int = 200, timeout: float = 20) -> None:
+        def check():
+            assert self.process.poll() is None, f"process exited:\n{self.output()}"
+            try:
+                return http("GET", self.url + path)[0] == status
+            except OSError:
+                return False
+
+        wait_until(check, timeout=timeout, what=f"GET {path} -> {status}")
+
+
+def http(method: str, url: str, body: bytes | None = None, headers: dict | None = None) -> tuple[int, dict, bytes]:
+    """(status, headers, body) of one request; never raises for an HTTP error status."""
+    request = urllib.request.Request(url, data=body, method=method, headers=headers or {})
+    try:
+        with urllib.request.urlopen(request, timeout=30) as response:
+            return response.status, dict(response.headers), response.read()
+    except urllib.error.HTTPError as error:
+        return error.code, dict(error.headers), error.read()
+
+
+def post_webhook(proc: Proc, body: bytes, headers: dict | None = None, query: str = "") -> tuple[int, dict, dict]:
+    status, response_headers, raw = http(
+        "POST", f"{proc.url}/webhooks/hipcall{query}", body, {"Content-Type": "application/json", **(headers or {})}
+    )
+    return status, response_headers, json.loads(raw) if raw else {}
+
+
+@pytest.fixture
+def launch(tmp_path):
+    """launch(command, broker, config_text="", ...) starts `hipcall-ingest COMMAND --config FILE`."""
+    started: list[Proc] = []
+    counter = itertools.count()
+
+    def start(command: str, broker: Broker, config_text: str = "", *args: str, env: dict | None = None, wait: str | None = None) -> Proc:
+        n = next(counter)
+        config = tmp_path / f"config-{n}.toml"
+        config.write_text(config_text)
+        port = free_port()
+        proc_env = dict(os.environ, HIPCALL_AMQP_URL=broker.url, HIPCALL_HTTP_PORT=str(port), **(env or {}))
+        proc_env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(tmp_path), str(ROOT), proc_env.get("PYTHONPATH")]))
+        proc = Proc([command, "--config", str(config), *args], proc_env, tmp_path / f"{command}-{n}.log", port)
+        proc.start()
+        started.append(proc)
+        if wait:
+            proc.wait_http(wait)
+        return proc
+
+    yield start
+    for proc in started:
+        if proc.process and proc.process.poll() is None:
+            proc.process.kill()
+            proc.process.wait()
+
+
+@pytest.fixture
+def ingress(launch, broker):
+    """A running `hipcall-ingest serve` on a fresh vhost, ready (connected to the broker)."""
+    return launch("serve", broker, "[http]\nhost = \"127.0.0.1\"\n", wait="/readyz")

@@ -1,0 +1,136 @@
+"""Configuration: defaults, file, environment, and the errors a user sees for a bad key."""
+
+import subprocess
+import sys
+import tomllib
+from pathlib import Path
+
+import pytest
+
+from ingest.config import load_config
+from ingest.errors import ConfigError
+
+ROOT = Path(__file__).parent.parent
+
+
+def test_defaults_alone_are_a_complete_config():
+    config = load_config(None, {})
+    assert config.broker.exchange == "hipcall.events"
+    assert config.http.port == 8080 and config.http.path == "/webhooks/hipcall"
+    assert config.http.max_body_bytes == 1024 * 1024
+    assert config.retry.delays == (10, 60, 300, 1800, 7200)
+    assert [c.name for c in config.consumers] == ["hipcall"]
+    assert config.consumers[0].events == ("call_init", "call_hangup", "task_create", "deal_create")
+
+
+def test_a_file_overlays_only_the_keys_it_sets(tmp_path):
+    path = tmp_path / "c.toml"
+    path.write_text('[http]\nport = 9000\n[broker]\npublish_timeout = "250ms"\n')
+    config = load_config(path, {})
+    assert config.http.port == 9000
+    assert config.http.path == "/webhooks/hipcall"
+    assert config.broker.publish_timeout == 0.25
+
+
+def test_environment_wins_over_the_file(tmp_path):
+    path = tmp_path / "c.toml"
+    path.write_text('[http]\nport = 9000\n[auth]\ntokens = ["a"]\n')
+    config = load_config(path, {"HIPCALL_HTTP_PORT": "9100", "HIPCALL_TOKENS": "x, y", "HIPCALL_AMQP_URL": "amqp://u:p@h/v"})
+    assert config.http.port == 9100
+    assert config.auth.tokens == ("x", "y")
+    assert config.broker.url == "amqp://u:p@h/v"
+    assert config.broker.safe_url == "amqp://u:***@h/v"
+
+
+def test_hipcall_config_names_the_file(tmp_path):
+    path = tmp_path / "c.toml"
+    path.write_text("[http]\nport = 9001\n")
+    assert load_config(None, {"HIPCALL_CONFIG": str(path)}).http.port == 9001
+
+
+@pytest.mark.parametrize(
+    "text,key,expected",
+    [
+        ("[http]\nprot = 1\n", "http.prot", "unknown key"),
+        ("[htp]\n", "[htp]", "unknown table"),
+        ('[http]\nport = "80"\n', "http.port", "a whole number"),
+        ("[http]\nport = 70000\n", "http.port", "a whole number from 0 to 65535"),
+        ('[broker]\npublish_timeout = "5 seconds"\n', "broker.publish_timeout", "a duration"),
+        ("[broker]\npublish_timeout = 5\n", "broker.publish_timeout", "a duration"),
+        ('[retry]\ndelays = ["1s", "soon"]\n', "retry.delays", "a list of a duration"),
+        ('[logging]\nformat = "xml"\n', "logging.format", '"json", "console"'),
+        ('[auth]\nallow_ips = ["10.0.0.300/8"]\n', "auth.allow_ips", "a network"),
+        ('[broker]\nurl = "http://x"\n', "broker.url", "an AMQP URL"),
+        ('[consumers.crm]\nevents = ["call_hangup"]\n', "consumers.crm.handler", "is required"),
+        ('[consumers.crm]\nevents = ["call_hangup"]\nhandler = "x:y"\nretries = 3\n', "consumers.crm.retries", "unknown key"),
+        ('[consumers.crm]\nevents = []\nhandler = "x:y"\n', "consumers.crm.events", "a non-empty list"),
+        ('[consumers.crm]\nevents = ["Bad Event"]\nhandler = "x:y"\n', "consumers.crm.events", "event name"),
+        ('[consumers.crm]\nevents = ["a"]\nhandler = "no-colon"\n', "consumers.crm.handler", "import path"),
+        ('[consumers.crm]\nevents = ["a"]\nhandler = "x:y"\nretry = { delays = ["1x"] }\n', "consumers.crm.retry.delays", "a duration"),
+        ('[consumers."Bad.Name"]\nevents = ["a"]\nhandler = "x:y"\n', "Bad.Name", "consumer name"),
+        ("[http\n", "not valid TOML", ""),
+    ],
+)
+def test_a_bad_key_is_an_error_naming_the_file_and_the_key(tmp_path, text, key, expected):
+    path = tmp_path / "bad.toml"
+    path.write_text(text)
+    with pytest.raises(ConfigError) as caught:
+        load_config(path, {})
+    message = str(caught.value)
+    assert str(path) in message
+    assert key in message
+    assert expected in message
+
+
+def test_a_bad_environment_value_names_the_variable():
+    with pytest.raises(ConfigError, match="environment HIPCALL_HTTP_PORT: http.port: expected a whole number"):
+        load_config(None, {"HIPCALL_HTTP_PORT": "eighty"})
+
+
+def test_a_secret_is_never_in_an_error_message(tmp_path):
+    path = tmp_path / "bad.toml"
+    path.write_text('[auth]\ntokens = "my-secret-token"\n')
+    with pytest.raises(ConfigError) as caught:
+        load_config(path, {})
+    assert "my-secret-token" not in str(caught.value)
+
+
+def test_a_missing_file_is_an_error(tmp_path):
+    with pytest.raises(ConfigError, match="no such file"):
+        load_config(tmp_path / "nope.toml", {})
+
+
+def test_the_command_exits_2_with_one_line_naming_the_key(tmp_path):
+    path = tmp_path / "bad.toml"
+    path.write_text('[broker]\npublish_timeout = "soon"\n')
+    for command in ("serve", "topology", "work", "run"):
+        done = subprocess.run(
+            [sys.executable, "-m", "ingest", command, "--config", str(path)], capture_output=True, text=True, cwd=ROOT
+        )
+        assert done.returncode == 2, command
+        assert done.stdout == ""
+        assert done.stderr.count("\n") == 1, done.stderr
+        assert "broker.publish_timeout" in done.stderr and str(path) in done.stderr
+        assert "Traceback" not in done.stderr
+
+
+def _keys(table: dict, prefix: str = "") -> set[str]:
+    keys = set()
+    for key, value in table.items():
+        if isinstance(value, dict) and not prefix.startswith("consumers.") and key != "options":
+            keys |= _keys(value, f"{prefix}{key}.")
+        keys.add(f"{prefix}{key}")
+    return keys
+
+
+def test_the_example_configs_only_use_keys_the_defaults_define():
+    defaults = _keys(tomllib.loads((ROOT / "ingest" / "defaults.toml").read_text()))
+    examples = sorted((ROOT / "config").glob("*.toml"))
+    assert examples, "config/ holds the example files"
+    for example in examples:
+        text = tomllib.loads(example.read_text())
+        for key in _keys(text):
+            if key.startswith("consumers."):
+                continue  # consumers are the user's own tables, validated by the loader below
+            assert key in defaults, f"{example.name}: {key} is not a key of ingest/defaults.toml"
+        load_config(example, {})  # and the loader accepts the whole file
