@@ -16,7 +16,7 @@ from collections.abc import Callable, Coroutine, Sequence
 from typing import Any
 
 from .config import Config, load_config
-from .errors import BrokerUnavailable, ConfigError, HipcallError, TopologyError, UsageError
+from .errors import ConfigError, HandlerImportError, HipcallError, UsageError
 from .logs import configure_logging
 
 
@@ -137,10 +137,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         config = load_config(args.config, os.environ)
         return function(config, args)
-    except (ConfigError, UsageError) as exc:
+    except (ConfigError, UsageError, HandlerImportError) as exc:
         print(f"hipcall-ingest: {exc}", file=sys.stderr)
         return 2
-    except (BrokerUnavailable, TopologyError, HipcallError) as exc:
+    except HipcallError as exc:
         print(f"hipcall-ingest: {exc}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:

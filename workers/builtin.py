@@ -1,0 +1,54 @@
+"""Built-in handlers: `workers.builtin:log` (the default consumer) and `workers.builtin:jsonl`."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from typing import Any
+
+import orjson
+import structlog
+
+from ingest.errors import HandlerImportError
+
+from .handler import Event
+
+_log = structlog.get_logger("workers.builtin")
+
+
+async def log(event: Event) -> None:
+    """One structured log line per webhook."""
+    uuid = event.data.get("uuid")
+    _log.info("webhook", _event=event.name, message_id=event.id, call_uuid=uuid if isinstance(uuid, str) else None,
+              attempt=event.attempt)
+
+
+class jsonl:  # noqa: N801 - named as users write it in the config: "workers.builtin:jsonl"
+    """Appends each event to a file as one JSON line, fsync'd before the message is acked.
+
+    Options: path (required). Lines: {"id", "event", "received_at", "attempt", "data"}. A redelivery
+    can append the same id twice: deduplicate on "id" when reading.
+    """
+
+    async def start(self, options: dict[str, Any]) -> None:
+        path = options.get("path")
+        if not isinstance(path, str) or not path:
+            raise HandlerImportError('workers.builtin:jsonl needs options.path, e.g. [consumers.NAME.options] path = "events.jsonl"')
+        self._file = open(path, "ab")
+        self._lock = asyncio.Lock()
+
+    async def handle(self, event: Event) -> None:
+        line = orjson.dumps(
+            {"id": event.id, "event": event.name, "received_at": event.received_at, "attempt": event.attempt,
+             "data": event.data}
+        ) + b"\n"
+        async with self._lock:  # one writer at a time, so lines never interleave
+            await asyncio.to_thread(self._append, line)
+
+    def _append(self, line: bytes) -> None:
+        self._file.write(line)
+        self._file.flush()
+        os.fsync(self._file.fileno())
+
+    async def close(self) -> None:
+        self._file.close()

@@ -1,0 +1,93 @@
+"""The handler API: what a user's code receives (Event), how it says "never retry"
+(PermanentError), and how a `module:name` from the config becomes something the runtime can call.
+
+A handler is one of:
+- a function, `async def handle(event)` or `def handle(event)` (a plain function runs in a thread
+  so it cannot block the event loop);
+- a class with `handle(event)` (async or not) and, optionally, `async def start(self, options)`
+  and `async def close(self)`: one instance per worker process, started before the first message
+  with the consumer's `[consumers.NAME.options]` table, closed at shutdown. This is where a
+  connection pool or an HTTP session lives. The built-in sinks use the same mechanism.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import importlib
+import inspect
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any
+
+from ingest.config import ConsumerConfig
+from ingest.errors import HandlerImportError
+
+
+class PermanentError(Exception):
+    """Raise it from a handler when retrying cannot help: the message goes straight to the DLQ."""
+
+
+@dataclass(frozen=True)
+class Event:
+    """One webhook as a handler sees it."""
+
+    name: str  # the webhook's event, e.g. "call_hangup"
+    data: Mapping[str, Any]  # the webhook's parsed "data" object
+    id: str  # message id from the ingress; the same body always has the same id: deduplicate on it
+    attempt: int  # 1 on the first delivery, 2 on the first retry, ...
+    received_at: datetime | None  # when the ingress received it
+    body: bytes = field(repr=False)  # the raw body, byte for byte as Hipcall sent it
+    headers: Mapping[str, Any] = field(default_factory=dict, repr=False)
+
+
+class Handler:
+    """A loaded handler: call it with an Event; start and close it once per worker process."""
+
+    def __init__(self, consumer: ConsumerConfig, target: Any) -> None:
+        self.consumer = consumer
+        self._instance = target() if inspect.isclass(target) else None
+        function = getattr(self._instance, "handle", None) if self._instance is not None else target
+        if not callable(function):
+            raise HandlerImportError(
+                f"consumer {consumer.name!r}: handler {consumer.handler!r} must be a function or a class with a handle(event) method"
+            )
+        if self._instance is None and consumer.options:
+            raise HandlerImportError(
+                f"consumer {consumer.name!r}: handler {consumer.handler!r} is a function, so it cannot take "
+                f"[consumers.{consumer.name}.options]; use a class with async start(options)"
+            )
+        self._function = function
+        self._is_async = inspect.iscoroutinefunction(function)
+
+    async def start(self) -> None:
+        start = getattr(self._instance, "start", None)
+        if start is not None:
+            await start(dict(self.consumer.options))
+
+    async def close(self) -> None:
+        close = getattr(self._instance, "close", None)
+        if close is not None:
+            await close()
+
+    async def __call__(self, event: Event) -> None:
+        if self._is_async:
+            await self._function(event)
+        else:
+            await asyncio.to_thread(self._function, event)
+
+
+def load_handler(consumer: ConsumerConfig) -> Handler:
+    """Import `module:name`; any failure is a HandlerImportError naming the consumer and the path."""
+    module_name, _, attribute = consumer.handler.partition(":")
+    try:
+        module = importlib.import_module(module_name)
+    except Exception as exc:
+        raise HandlerImportError(
+            f"consumer {consumer.name!r}: cannot import handler {consumer.handler!r}: "
+            f"{type(exc).__name__}: {exc} (is the module on PYTHONPATH or installed?)"
+        ) from None
+    target = getattr(module, attribute, None)
+    if target is None:
+        raise HandlerImportError(f"consumer {consumer.name!r}: module {module_name!r} has no {attribute!r} (handler {consumer.handler!r})")
+    return Handler(consumer, target)

@@ -1,0 +1,53 @@
+"""Retry and dead-letter policy: when a failed message comes back, and what a dead letter carries.
+
+The arithmetic lives in `next_delay`; queue names come from ingest.names. Ordering is not kept
+across retries: a retried message goes back behind whatever arrived meanwhile.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from datetime import datetime, timezone
+from typing import Any
+
+from ingest.config import RetryConfig
+
+ATTEMPT_HEADER = "x-hipcall-attempt"
+ERROR_LIMIT = 1024  # bytes of "Type: message" kept in x-hipcall-error
+
+
+def attempt_of(headers: Mapping[str, Any] | None) -> int:
+    """Our own attempt counter (not x-death, whose format differs between RabbitMQ versions)."""
+    try:
+        return max(1, int((headers or {}).get(ATTEMPT_HEADER, 1)))
+    except (TypeError, ValueError):
+        return 1
+
+
+def next_delay(retry: RetryConfig, attempt: int) -> float | None:
+    """How long to wait after attempt `attempt` failed; None when the attempts are used up."""
+    return retry.delays[attempt - 1] if attempt <= len(retry.delays) else None
+
+
+def describe_error(exc: BaseException) -> str:
+    text = f"{type(exc).__name__}: {exc}"
+    encoded = text.encode("utf-8", "replace")
+    return encoded[:ERROR_LIMIT].decode("utf-8", "ignore") if len(encoded) > ERROR_LIMIT else text
+
+
+def retry_headers(headers: Mapping[str, Any] | None, attempt: int) -> dict[str, Any]:
+    return {**(headers or {}), ATTEMPT_HEADER: attempt + 1}
+
+
+def dead_letter_headers(
+    headers: Mapping[str, Any] | None, *, attempt: int, exc: BaseException, queue: str, consumer: str
+) -> dict[str, Any]:
+    return {
+        **(headers or {}),
+        "x-hipcall-attempts": attempt,
+        "x-hipcall-error": describe_error(exc),
+        "x-hipcall-error-type": type(exc).__name__,
+        "x-hipcall-failed-at": datetime.now(timezone.utc).isoformat(),
+        "x-hipcall-queue": queue,
+        "x-hipcall-consumer": consumer,
+    }
