@@ -386,7 +386,9 @@ def launch(tmp_path):
         config.write_text(config_text)
         port = free_port()
         proc_env = dict(os.environ, HIPCALL_AMQP_URL=broker.url, HIPCALL_HTTP_PORT=str(port), **(env or {}))
-        proc_env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(tmp_path), str(ROOT), proc_env.get("PYTHONPATH")]))
+        proc_env["PYTHONPATH"] = os.pathsep.join(
+            filter(None, [str(tmp_path), str(ROOT), str(ROOT / "tests"), proc_env.get("PYTHONPATH")])
+        )
         proc = Proc([command, "--config", str(config), *args], proc_env, tmp_path / f"{command}-{n}.log", port)
         proc.start()
         started.append(proc)

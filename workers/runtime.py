@@ -155,7 +155,7 @@ class Worker:
             message_id=message.message_id,
             timestamp=message.timestamp,
             app_id=message.app_id,
-            type=message.type,
+            message_type=message.type,
             correlation_id=message.correlation_id,
             headers=headers,
         )
