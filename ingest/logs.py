@@ -13,23 +13,41 @@ import structlog
 from .config import LoggingConfig
 
 
+# Tracebacks as data, without local variables: locals can hold tokens and passwords.
+_TRACEBACKS = structlog.processors.ExceptionRenderer(structlog.tracebacks.ExceptionDictTransformer(show_locals=False))
+
+
 def configure_logging(config: LoggingConfig, process: str) -> None:
     """Called once at start-up; afterwards every module just calls structlog.get_logger()."""
-    processors: list = [
+    shared: list = [
         structlog.contextvars.merge_contextvars,
         structlog.processors.add_log_level,
         structlog.processors.TimeStamper(fmt="iso", utc=True),
-        structlog.processors.EventRenamer("msg", replace_by="_event"),
     ]
+    processors = shared + [structlog.processors.EventRenamer("msg", replace_by="_event")]
     if config.format == "console":
-        processors.append(structlog.dev.ConsoleRenderer(colors=False, event_key="msg"))
+        renderer = structlog.dev.ConsoleRenderer(colors=False, event_key="msg")
+        processors.append(renderer)
         factory = structlog.PrintLoggerFactory(sys.stdout)
     else:
         processors += [
-            structlog.processors.dict_tracebacks,
+            _TRACEBACKS,
             structlog.processors.JSONRenderer(serializer=orjson.dumps),
         ]
         factory = structlog.BytesLoggerFactory(sys.stdout.buffer)
+        renderer = structlog.processors.JSONRenderer(serializer=lambda v, **kw: orjson.dumps(v).decode())
+    # Libraries (aiormq, aiohttp) log through the standard library: same format, same stdout.
+    handler = logging.StreamHandler(sys.stdout)
+    handler.setFormatter(
+        structlog.stdlib.ProcessorFormatter(
+            foreign_pre_chain=shared + [structlog.stdlib.add_logger_name, structlog.processors.EventRenamer("msg")],
+            processors=[structlog.stdlib.ProcessorFormatter.remove_processors_meta,
+                        _TRACEBACKS, renderer],
+        )
+    )
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(logging.WARNING)
     structlog.configure(
         processors=processors,
         wrapper_class=structlog.make_filtering_bound_logger(getattr(logging, config.level.upper())),
