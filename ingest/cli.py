@@ -111,11 +111,163 @@ def cmd_run(config: Config, args: argparse.Namespace) -> int:
     return max(codes, default=0)
 
 
+def _json_out(value) -> None:
+    import orjson
+
+    sys.stdout.write(orjson.dumps(value, option=orjson.OPT_INDENT_2).decode() + "\n")
+
+
+def cmd_status(config: Config, args: argparse.Namespace) -> int:
+    from .broker import connect
+    from .topology import inspect, plan
+
+    topology = plan(config.broker, config.consumers)
+
+    async def main():
+        connection = await connect(config.broker, "hipcall-ingest status")
+        async with connection:
+            return await inspect(connection, topology)
+
+    try:
+        states = run_async(main())
+    except HipcallError as exc:
+        if args.json:
+            _json_out({"broker": "unreachable", "error": str(exc)})
+        else:
+            print(f"broker: UNREACHABLE ({exc})")
+        return 1
+    rows = [
+        {"queue": q.name, "kind": q.kind, "consumer": q.consumer, "exists": s is not None,
+         "ready": s.messages if s else None, "consumers": s.consumers if s else None}
+        for q, s in zip(topology.queues, states)
+    ]
+    if args.json:
+        _json_out({"broker": "reachable", "url": config.broker.safe_url, "queues": rows})
+        return 0
+    print(f"broker: reachable at {config.broker.safe_url}")
+    print(f"{'QUEUE':<40} {'KIND':<9} {'READY':>8} {'CONSUMERS':>9}")
+    for row in rows:
+        ready = row["ready"] if row["exists"] else "missing"
+        consumers = row["consumers"] if row["exists"] else "-"
+        print(f"{row['queue'][:40]:<40} {row['kind']:<9} {ready:>8} {consumers:>9}")
+    return 0
+
+
+def cmd_tail(config: Config, args: argparse.Namespace) -> int:
+    from .tail import tail
+
+    run_async(tail(config, args.event or []))
+    return 0
+
+
+def cmd_dlq(config: Config, args: argparse.Namespace) -> int:
+    from workers import dlq
+
+    from .broker import connect
+
+    async def with_connection(function):
+        connection = await connect(config.broker, f"hipcall-ingest dlq {args.action}")
+        async with connection:
+            return await function(connection)
+
+    if args.action == "list":
+        async def list_all(connection):
+            result = []
+            for queue in dlq.dead_letter_queues(config):
+                try:
+                    async with dlq.reading(connection, queue.name) as letters:
+                        result.append({"queue": queue.name, **dlq.stats(letters)})
+                except Exception:  # the queue was never declared: say so, keep going
+                    result.append({"queue": queue.name, "messages": None, "oldest_failure": None, "top_errors": []})
+            return result
+
+        rows = run_async(with_connection(list_all))
+        if args.json:
+            _json_out(rows)
+            return 0
+        print(f"{'DEAD-LETTER QUEUE':<32} {'MSGS':>6}  {'OLDEST FAILURE':<20} TOP ERROR")
+        for row in rows:
+            count = "absent" if row["messages"] is None else row["messages"]
+            oldest = (row["oldest_failure"] or "-")[:19]
+            top = row["top_errors"][0]["type"] if row["top_errors"] else "-"
+            print(f"{row['queue'][:32]:<32} {count:>6}  {oldest:<20} {top[:18]}")
+        return 0
+
+    queue = dlq.find_dlq(config, args.queue)
+    if args.action == "show":
+        async def show(connection):
+            async with dlq.reading(connection, queue.name) as letters:
+                chosen = [l for l in letters if l.matches(args.event, None, args.grep)][: args.limit]
+                return [{**l.summary(), **({"body": orjson_loads(l.message.body)} if args.body else {})} for l in chosen]
+
+        def orjson_loads(body: bytes):
+            import orjson
+
+            try:
+                return orjson.loads(body)
+            except orjson.JSONDecodeError:
+                return body.decode("utf-8", "replace")
+
+        letters = run_async(with_connection(show))
+        if args.json:
+            _json_out(letters)
+            return 0
+        print(f"{queue.name}: {len(letters)} shown")
+        for letter in letters:
+            print(f"- {letter['message_id']}  {letter['event'] or '?'}  attempts={letter['attempts']}  failed {letter['failed_at']}")
+            if letter["call_uuid"]:
+                print(f"  call {letter['call_uuid']}")
+            print(f"  {letter['kind']}: {letter['error'][:200]}")
+            if args.body:
+                import json
+
+                print("  " + json.dumps(letter["body"], indent=2, ensure_ascii=False).replace("\n", "\n  "))
+        return 0
+    if args.action == "replay":
+        def progress(n: int) -> None:
+            print(f"  {n} moved...", file=sys.stderr, flush=True)
+
+        moved = run_async(with_connection(lambda c: dlq.replay(c, config, queue, limit=args.limit, events=args.event,
+                                                                ids=args.id, progress=progress)))
+        print(f"replayed {moved} from {queue.name} to {queue.name.removesuffix('.dlq')}")
+        return 0
+    if args.action == "purge":
+        if not args.yes:
+            count = run_async(with_connection(lambda c: dlq.count(c, queue.name)))
+            print(f"would delete {count} dead letters from {queue.name}; run again with --yes to delete them")
+            return 1
+        deleted = run_async(with_connection(lambda c: dlq.purge(c, queue)))
+        print(f"deleted {deleted} dead letters from {queue.name}")
+        return 0
+    if args.action == "export":
+        async def export(connection):
+            async with dlq.reading(connection, queue.name) as letters:
+                with open(args.file, "wb") as out:
+                    for letter in letters:
+                        out.write(dlq.export_line(letter))
+                return len(letters)
+
+        print(f"exported {run_async(with_connection(export))} dead letters from {queue.name} to {args.file}")
+        return 0
+    # import
+    try:
+        with open(args.file, "rb") as f:
+            lines = f.read().splitlines()
+    except OSError as exc:
+        raise UsageError(f"cannot read {args.file}: {exc.strerror}") from None
+    imported = run_async(with_connection(lambda c: dlq.import_lines(c, config, queue, lines)))
+    print(f"imported {imported} dead letters into {queue.name}")
+    return 0
+
+
 COMMANDS: dict[str, tuple[Callable[[Config, argparse.Namespace], int], str]] = {
     "run": (cmd_run, "ingress and a worker for every enabled consumer (what `make run` starts)"),
     "serve": (cmd_serve, "the HTTP ingress"),
     "work": (cmd_work, "a worker process for the enabled (or the named) consumers"),
     "topology": (cmd_topology, "declare exchanges and queues, and print what exists"),
+    "status": (cmd_status, "broker, queues, retry tiers, DLQs and the unrouted queue on one screen"),
+    "tail": (cmd_tail, "print webhooks as they arrive, taking nothing from the consumers"),
+    "dlq": (cmd_dlq, "inspect, replay, purge, export and import dead letters"),
 }
 
 
@@ -125,10 +277,38 @@ def build_parser() -> argparse.ArgumentParser:
     for name, (_, help_text) in COMMANDS.items():
         sub = commands.add_parser(name, help=help_text, description=help_text)
         sub.add_argument("--config", metavar="FILE", help="TOML file over the built-in defaults (or $HIPCALL_CONFIG)")
+        if name in ("status", "dlq"):
+            sub.add_argument("--json", action="store_true", help="machine-readable output")
+        if name == "tail":
+            sub.add_argument("--event", action="append", metavar="E", help="only this event (repeatable)")
+        if name == "dlq":
+            _dlq_arguments(sub)
         if name == "work":
             sub.add_argument("--consumer", action="append", metavar="NAME", help="run only this consumer (repeatable)")
             sub.add_argument("--metrics-port", type=int, metavar="PORT", help="serve Prometheus /metrics on this port")
     return parser
+
+
+def _dlq_arguments(parser: argparse.ArgumentParser) -> None:
+    actions = parser.add_subparsers(dest="action", required=True, metavar="ACTION")
+    actions.add_parser("list", help="every DLQ with its count, oldest failure and top error types")
+    show = actions.add_parser("show", help="the dead letters of a queue (non-destructive)")
+    replay = actions.add_parser("replay", help="move dead letters back to their consumer's queue")
+    purge = actions.add_parser("purge", help="delete the dead letters of a queue (needs --yes)")
+    export = actions.add_parser("export", help="write dead letters to a JSON-lines file (non-destructive)")
+    imp = actions.add_parser("import", help="put an export back into a DLQ")
+    for sub in (show, replay, purge, export):
+        sub.add_argument("queue", metavar="QUEUE")
+    for sub in (show, replay):
+        sub.add_argument("--limit", type=int, metavar="N")
+        sub.add_argument("--event", action="append", metavar="E")
+    show.add_argument("--grep", metavar="TEXT", help="only letters whose body or error contains TEXT")
+    show.add_argument("--body", action="store_true", help="print the payload too")
+    replay.add_argument("--id", action="append", metavar="ID", help="only this message id (repeatable)")
+    purge.add_argument("--yes", action="store_true")
+    export.add_argument("file", metavar="FILE")
+    imp.add_argument("file", metavar="FILE")
+    imp.add_argument("queue", metavar="QUEUE")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -145,6 +325,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 1
     except KeyboardInterrupt:
         return 130
+    except BrokenPipeError:  # output piped into `head` and the like
+        sys.stdout = open(os.devnull, "w")
+        return 0
 
 
 if __name__ == "__main__":

@@ -1,0 +1,58 @@
+"""`hipcall-ingest tail`: print webhooks as they arrive, taking nothing from the real consumers.
+
+Its own exclusive, auto-delete, non-durable queue is bound to the events exchange; the broker
+removes it when the connection closes (Ctrl-C), so nothing is left behind.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import secrets
+import signal
+import sys
+from collections.abc import Sequence
+
+import orjson
+from aio_pika.abc import AbstractIncomingMessage
+
+from .broker import connect
+from .config import Config
+
+
+def tail_line(message: AbstractIncomingMessage) -> str:
+    try:
+        payload = orjson.loads(message.body)
+    except orjson.JSONDecodeError:
+        payload = {}
+    data = payload.get("data") if isinstance(payload, dict) and isinstance(payload.get("data"), dict) else {}
+    when = message.timestamp.strftime("%H:%M:%S") if message.timestamp else "--:--:--"
+    parts = [when, f"{message.routing_key or '?':<14}", (message.message_id or "")[:12]]
+    if data.get("uuid"):
+        parts.append(str(data["uuid"]))
+    if data.get("direction"):
+        parts.append(f"{data['direction']} {data.get('caller_number') or '?'} -> {data.get('callee_number') or '?'}")
+    return "  ".join(parts)
+
+
+async def tail(config: Config, events: Sequence[str]) -> None:
+    connection = await connect(config.broker, "hipcall-ingest tail")
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    async with connection:
+        channel = await connection.channel()
+        name = f"hipcall-ingest.tail.{os.getpid()}.{secrets.token_hex(4)}"
+        queue = await channel.declare_queue(name, exclusive=True, auto_delete=True, durable=False)
+        for key in events or ["#"]:
+            await queue.bind(config.broker.exchange, key)
+
+        async def show(message: AbstractIncomingMessage) -> None:
+            print(tail_line(message), flush=True)
+
+        await queue.consume(show, no_ack=True)
+        print(f"tailing {config.broker.exchange} ({', '.join(events) or 'all events'}) through {name}; Ctrl-C stops",
+              file=sys.stderr, flush=True)
+        closed = asyncio.ensure_future(connection.closed())
+        await asyncio.wait([asyncio.ensure_future(stop.wait()), closed], return_when=asyncio.FIRST_COMPLETED)
