@@ -290,13 +290,17 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _dlq_arguments(parser: argparse.ArgumentParser) -> None:
+    # --config and --json are accepted after the action too: `dlq show QUEUE --config FILE`
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--config", metavar="FILE", default=argparse.SUPPRESS, help="TOML file over the defaults")
+    common.add_argument("--json", action="store_true", default=argparse.SUPPRESS, help="machine-readable output")
     actions = parser.add_subparsers(dest="action", required=True, metavar="ACTION")
-    actions.add_parser("list", help="every DLQ with its count, oldest failure and top error types")
-    show = actions.add_parser("show", help="the dead letters of a queue (non-destructive)")
-    replay = actions.add_parser("replay", help="move dead letters back to their consumer's queue")
-    purge = actions.add_parser("purge", help="delete the dead letters of a queue (needs --yes)")
-    export = actions.add_parser("export", help="write dead letters to a JSON-lines file (non-destructive)")
-    imp = actions.add_parser("import", help="put an export back into a DLQ")
+    actions.add_parser("list", parents=[common], help="every DLQ with its count, oldest failure and top error types")
+    show = actions.add_parser("show", parents=[common], help="the dead letters of a queue (non-destructive)")
+    replay = actions.add_parser("replay", parents=[common], help="move dead letters back to their consumer's queue")
+    purge = actions.add_parser("purge", parents=[common], help="delete the dead letters of a queue (needs --yes)")
+    export = actions.add_parser("export", parents=[common], help="write dead letters to a JSON-lines file (non-destructive)")
+    imp = actions.add_parser("import", parents=[common], help="put an export back into a DLQ")
     for sub in (show, replay, purge, export):
         sub.add_argument("queue", metavar="QUEUE")
     for sub in (show, replay):

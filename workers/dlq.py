@@ -3,7 +3,8 @@
 Reading is "read and requeue": the letters are consumed without an ack and the channel is closed
 afterwards, so the broker puts every one of them back. A quorum queue delivers returned messages
 before the rest, in their original order, so the queue holds exactly what it held, in the same order.
-While a read holds letters, a replay running at the same time does not see those letters (it moves
+The one thing a read changes is RabbitMQ's own `x-delivery-count` header, which it raises on each
+redelivery; export leaves it out and replay drops it. While a read holds letters, a replay running at the same time does not see those letters (it moves
 fewer); nothing can be lost either way, because nothing is acked by a read.
 
 Replay and import are at-least-once: a letter is acked (removed) only after the broker confirmed
@@ -34,7 +35,7 @@ from ingest.topology import Queue, plan
 IN_FLIGHT = 500  # republishes awaiting their confirm at once
 IDLE = 2.0  # seconds without a delivery after which a read decides the queue has no more
 _OUR_HEADERS = ("x-hipcall-attempt", "x-hipcall-attempts", "x-hipcall-error", "x-hipcall-error-type",
-                "x-hipcall-failed-at", "x-hipcall-queue", "x-hipcall-consumer", "x-death")
+                "x-hipcall-failed-at", "x-hipcall-queue", "x-hipcall-consumer", "x-death", "x-delivery-count")
 
 
 class NotADeadLetterQueue(HipcallError):
@@ -312,7 +313,8 @@ def export_line(letter: Letter) -> bytes:
     m = letter.message
     return orjson.dumps({
         "body_base64": base64.b64encode(m.body).decode(),
-        "headers": _to_json(letter.headers),
+        # x-delivery-count is the broker's bookkeeping of this queue (a read raises it), not the letter's
+        "headers": _to_json({k: v for k, v in letter.headers.items() if k != "x-delivery-count"}),
         "properties": _to_json({"message_id": m.message_id, "content_type": m.content_type,
                                 "content_encoding": m.content_encoding, "timestamp": m.timestamp,
                                 "app_id": m.app_id, "type": m.type, "correlation_id": m.correlation_id}),

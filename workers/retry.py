@@ -35,15 +35,20 @@ def describe_error(exc: BaseException) -> str:
     return encoded[:ERROR_LIMIT].decode("utf-8", "ignore") if len(encoded) > ERROR_LIMIT else text
 
 
+def _own(headers: Mapping[str, Any] | None) -> dict[str, Any]:
+    """The message's headers without the broker's per-queue redelivery counter."""
+    return {k: v for k, v in (headers or {}).items() if k != "x-delivery-count"}
+
+
 def retry_headers(headers: Mapping[str, Any] | None, attempt: int) -> dict[str, Any]:
-    return {**(headers or {}), ATTEMPT_HEADER: attempt + 1}
+    return {**_own(headers), ATTEMPT_HEADER: attempt + 1}
 
 
 def dead_letter_headers(
     headers: Mapping[str, Any] | None, *, attempt: int, exc: BaseException, queue: str, consumer: str
 ) -> dict[str, Any]:
     return {
-        **(headers or {}),
+        **_own(headers),
         "x-hipcall-attempts": attempt,
         "x-hipcall-error": describe_error(exc),
         "x-hipcall-error-type": type(exc).__name__,
