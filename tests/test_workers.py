@@ -195,3 +195,14 @@ def test_worker_metrics(launch, broker, tmp_path):
     text = http("GET", f"http://127.0.0.1:{port}/metrics")[2].decode()
     assert 'hipcall_worker_handled_total{consumer="crm",event="call_hangup"} 1.0' in text
     assert "hipcall_worker_handler_seconds_count" in text
+
+
+def test_run_starts_ingress_and_worker_and_sigterm_stops_both(launch, broker, tmp_path):
+    record = tmp_path / "record.jsonl"
+    run = launch("run", broker, consumer(record=str(record)) + '[http]\nhost = "127.0.0.1"\n', wait="/readyz")
+    wait_until(lambda: any(l.get("msg") == "consuming" for l in run.logs()), what="worker consuming")
+    assert post_webhook(run, HANGUP)[0] == 202
+    wait_until(lambda: records(record, "done"), what="handled by run's worker")
+    assert run.stop() == 0
+    stopped = [l["process"] for l in run.logs() if l.get("msg") == "stopped"]
+    assert sorted(stopped) == ["serve", "work"]
