@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import os
 import signal
 import subprocess
@@ -112,9 +113,7 @@ def cmd_run(config: Config, args: argparse.Namespace) -> int:
 
 
 def _json_out(value) -> None:
-    import orjson
-
-    sys.stdout.write(orjson.dumps(value, option=orjson.OPT_INDENT_2).decode() + "\n")
+    print(json.dumps(value, indent=2, default=str))
 
 
 def cmd_status(config: Config, args: argparse.Namespace) -> int:
@@ -131,25 +130,23 @@ def cmd_status(config: Config, args: argparse.Namespace) -> int:
     try:
         states = run_async(main())
     except HipcallError as exc:
-        if args.json:
-            _json_out({"broker": "unreachable", "error": str(exc)})
-        else:
-            print(f"broker: UNREACHABLE ({exc})")
+        _emit(args, {"broker": "unreachable", "error": str(exc)}, lambda: print(f"broker: UNREACHABLE ({exc})"))
         return 1
     rows = [
         {"queue": q.name, "kind": q.kind, "consumer": q.consumer, "exists": s is not None,
          "ready": s.messages if s else None, "consumers": s.consumers if s else None}
         for q, s in zip(topology.queues, states)
     ]
-    if args.json:
-        _json_out({"broker": "reachable", "url": config.broker.safe_url, "queues": rows})
-        return 0
-    print(f"broker: reachable at {config.broker.safe_url}")
-    print(f"{'QUEUE':<40} {'KIND':<9} {'READY':>8} {'CONSUMERS':>9}")
-    for row in rows:
-        ready = row["ready"] if row["exists"] else "missing"
-        consumers = row["consumers"] if row["exists"] else "-"
-        print(f"{row['queue'][:40]:<40} {row['kind']:<9} {ready:>8} {consumers:>9}")
+
+    def render() -> None:
+        print(f"broker: reachable at {config.broker.safe_url}")
+        print(f"{'QUEUE':<40} {'KIND':<9} {'READY':>8} {'CONSUMERS':>9}")
+        for row in rows:
+            ready = row["ready"] if row["exists"] else "missing"
+            consumers = row["consumers"] if row["exists"] else "-"
+            print(f"{row['queue'][:40]:<40} {row['kind']:<9} {ready:>8} {consumers:>9}")
+
+    _emit(args, {"broker": "reachable", "url": config.broker.safe_url, "queues": rows}, render)
     return 0
 
 
@@ -160,15 +157,26 @@ def cmd_tail(config: Config, args: argparse.Namespace) -> int:
     return 0
 
 
+def _emit(args: argparse.Namespace, data, render: Callable[[], None]) -> None:
+    """--json prints the data; otherwise `render` prints it for humans."""
+    if getattr(args, "json", False):
+        _json_out(data)
+    else:
+        render()
+
+
 def cmd_dlq(config: Config, args: argparse.Namespace) -> int:
     from workers import dlq
 
     from .broker import connect
 
-    async def with_connection(function):
-        connection = await connect(config.broker, f"hipcall-ingest dlq {args.action}")
-        async with connection:
-            return await function(connection)
+    def on_broker(function) -> Any:
+        async def main():
+            connection = await connect(config.broker, f"hipcall-ingest dlq {args.action}")
+            async with connection:
+                return await function(connection)
+
+        return run_async(main())
 
     if args.action == "list":
         async def list_all(connection):
@@ -181,16 +189,16 @@ def cmd_dlq(config: Config, args: argparse.Namespace) -> int:
                     result.append({"queue": queue.name, "messages": None, "oldest_failure": None, "top_errors": []})
             return result
 
-        rows = run_async(with_connection(list_all))
-        if args.json:
-            _json_out(rows)
-            return 0
-        print(f"{'DEAD-LETTER QUEUE':<32} {'MSGS':>6}  {'OLDEST FAILURE':<20} TOP ERROR")
-        for row in rows:
-            count = "absent" if row["messages"] is None else row["messages"]
-            oldest = (row["oldest_failure"] or "-")[:19]
-            top = row["top_errors"][0]["type"] if row["top_errors"] else "-"
-            print(f"{row['queue'][:32]:<32} {count:>6}  {oldest:<20} {top[:18]}")
+        rows = on_broker(list_all)
+
+        def render() -> None:
+            print(f"{'DEAD-LETTER QUEUE':<32} {'MSGS':>6}  {'OLDEST FAILURE':<20} TOP ERROR")
+            for row in rows:
+                count = "absent" if row["messages"] is None else row["messages"]
+                top = row["top_errors"][0]["type"] if row["top_errors"] else "-"
+                print(f"{row['queue'][:32]:<32} {count:>6}  {(row['oldest_failure'] or '-')[:19]:<20} {top[:18]}")
+
+        _emit(args, rows, render)
         return 0
 
     queue = dlq.find_dlq(config, args.queue)
@@ -198,46 +206,37 @@ def cmd_dlq(config: Config, args: argparse.Namespace) -> int:
         async def show(connection):
             async with dlq.reading(connection, queue.name) as letters:
                 chosen = [l for l in letters if l.matches(args.event, None, args.grep)][: args.limit]
-                return [{**l.summary(), **({"body": orjson_loads(l.message.body)} if args.body else {})} for l in chosen]
+                return [{**l.summary(), **({"body": l.payload_or_text} if args.body else {})} for l in chosen]
 
-        def orjson_loads(body: bytes):
-            import orjson
+        letters = on_broker(show)
 
-            try:
-                return orjson.loads(body)
-            except orjson.JSONDecodeError:
-                return body.decode("utf-8", "replace")
+        def render() -> None:
+            print(f"{queue.name}: {len(letters)} shown")
+            for letter in letters:
+                print(f"- {letter['message_id']}  {letter['event'] or '?'}  attempts={letter['attempts']}  "
+                      f"failed {letter['failed_at']}")
+                if letter["call_uuid"]:
+                    print(f"  call {letter['call_uuid']}")
+                print(f"  {letter['kind']}: {letter['error'][:200]}")
+                if args.body:
+                    print("  " + json.dumps(letter["body"], indent=2, ensure_ascii=False).replace("\n", "\n  "))
 
-        letters = run_async(with_connection(show))
-        if args.json:
-            _json_out(letters)
-            return 0
-        print(f"{queue.name}: {len(letters)} shown")
-        for letter in letters:
-            print(f"- {letter['message_id']}  {letter['event'] or '?'}  attempts={letter['attempts']}  failed {letter['failed_at']}")
-            if letter["call_uuid"]:
-                print(f"  call {letter['call_uuid']}")
-            print(f"  {letter['kind']}: {letter['error'][:200]}")
-            if args.body:
-                import json
-
-                print("  " + json.dumps(letter["body"], indent=2, ensure_ascii=False).replace("\n", "\n  "))
+        _emit(args, letters, render)
         return 0
     if args.action == "replay":
         def progress(n: int) -> None:
             print(f"  {n} moved...", file=sys.stderr, flush=True)
 
-        moved = run_async(with_connection(lambda c: dlq.replay(c, config, queue, limit=args.limit, events=args.event,
-                                                                ids=args.id, progress=progress)))
+        moved = on_broker(lambda c: dlq.replay(c, config, queue, limit=args.limit, events=args.event, ids=args.id,
+                                               progress=progress))
         print(f"replayed {moved} from {queue.name} to {queue.name.removesuffix('.dlq')}")
         return 0
     if args.action == "purge":
         if not args.yes:
-            count = run_async(with_connection(lambda c: dlq.count(c, queue.name)))
+            count = on_broker(lambda c: dlq.count(c, queue.name))
             print(f"would delete {count} dead letters from {queue.name}; run again with --yes to delete them")
             return 1
-        deleted = run_async(with_connection(lambda c: dlq.purge(c, queue)))
-        print(f"deleted {deleted} dead letters from {queue.name}")
+        print(f"deleted {on_broker(lambda c: dlq.purge(c, queue))} dead letters from {queue.name}")
         return 0
     if args.action == "export":
         async def export(connection):
@@ -247,16 +246,14 @@ def cmd_dlq(config: Config, args: argparse.Namespace) -> int:
                         out.write(dlq.export_line(letter))
                 return len(letters)
 
-        print(f"exported {run_async(with_connection(export))} dead letters from {queue.name} to {args.file}")
+        print(f"exported {on_broker(export)} dead letters from {queue.name} to {args.file}")
         return 0
-    # import
-    try:
+    try:  # import
         with open(args.file, "rb") as f:
             lines = f.read().splitlines()
     except OSError as exc:
         raise UsageError(f"cannot read {args.file}: {exc.strerror}") from None
-    imported = run_async(with_connection(lambda c: dlq.import_lines(c, config, queue, lines)))
-    print(f"imported {imported} dead letters into {queue.name}")
+    print(f"imported {on_broker(lambda c: dlq.import_lines(c, config, queue, lines))} dead letters into {queue.name}")
     return 0
 
 

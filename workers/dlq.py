@@ -92,6 +92,14 @@ class Letter:
         return payload if isinstance(payload, dict) else {}
 
     @property
+    def payload_or_text(self) -> Any:
+        """The body parsed, for display; as text when it is not JSON."""
+        try:
+            return orjson.loads(self.message.body)
+        except orjson.JSONDecodeError:
+            return self.message.body.decode("utf-8", "replace")
+
+    @property
     def attempts(self) -> int | None:
         if "x-hipcall-attempts" in self.headers:
             return int(self.headers["x-hipcall-attempts"])
