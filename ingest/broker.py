@@ -42,7 +42,9 @@ def _describe(exc: BaseException) -> str:
 class BrokerLink:
     """Keeps one connection open for the life of a process, reconnecting with capped backoff."""
 
-    def __init__(self, config: BrokerConfig, name: str, on_connect: OnConnect) -> None:
+    def __init__(
+        self, config: BrokerConfig, name: str, on_connect: OnConnect, on_state: Callable[[bool], None] = lambda up: None
+    ) -> None:
         self._config = config
         self._name = name
         self._on_connect = on_connect
@@ -51,7 +53,7 @@ class BrokerLink:
         self._task: asyncio.Task | None = None
         self._stopping = False
         self._lost = asyncio.Event()
-        self.on_state: Callable[[bool], None] = lambda up: None
+        self.on_state = on_state  # told True once connected and set up, False when the connection is gone
 
     async def __aenter__(self) -> BrokerLink:
         self._task = asyncio.create_task(self._run(), name=f"broker-link-{self._name}")

@@ -46,15 +46,16 @@ def cmd_topology(config: Config, args: argparse.Namespace) -> int:
     from .broker import connect
     from .topology import declare, plan
 
+    topology = plan(config.broker, config.enabled_consumers)
+
     async def main() -> list:
         connection = await connect(config.broker, "hipcall-ingest topology")
         async with connection:
-            return await declare(connection, plan(config.broker, config.enabled_consumers))
+            return await declare(connection, topology)
 
     states = run_async(main())
-    print(f"declared on {config.broker.safe_url}: exchanges {config.broker.exchange} (topic), "
-          f"{config.broker.unrouted} (alternate, fanout), {config.broker.exchange}.delay, "
-          f"{config.broker.exchange}.requeue")
+    print(f"declared on {config.broker.safe_url}")
+    print("exchanges: " + ", ".join(f"{e.name} ({e.type})" for e in topology.exchanges))
     print(f"{'QUEUE':<44} {'KIND':<9} {'MESSAGES':>9} {'CONSUMERS':>9}")
     for state in states:
         print(f"{state.queue.name:<44} {state.queue.kind:<9} {state.messages:>9} {state.consumers:>9}")

@@ -226,8 +226,7 @@ async def broker_context(app: web.Application) -> AsyncIterator[None]:
         if not up:
             ingress.channel = None
 
-    link = BrokerLink(config.broker, "hipcall-ingest serve", on_connect)
-    link.on_state = on_state
+    link = BrokerLink(config.broker, "hipcall-ingest serve", on_connect, on_state)
     async with link:
         yield
 

@@ -25,6 +25,24 @@ def retry_routing_key(consumer: str, delay: float, event: str) -> str:
     return f"{consumer}.{format_duration(delay)}.{event}"
 
 
+def retry_binding(consumer: str, delay: float) -> str:
+    """Binds a tier queue to the delay exchange: every event of its consumer and delay."""
+    return f"{consumer}.{format_duration(delay)}.#"
+
+
+def requeue_binding(consumer: str, event: str) -> str:
+    """Binds a consumer queue to the requeue exchange: its own event back from any tier."""
+    return f"{consumer}.*.{event}"
+
+
+def delay_exchange(events_exchange: str) -> str:
+    return f"{events_exchange}.delay"
+
+
+def requeue_exchange(events_exchange: str) -> str:
+    return f"{events_exchange}.requeue"
+
+
 def format_duration(seconds: float) -> str:
     """The shortest exact spelling of a duration: 0.25 -> "250ms", 600 -> "10m"."""
     ms = round(seconds * 1000)

@@ -23,7 +23,15 @@ from aio_pika.abc import AbstractConnection
 
 from .config import BrokerConfig, ConsumerConfig
 from .errors import TopologyError
-from .names import consumer_queue, dead_letter_queue, format_duration, retry_queue
+from .names import (
+    consumer_queue,
+    dead_letter_queue,
+    delay_exchange,
+    requeue_binding,
+    requeue_exchange,
+    retry_binding,
+    retry_queue,
+)
 
 
 @dataclass(frozen=True)
@@ -49,14 +57,6 @@ class Topology:
     queues: tuple[Queue, ...]
 
 
-def delay_exchange(broker: BrokerConfig) -> str:
-    return f"{broker.exchange}.delay"
-
-
-def requeue_exchange(broker: BrokerConfig) -> str:
-    return f"{broker.exchange}.requeue"
-
-
 _QUORUM = {"x-queue-type": "quorum"}
 # Broker-side dead-lettering is at-least-once only with this pair (quorum queues, RabbitMQ >= 3.10).
 _AT_LEAST_ONCE = {"x-dead-letter-strategy": "at-least-once", "x-overflow": "reject-publish"}
@@ -64,7 +64,7 @@ _AT_LEAST_ONCE = {"x-dead-letter-strategy": "at-least-once", "x-overflow": "reje
 
 def plan(broker: BrokerConfig, consumers: Iterable[ConsumerConfig]) -> Topology:
     """Everything the given consumers need, plus the exchanges and the unrouted queue."""
-    delay, requeue = delay_exchange(broker), requeue_exchange(broker)
+    delay, requeue = delay_exchange(broker.exchange), requeue_exchange(broker.exchange)
     exchanges = (
         Exchange(broker.unrouted, "fanout"),
         Exchange(broker.exchange, "topic", {"alternate-exchange": broker.unrouted}),
@@ -80,7 +80,7 @@ def plan(broker: BrokerConfig, consumers: Iterable[ConsumerConfig]) -> Topology:
                     retry_queue(name, seconds),
                     "retry",
                     {**_QUORUM, "x-message-ttl": round(seconds * 1000), "x-dead-letter-exchange": requeue, **_AT_LEAST_ONCE},
-                    ((delay, f"{name}.{format_duration(seconds)}.#"),),
+                    ((delay, retry_binding(name, seconds)),),
                     consumer=name,
                 )
             )
@@ -96,7 +96,7 @@ def plan(broker: BrokerConfig, consumers: Iterable[ConsumerConfig]) -> Topology:
                         "x-dead-letter-routing-key": dead_letter_queue(name, event),
                         **_AT_LEAST_ONCE,
                     },
-                    ((broker.exchange, event), (requeue, f"{name}.*.{event}")),
+                    ((broker.exchange, event), (requeue, requeue_binding(name, event))),
                     consumer=name,
                     event=event,
                 )

@@ -25,8 +25,8 @@ from prometheus_client import Counter, Gauge, Histogram, start_http_server
 
 from ingest.broker import BrokerLink
 from ingest.config import Config, ConsumerConfig
-from ingest.names import consumer_queue, dead_letter_queue, retry_routing_key
-from ingest.topology import declare, delay_exchange, plan
+from ingest.names import consumer_queue, dead_letter_queue, delay_exchange, retry_routing_key
+from ingest.topology import declare, plan
 
 from .handler import Event, Handler, PermanentError, load_handler
 from .retry import attempt_of, dead_letter_headers, describe_error, next_delay, retry_headers
@@ -119,7 +119,7 @@ class Worker:
             if delay is not None:
                 await self._publish(
                     message,
-                    delay_exchange(self.config.broker),
+                    delay_exchange(self.config.broker.exchange),
                     retry_routing_key(consumer.name, delay, name),
                     retry_headers(message.headers, attempt),
                 )
