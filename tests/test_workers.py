@@ -1,8 +1,11 @@
 """Workers end to end: webhooks through the ingress, real worker processes, a real RabbitMQ."""
 
+import asyncio
 import json
 import signal
 import time
+
+import aio_pika
 
 from conftest import free_port, http, payload, post_webhook, wait_until
 
@@ -206,3 +209,31 @@ def test_run_starts_ingress_and_worker_and_sigterm_stops_both(launch, broker, tm
     assert run.stop() == 0
     stopped = [l["process"] for l in run.logs() if l.get("msg") == "stopped"]
     assert sorted(stopped) == ["serve", "work"]
+
+
+def test_a_retry_the_broker_cannot_store_is_never_acked_so_nothing_is_lost(launch, broker, tmp_path):
+    """The delay tier is gone: the mandatory retry publish comes back unroutable, so the worker must
+    not ack. The message stays in its queue until the delivery limit moves it to the DLQ."""
+    record = tmp_path / "record.jsonl"
+    config = consumer(delays='["300ms"]', record=str(record), fail_times=99).replace(
+        "retry = { delays", "retry = { delivery_limit = 2, delays")
+    ingress = launch("serve", broker, config, wait="/readyz")
+
+    async def delete_tier():
+        connection = await aio_pika.connect(broker.url)
+        async with connection:
+            channel = await connection.channel()
+            await channel.queue_delete("crm.retry.300ms")
+
+    asyncio.run(delete_tier())
+    worker = launch("work", broker, config)
+    # the worker declares its topology on connect: delete the tier again once it is consuming
+    wait_until(lambda: any(l.get("msg") == "consuming" for l in worker.logs()), what="worker consuming")
+    asyncio.run(delete_tier())
+    _, _, answer = post_webhook(ingress, HANGUP)
+    [letter] = broker.take("crm.call_hangup.dlq", expect=1, timeout=30)
+    assert letter.message_id == answer["id"] and letter.body == HANGUP
+    assert "x-death" in letter.headers  # the broker's delivery limit, after the worker refused to ack
+    assert worker.stop() == 0
+    assert any(l.get("msg") == "replacement_publish_failed" for l in worker.logs())
+    assert not any(l.get("msg") == "retry_scheduled" for l in worker.logs())
