@@ -57,9 +57,6 @@ class Ingress:
         self._networks = config.auth.allow_ips
         # Metrics get the event as a label only for events some consumer subscribes to (bounded set).
         self._known_events = frozenset(e for c in config.consumers for e in c.events)
-        self._unavailable = web.json_response(
-            {"error": "the broker is not available; retry later"}, status=503, headers={"Retry-After": RETRY_AFTER}
-        )
 
     # --- the webhook ------------------------------------------------------------------------------
 
@@ -86,8 +83,7 @@ class Ingress:
         label = event if event in self._known_events else "other"
         channel = self.channel
         if channel is None or channel.is_closed:
-            REQUESTS.labels("503", label).inc()
-            return self._unavailable
+            return self._unavailable(label)
 
         now = datetime.now(timezone.utc)
         properties = Basic.Properties(
@@ -111,13 +107,11 @@ class Ingress:
             )
         except Exception as exc:  # timeout, nack, channel or connection closed: not stored, so no 2xx
             log.warning("publish_failed", _event=event, message_id=mid, error_type=type(exc).__name__)
-            REQUESTS.labels("503", label).inc()
-            return self._unavailable
+            return self._unavailable(label)
         PUBLISH_SECONDS.observe(time.perf_counter() - started)
         if not isinstance(confirm, Basic.Ack):
             log.warning("publish_not_confirmed", _event=event, message_id=mid, frame=type(confirm).__name__)
-            REQUESTS.labels("503", label).inc()
-            return self._unavailable
+            return self._unavailable(label)
         REQUESTS.labels("202", label).inc()
         return web.Response(
             status=202, body=b'{"status":"accepted","id":"' + mid.encode() + b'"}', content_type="application/json"
@@ -126,6 +120,12 @@ class Ingress:
     async def method_not_allowed(self, request: web.Request) -> web.Response:
         return web.json_response(
             {"error": f"method {request.method} not allowed; use POST"}, status=405, headers={"Allow": "POST"}
+        )
+
+    def _unavailable(self, label: str) -> web.Response:
+        REQUESTS.labels("503", label).inc()
+        return web.json_response(
+            {"error": "the broker is not available; retry later"}, status=503, headers={"Retry-After": RETRY_AFTER}
         )
 
     def _allowed(self, remote: str | None) -> bool:
