@@ -32,10 +32,10 @@ from ingest.config import Config
 from ingest.errors import HipcallError
 from ingest.topology import Queue, plan
 
+from .retry import fresh_headers, own_headers, republish_properties
+
 IN_FLIGHT = 500  # republishes awaiting their confirm at once
 IDLE = 2.0  # seconds without a delivery after which a read decides the queue has no more
-_OUR_HEADERS = ("x-hipcall-attempt", "x-hipcall-attempts", "x-hipcall-error", "x-hipcall-error-type",
-                "x-hipcall-failed-at", "x-hipcall-queue", "x-hipcall-consumer", "x-death", "x-delivery-count")
 
 
 class NotADeadLetterQueue(HipcallError):
@@ -188,19 +188,6 @@ def stats(letters: list[Letter]) -> dict[str, Any]:
             "top_errors": [{"type": t, "count": c} for t, c in errors]}
 
 
-def _clean_headers(headers: dict[str, Any]) -> dict[str, Any]:
-    clean = {k: v for k, v in headers.items() if k not in _OUR_HEADERS}
-    clean["x-hipcall-replayed-at"] = datetime.now(timezone.utc).isoformat()
-    return clean
-
-
-def _properties(message: AbstractIncomingMessage, headers: dict[str, Any]) -> Basic.Properties:
-    return Basic.Properties(content_type=message.content_type, content_encoding=message.content_encoding,
-                            delivery_mode=2, message_id=message.message_id, timestamp=message.timestamp,
-                            app_id=message.app_id, message_type=message.type, correlation_id=message.correlation_id,
-                            headers=headers)
-
-
 class Republisher:
     """Publishes with up to IN_FLIGHT confirms outstanding; `send` returns once its own is confirmed."""
 
@@ -237,8 +224,8 @@ async def replay(connection: AbstractConnection, config: Config, dlq: Queue, *, 
         async def move(letter: Letter) -> None:
             nonlocal moved
             try:
-                await republisher.send(letter.message.body, target,
-                                       _properties(letter.message, _clean_headers(letter.headers)))
+                headers = {**fresh_headers(letter.headers), "x-hipcall-replayed-at": datetime.now(timezone.utc).isoformat()}
+                await republisher.send(letter.message.body, target, republish_properties(letter.message, headers))
                 await letter.message.ack()  # only after the confirm
                 moved += 1
                 if moved % 1000 == 0:
@@ -322,7 +309,7 @@ def export_line(letter: Letter) -> bytes:
     return orjson.dumps({
         "body_base64": base64.b64encode(m.body).decode(),
         # x-delivery-count is the broker's bookkeeping of this queue (a read raises it), not the letter's
-        "headers": _to_json({k: v for k, v in letter.headers.items() if k != "x-delivery-count"}),
+        "headers": _to_json(own_headers(letter.headers)),
         "properties": _to_json({"message_id": m.message_id, "content_type": m.content_type,
                                 "content_encoding": m.content_encoding, "timestamp": m.timestamp,
                                 "app_id": m.app_id, "type": m.type, "correlation_id": m.correlation_id}),

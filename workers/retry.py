@@ -10,9 +10,14 @@ from collections.abc import Mapping
 from datetime import datetime, timezone
 from typing import Any
 
+from aio_pika.abc import AbstractIncomingMessage
+from pamqp.commands import Basic
+
 from ingest.config import RetryConfig
 
 ATTEMPT_HEADER = "x-hipcall-attempt"
+DEAD_LETTER_HEADERS = ("x-hipcall-attempts", "x-hipcall-error", "x-hipcall-error-type", "x-hipcall-failed-at",
+                       "x-hipcall-queue", "x-hipcall-consumer", "x-death")
 ERROR_LIMIT = 1024  # bytes of "Type: message" kept in x-hipcall-error
 
 
@@ -35,20 +40,41 @@ def describe_error(exc: BaseException) -> str:
     return encoded[:ERROR_LIMIT].decode("utf-8", "ignore") if len(encoded) > ERROR_LIMIT else text
 
 
-def _own(headers: Mapping[str, Any] | None) -> dict[str, Any]:
-    """The message's headers without the broker's per-queue redelivery counter."""
+def own_headers(headers: Mapping[str, Any] | None) -> dict[str, Any]:
+    """The message's headers without x-delivery-count: the broker's per-queue redelivery counter."""
     return {k: v for k, v in (headers or {}).items() if k != "x-delivery-count"}
 
 
 def retry_headers(headers: Mapping[str, Any] | None, attempt: int) -> dict[str, Any]:
-    return {**_own(headers), ATTEMPT_HEADER: attempt + 1}
+    return {**own_headers(headers), ATTEMPT_HEADER: attempt + 1}
+
+
+def fresh_headers(headers: Mapping[str, Any] | None) -> dict[str, Any]:
+    """For a dead letter sent back for a new first attempt: no attempt count, no failure record."""
+    dropped = {ATTEMPT_HEADER, *DEAD_LETTER_HEADERS}
+    return {k: v for k, v in own_headers(headers).items() if k not in dropped}
+
+
+def republish_properties(message: AbstractIncomingMessage, headers: dict[str, Any]) -> Basic.Properties:
+    """A delivered message's properties, persistent, with new headers: for retries, DLQs, replays."""
+    return Basic.Properties(
+        content_type=message.content_type,
+        content_encoding=message.content_encoding,
+        delivery_mode=2,
+        message_id=message.message_id,
+        timestamp=message.timestamp,
+        app_id=message.app_id,
+        message_type=message.type,
+        correlation_id=message.correlation_id,
+        headers=headers,
+    )
 
 
 def dead_letter_headers(
     headers: Mapping[str, Any] | None, *, attempt: int, exc: BaseException, queue: str, consumer: str
 ) -> dict[str, Any]:
     return {
-        **_own(headers),
+        **own_headers(headers),
         "x-hipcall-attempts": attempt,
         "x-hipcall-error": describe_error(exc),
         "x-hipcall-error-type": type(exc).__name__,

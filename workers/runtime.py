@@ -29,7 +29,7 @@ from ingest.names import consumer_queue, dead_letter_queue, delay_exchange, retr
 from ingest.topology import declare, plan
 
 from .handler import Event, Handler, PermanentError, load_handler
-from .retry import attempt_of, dead_letter_headers, describe_error, next_delay, retry_headers
+from .retry import attempt_of, dead_letter_headers, describe_error, next_delay, republish_properties, retry_headers
 
 log = structlog.get_logger("workers")
 
@@ -148,24 +148,13 @@ class Worker:
         channel = self._publisher
         if channel is None or channel.is_closed:
             raise PublishFailed("no publish channel (broker connection lost)")
-        properties = Basic.Properties(
-            content_type=message.content_type,
-            content_encoding=message.content_encoding,
-            delivery_mode=2,
-            message_id=message.message_id,
-            timestamp=message.timestamp,
-            app_id=message.app_id,
-            message_type=message.type,
-            correlation_id=message.correlation_id,
-            headers=headers,
-        )
         # mandatory: a missing queue must not swallow the message; the timeout bounds a publish on a
         # dead connection, which could otherwise wait forever (aio-pika issue 636).
         confirm = await channel.basic_publish(
             message.body,
             exchange=exchange,
             routing_key=routing_key,
-            properties=properties,
+            properties=republish_properties(message, headers),
             mandatory=True,
             timeout=self.config.broker.publish_timeout,
         )
