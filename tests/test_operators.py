@@ -109,7 +109,7 @@ def test_export_then_import_round_trips_byte_for_byte(launch, broker, tmp_path):
 def test_import_of_a_bad_file_changes_nothing(launch, broker, tmp_path):
     path, _ = make_dead_letters(launch, broker, tmp_path, n=1)
     bad = tmp_path / "bad.jsonl"
-    bad.write_text('{"body_base64": "e30="}\nnot json\n')
+    bad.write_text('{"body_base64": "e30="}\n{"body_base64": "not base64!"}\nnot json\n')
     done = cli(broker, path, "dlq", "import", str(bad), "crm.call_hangup.dlq")
     assert done.returncode == 1 and "line 2" in done.stderr and "Traceback" not in done.stderr
     assert broker.count("crm.call_hangup.dlq") == 1

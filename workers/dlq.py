@@ -4,8 +4,9 @@ Reading is "read and requeue": the letters are consumed without an ack and the c
 afterwards, so the broker puts every one of them back. A quorum queue delivers returned messages
 before the rest, in their original order, so the queue holds exactly what it held, in the same order.
 The one thing a read changes is RabbitMQ's own `x-delivery-count` header, which it raises on each
-redelivery; export leaves it out and replay drops it. While a read holds letters, a replay running at the same time does not see those letters (it moves
-fewer); nothing can be lost either way, because nothing is acked by a read.
+redelivery; export leaves it out and replay drops it. While a read holds letters, a replay running
+at the same time does not see those letters (it moves fewer); nothing can be lost either way,
+because nothing is acked by a read.
 
 Replay and import are at-least-once: a letter is acked (removed) only after the broker confirmed
 its republish. A replay killed half way leaves every letter either still in the DLQ or back in its
@@ -20,6 +21,7 @@ import collections
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
+from functools import cached_property
 from datetime import datetime, timezone
 from typing import Any
 
@@ -60,7 +62,7 @@ class Letter:
 
     message: AbstractIncomingMessage
 
-    @property
+    @cached_property
     def headers(self) -> dict[str, Any]:
         return dict(self.message.headers or {})
 
@@ -83,21 +85,17 @@ class Letter:
         uuid = data.get("uuid") if isinstance(data, dict) else None
         return uuid if isinstance(uuid, str) else None
 
-    @property
-    def _payload(self) -> dict:
-        try:
-            payload = orjson.loads(self.message.body)
-        except orjson.JSONDecodeError:
-            return {}
-        return payload if isinstance(payload, dict) else {}
-
-    @property
+    @cached_property
     def payload_or_text(self) -> Any:
         """The body parsed, for display; as text when it is not JSON."""
         try:
             return orjson.loads(self.message.body)
         except orjson.JSONDecodeError:
             return self.message.body.decode("utf-8", "replace")
+
+    @property
+    def _payload(self) -> dict:
+        return self.payload_or_text if isinstance(self.payload_or_text, dict) else {}
 
     @property
     def attempts(self) -> int | None:
@@ -141,13 +139,12 @@ class Letter:
 
 
 @asynccontextmanager
-async def reading(connection: AbstractConnection, queue: str, limit: int | None = None) -> AsyncIterator[list[Letter]]:
-    """Every letter in the queue (up to `limit`), unacked; they go back when the block ends."""
+async def reading(connection: AbstractConnection, queue: str) -> AsyncIterator[list[Letter]]:
+    """Every letter in the queue, unacked; they go back when the block ends."""
     channel = await connection.channel()
     try:
         declared = await channel.declare_queue(queue, passive=True)
-        total = declared.declaration_result.message_count or 0
-        wanted = total if limit is None else min(limit, total)
+        wanted = declared.declaration_result.message_count or 0
         letters: list[Letter] = []
         if wanted:
             await channel.set_qos(prefetch_count=0)
@@ -316,31 +313,26 @@ def export_line(letter: Letter) -> bytes:
     }) + b"\n"
 
 
+def _parse_export_line(number: int, line: bytes) -> tuple[bytes, Basic.Properties]:
+    try:
+        record = orjson.loads(line)
+        body = base64.b64decode(record["body_base64"], validate=True)
+        p = _from_json(record.get("properties", {}))
+        properties = Basic.Properties(delivery_mode=2, headers=_from_json(record.get("headers", {})),
+                                      message_id=p.get("message_id"), content_type=p.get("content_type"),
+                                      content_encoding=p.get("content_encoding"), timestamp=p.get("timestamp"),
+                                      app_id=p.get("app_id"), message_type=p.get("type"),
+                                      correlation_id=p.get("correlation_id"))
+    except (ValueError, KeyError, TypeError, AttributeError) as exc:
+        raise HipcallError(f"line {number}: not a dead letter of `dlq export` ({type(exc).__name__}: {exc})") from None
+    return body, properties
+
+
 async def import_lines(connection: AbstractConnection, config: Config, dlq: Queue, lines: list[bytes]) -> int:
+    # Every line is parsed before the first publish: a file with a bad line changes nothing.
+    letters = [_parse_export_line(n, line) for n, line in enumerate(lines, 1) if line.strip()]
     channel = await connection.channel(publisher_confirms=True)
     async with channel:
         republisher = Republisher(await channel.get_underlay_channel(), config.broker.publish_timeout)
-
-        async def put(number: int, line: bytes) -> None:
-            try:
-                record = orjson.loads(line)
-                body = base64.b64decode(record["body_base64"])
-                p = _from_json(record.get("properties", {}))
-                properties = Basic.Properties(delivery_mode=2, headers=_from_json(record.get("headers", {})),
-                                              message_id=p.get("message_id"), content_type=p.get("content_type"),
-                                              content_encoding=p.get("content_encoding"), timestamp=p.get("timestamp"),
-                                              app_id=p.get("app_id"), message_type=p.get("type"),
-                                              correlation_id=p.get("correlation_id"))
-            except (ValueError, KeyError, TypeError) as exc:
-                raise HipcallError(f"line {number}: not a dead letter of `dlq export` ({type(exc).__name__}: {exc})") from None
-            await republisher.send(body, dlq.name, properties)
-
-        records = [(n, line) for n, line in enumerate(lines, 1) if line.strip()]
-        for n, line in records:  # check every line before the first publish: bad input changes nothing
-            try:
-                orjson.loads(line)["body_base64"]
-            except (ValueError, KeyError, TypeError):
-                raise HipcallError(f"line {n}: not a dead letter of `dlq export`") from None
-        await asyncio.gather(*(put(n, line) for n, line in records))
-        return len(records)
-
+        await asyncio.gather(*(republisher.send(body, dlq.name, properties) for body, properties in letters))
+    return len(letters)
