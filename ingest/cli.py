@@ -113,10 +113,6 @@ def cmd_run(config: Config, args: argparse.Namespace) -> int:
     return max(codes, default=0)
 
 
-def _json_out(value) -> None:
-    print(json.dumps(value, indent=2, default=str))
-
-
 def cmd_status(config: Config, args: argparse.Namespace) -> int:
     from .broker import connect
     from .topology import inspect, plan
@@ -161,7 +157,7 @@ def cmd_tail(config: Config, args: argparse.Namespace) -> int:
 def _emit(args: argparse.Namespace, data, render: Callable[[], None]) -> None:
     """--json prints the data; otherwise `render` prints it for humans."""
     if getattr(args, "json", False):
-        _json_out(data)
+        print(json.dumps(data, indent=2, default=str))
     else:
         render()
 

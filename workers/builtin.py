@@ -18,9 +18,7 @@ _log = structlog.get_logger("workers.builtin")
 
 async def log(event: Event) -> None:
     """One structured log line per webhook."""
-    uuid = event.data.get("uuid")
-    _log.info("webhook", _event=event.name, message_id=event.id, call_uuid=uuid if isinstance(uuid, str) else None,
-              attempt=event.attempt)
+    _log.info("webhook", _event=event.name, message_id=event.id, call_uuid=event.call_uuid, attempt=event.attempt)
 
 
 class jsonl:  # noqa: N801 - named as users write it in the config: "workers.builtin:jsonl"

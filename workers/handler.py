@@ -40,6 +40,12 @@ class Event:
     body: bytes = field(repr=False)  # the raw body, byte for byte as Hipcall sent it
     headers: Mapping[str, Any] = field(default_factory=dict, repr=False)
 
+    @property
+    def call_uuid(self) -> str | None:
+        """The call's uuid for call events (data.uuid), None for the others."""
+        uuid = self.data.get("uuid")
+        return uuid if isinstance(uuid, str) else None
+
 
 class Handler:
     """A loaded handler: call it with an Event; start and close it once per worker process."""

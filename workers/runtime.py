@@ -56,7 +56,6 @@ class Worker:
         self._subscriptions: list[tuple[aio_pika.abc.AbstractQueue, str]] = []
         self._tasks: set[asyncio.Task] = set()
         self._limits = {c.name: asyncio.Semaphore(c.concurrency) for c in consumers}
-        self.stopping = False
 
     async def _on_connect(self, connection: aio_pika.abc.AbstractConnection) -> None:
         await declare(connection, plan(self.config.broker, self.consumers))
@@ -98,7 +97,7 @@ class Worker:
         started = time.perf_counter()
         try:
             event = _event(name, message, attempt)
-            fields["call_uuid"] = event.data.get("uuid") if isinstance(event.data.get("uuid"), str) else None
+            fields["call_uuid"] = event.call_uuid
             await self.handlers[consumer.name](event)
         except Exception as exc:
             duration = time.perf_counter() - started
@@ -163,7 +162,6 @@ class Worker:
 
     async def drain(self, grace: float) -> None:
         """Stop taking new messages; let in-flight handlers finish (acked) for up to `grace` seconds."""
-        self.stopping = True
         for queue, tag in self._subscriptions:
             try:
                 await queue.cancel(tag)
