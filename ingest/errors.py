@@ -17,6 +17,14 @@ class BrokerUnavailable(HipcallError):
     """The broker cannot be reached or did not confirm in time."""
 
 
+class PublishFailed(BrokerUnavailable):
+    """The broker did not store a message: returned, refused, no confirm in time, or channel gone."""
+
+
+class StartupError(HipcallError):
+    """The process cannot start as configured (a port in use): exit 1 with one line."""
+
+
 class HandlerImportError(HipcallError):
     """A consumer's handler cannot be imported or is not callable."""
 

@@ -1,0 +1,66 @@
+"""The message format: what every webhook on the broker carries, spelled once.
+
+The ingress writes it; workers, the dead-letter tools and `tail` read it. A message from another
+producer may lack our properties: its id is then derived from its body exactly as the ingress
+derives it, so it stays the same through retries, the DLQ and replay.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Mapping
+from datetime import datetime
+from typing import Any
+
+from pamqp.commands import Basic
+
+APP_ID = "hipcall-ingest"
+RECEIVED_AT = "x-hipcall-received-at"
+CLIENT = "x-hipcall-client"
+MAX_DEPTH = 32  # nesting levels a webhook body may have (Hipcall's own go 3 deep)
+
+
+def message_id(body: bytes) -> str:
+    """Deterministic: the same body always gets the same id, so consumers can deduplicate."""
+    return hashlib.blake2b(body, digest_size=16).hexdigest()
+
+
+def id_of(message_id_property: str | None, body: bytes) -> str:
+    """The message's id, or for a foreign message without one, the id the ingress would give it."""
+    return message_id_property or message_id(body)
+
+
+def webhook_properties(mid: str, received: datetime, client: str) -> Basic.Properties:
+    """The properties of a webhook as the ingress publishes it."""
+    return Basic.Properties(
+        content_type="application/json",
+        delivery_mode=2,
+        message_id=mid,
+        timestamp=received,
+        app_id=APP_ID,
+        headers={RECEIVED_AT: received.isoformat(), CLIENT: client},
+    )
+
+
+def call_uuid(payload: Any) -> str | None:
+    """data.uuid of a parsed webhook (call events), None for anything else."""
+    data = payload.get("data") if isinstance(payload, Mapping) else None
+    uuid = data.get("uuid") if isinstance(data, Mapping) else None
+    return uuid if isinstance(uuid, str) else None
+
+
+def too_deep(value: Any, limit: int = MAX_DEPTH) -> bool:
+    """True if objects and arrays nest more than `limit` levels (no recursion: safe on any input)."""
+    stack = [(value, 1)]
+    while stack:
+        item, depth = stack.pop()
+        if isinstance(item, dict):
+            children = item.values()
+        elif isinstance(item, list):
+            children = item
+        else:
+            continue
+        if depth > limit:
+            return True
+        stack.extend((child, depth + 1) for child in children if isinstance(child, (dict, list)))
+    return False
