@@ -2,8 +2,9 @@
 
 import re
 
-EVENT_RE = re.compile(r"^[a-z][a-z0-9_.-]{0,63}$")
-CONSUMER_RE = re.compile(r"^[a-z][a-z0-9_-]{0,63}$")
+# Use with fullmatch: "$" alone would let a trailing newline through ("call_hangup\n").
+EVENT_RE = re.compile(r"[a-z][a-z0-9_.-]{0,63}")
+CONSUMER_RE = re.compile(r"[a-z][a-z0-9_-]{0,63}")
 
 
 def consumer_queue(consumer: str, event: str) -> str:
@@ -33,6 +34,16 @@ def retry_binding(consumer: str, delay: float) -> str:
 def requeue_binding(consumer: str, event: str) -> str:
     """Binds a consumer queue to the requeue exchange: its own event back from any tier."""
     return f"{consumer}.*.{event}"
+
+
+def entry_exchange(events_exchange: str) -> str:
+    """Where webhooks are published: a fanout feeding the events exchange and the tap."""
+    return f"{events_exchange}.ingress"
+
+
+def tap_exchange(events_exchange: str) -> str:
+    """A copy of every webhook for observers (`tail`); binding here never changes what is unrouted."""
+    return f"{events_exchange}.tap"
 
 
 def delay_exchange(events_exchange: str) -> str:

@@ -1,7 +1,8 @@
 """`hipcall-ingest tail`: print webhooks as they arrive, taking nothing from the real consumers.
 
-Its own exclusive, auto-delete, non-durable queue is bound to the events exchange; the broker
-removes it when the connection closes (Ctrl-C), so nothing is left behind.
+Its own exclusive, auto-delete queue is bound to the tap exchange, which gets a copy of every webhook
+from the entry exchange: binding there gives no event a route, so an unsubscribed event still lands in
+the unrouted queue while tail runs. The broker removes the queue when the connection closes (Ctrl-C).
 """
 
 from __future__ import annotations
@@ -18,6 +19,9 @@ from aio_pika.abc import AbstractIncomingMessage
 
 from .broker import connect
 from .config import Config
+from .message import call_uuid
+from .names import tap_exchange
+from .topology import Topology, declare, plan
 
 
 def tail_line(message: AbstractIncomingMessage) -> str:
@@ -28,8 +32,8 @@ def tail_line(message: AbstractIncomingMessage) -> str:
     data = payload.get("data") if isinstance(payload, dict) and isinstance(payload.get("data"), dict) else {}
     when = message.timestamp.strftime("%H:%M:%S") if message.timestamp else "--:--:--"
     parts = [when, f"{message.routing_key or '?':<14}", (message.message_id or "")[:12]]
-    if data.get("uuid"):
-        parts.append(str(data["uuid"]))
+    if uuid := call_uuid(payload):
+        parts.append(uuid)
     if data.get("direction"):
         parts.append(f"{data['direction']} {data.get('caller_number') or '?'} -> {data.get('callee_number') or '?'}")
     return "  ".join(parts)
@@ -42,17 +46,19 @@ async def tail(config: Config, events: Sequence[str]) -> None:
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     async with connection:
+        exchanges = plan(config.broker, config.enabled_consumers).exchanges
+        await declare(connection, Topology(exchanges, ()))  # the tap exists before we bind to it
         channel = await connection.channel()
         name = f"hipcall-ingest.tail.{os.getpid()}.{secrets.token_hex(4)}"
         queue = await channel.declare_queue(name, exclusive=True, auto_delete=True, durable=False)
         for key in events or ["#"]:
-            await queue.bind(config.broker.exchange, key)
+            await queue.bind(tap_exchange(config.broker.exchange), key)
 
         async def show(message: AbstractIncomingMessage) -> None:
             print(tail_line(message), flush=True)
 
         await queue.consume(show, no_ack=True)
-        print(f"tailing {config.broker.exchange} ({', '.join(events) or 'all events'}) through {name}; Ctrl-C stops",
+        print(f"tailing {tap_exchange(config.broker.exchange)} ({', '.join(events) or 'all events'}) through {name}; Ctrl-C stops",
               file=sys.stderr, flush=True)
         closed = asyncio.ensure_future(connection.closed())
         await asyncio.wait([asyncio.ensure_future(stop.wait()), closed], return_when=asyncio.FIRST_COMPLETED)

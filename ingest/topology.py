@@ -1,6 +1,9 @@
 """What hipcall-ingest keeps on RabbitMQ, and declaring it idempotently.
 
-    webhook --> [events exchange, topic] --routing key = event--> CONSUMER.EVENT (quorum)
+    webhook --> [entry, fanout] --> [tap, topic]: observers (tail) bind here, never to the events exchange
+                    |
+                    v
+                [events exchange, topic] --routing key = event--> CONSUMER.EVENT (quorum)
                     | alternate exchange                            |  handler failed
                     v                                               v
               [unrouted, fanout] --> hipcall.unrouted      [delay exchange] --> CONSUMER.retry.DELAY
@@ -8,6 +11,8 @@
                                                                                   v
                                    CONSUMER.EVENT  <--CONSUMER.*.EVENT-- [requeue exchange]
 
+The tap has no alternate exchange and the events exchange does: a queue bound to the tap sees every
+webhook without giving any event a route, so unsubscribed events still land in the unrouted queue.
 Dead letters go to CONSUMER.EVENT.dlq: published there by the worker (retries exhausted or a
 PermanentError) or by the broker itself (the delivery limit: a message that crashed its worker too
 often). Every queue on a broker dead-letter path is a quorum queue with the at-least-once strategy.
@@ -27,10 +32,12 @@ from .names import (
     consumer_queue,
     dead_letter_queue,
     delay_exchange,
+    entry_exchange,
     requeue_binding,
     requeue_exchange,
     retry_binding,
     retry_queue,
+    tap_exchange,
 )
 
 
@@ -39,6 +46,7 @@ class Exchange:
     name: str
     type: str
     arguments: Mapping[str, object] = field(default_factory=dict)
+    bound_to: tuple[str, ...] = ()  # exchanges this one receives everything from (exchange-to-exchange)
 
 
 @dataclass(frozen=True)
@@ -65,9 +73,12 @@ _AT_LEAST_ONCE = {"x-dead-letter-strategy": "at-least-once", "x-overflow": "reje
 def plan(broker: BrokerConfig, consumers: Iterable[ConsumerConfig]) -> Topology:
     """Everything the given consumers need, plus the exchanges and the unrouted queue."""
     delay, requeue = delay_exchange(broker.exchange), requeue_exchange(broker.exchange)
+    entry = entry_exchange(broker.exchange)
     exchanges = (
+        Exchange(entry, "fanout"),
         Exchange(broker.unrouted, "fanout"),
-        Exchange(broker.exchange, "topic", {"alternate-exchange": broker.unrouted}),
+        Exchange(broker.exchange, "topic", {"alternate-exchange": broker.unrouted}, bound_to=(entry,)),
+        Exchange(tap_exchange(broker.exchange), "topic", bound_to=(entry,)),
         Exchange(delay, "topic"),
         Exchange(requeue, "topic"),
     )
@@ -117,11 +128,16 @@ async def declare(connection: AbstractConnection, topology: Topology) -> list[Qu
     states = []
     channel = await connection.channel(publisher_confirms=False)
     try:
+        declared_exchanges = {}
         for exchange in topology.exchanges:
             try:
-                await channel.declare_exchange(exchange.name, exchange.type, durable=True, arguments=dict(exchange.arguments))
+                declared_exchanges[exchange.name] = await channel.declare_exchange(
+                    exchange.name, exchange.type, durable=True, arguments=dict(exchange.arguments))
             except aiormq.exceptions.ChannelPreconditionFailed as exc:
                 raise _conflict("exchange", exchange.name, exc) from None
+        for exchange in topology.exchanges:
+            for source in exchange.bound_to:
+                await declared_exchanges[exchange.name].bind(source, "")
         for queue in topology.queues:
             try:
                 declared = await channel.declare_queue(queue.name, durable=True, arguments=dict(queue.arguments))
