@@ -34,6 +34,16 @@ async def connect(config: BrokerConfig, name: str) -> aio_pika.abc.AbstractConne
         raise BrokerUnavailable(f"cannot connect to RabbitMQ at {config.safe_url}: {_describe(exc)}") from None
 
 
+def is_blocked(connection: aio_pika.abc.AbstractConnection) -> bool:
+    """True while the broker has blocked this connection (a memory or disk alarm): publishes wait.
+
+    aiormq tracks connection.blocked/unblocked but keeps the state private; this is the one place
+    that reads it."""
+    underlay = getattr(connection.transport, "connection", None)  # aio-pika's transport holds aiormq's connection
+    unblocked = getattr(underlay, "_Connection__connection_unblocked", None)
+    return isinstance(unblocked, asyncio.Event) and not unblocked.is_set()
+
+
 def _describe(exc: BaseException) -> str:
     text = str(exc) or type(exc).__name__
     return text.split("\n")[0][:200]
@@ -68,6 +78,10 @@ class BrokerLink:
             self._task.cancel()
             await asyncio.gather(self._task, return_exceptions=True)
         await self._drop()
+
+    def restart(self) -> None:
+        """Drop the connection and start over (declare, open channels, consume), as if it were lost."""
+        self._lost.set()
 
     def watch(self, closable: aio_pika.abc.AbstractConnection | aio_pika.abc.AbstractChannel) -> None:
         """When this connection or channel closes for any reason, start over with a new connection."""

@@ -1,15 +1,19 @@
 """The HTTP ingress: a webhook gets 202 only after RabbitMQ has confirmed that it stored it.
 
 The whole request path is `Ingress.webhook`: check the client, read and validate the body, publish
-the raw bytes on the one confirm channel, answer. Start-up and shutdown are `serve` plus the
-`broker_context` cleanup context: the broker connection opens before the first request is served
-and closes after the last in-flight request has its answer.
+the raw bytes through the one confirmed publish (ingest/publish.py), answer. Start-up and shutdown are
+`serve` plus the `broker_context` cleanup context: the broker connection opens before the first
+request is served and closes after the last in-flight request has its answer.
+
+Hostile clients are bounded in `Connection` and `Site`: a cap on open connections, an idle timeout
+that also bounds how long a request head may take (aiohttp starts it when the connection opens), a
+body timeout, and a malformed request answered with a JSON 400 and one log line without its bytes
+(a request line can carry ?token=).
 """
 
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import hmac
 import ipaddress
 import signal
@@ -17,16 +21,19 @@ import time
 from collections.abc import AsyncIterator
 from datetime import datetime, timezone
 
-import aiormq
 import orjson
 import structlog
 from aiohttp import web
+from aiohttp.http_exceptions import DecompressSizeError, HttpProcessingError
+from aiohttp.web_protocol import RequestPayloadError
 from prometheus_client import CONTENT_TYPE_LATEST, Counter, Gauge, Histogram, generate_latest
-from pamqp.commands import Basic
 
-from .broker import BrokerLink
+from .broker import BrokerLink, is_blocked
 from .config import Config
-from .names import EVENT_RE
+from .errors import PublishFailed, StartupError
+from .message import MAX_DEPTH, call_uuid, message_id, too_deep, webhook_properties
+from .names import EVENT_RE, entry_exchange
+from .publish import Publisher
 from .topology import declare, plan
 
 log = structlog.get_logger("ingest.http")
@@ -38,21 +45,20 @@ PUBLISH_SECONDS = Histogram(
     buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10),
 )
 BROKER_CONNECTED = Gauge("hipcall_ingest_broker_connected", "1 while the ingress has a broker connection and channel.")
+CONNECTIONS_REFUSED = Counter("hipcall_ingest_connections_refused_total", "Connections closed at once: http.max_connections reached.")
 
 RETRY_AFTER = "5"  # seconds a client is asked to wait after a 503
-
-
-def message_id(body: bytes) -> str:
-    """Deterministic: the same body always gets the same id, so consumers can deduplicate."""
-    return hashlib.blake2b(body, digest_size=16).hexdigest()
+LINGER = 1.0  # seconds an answered connection may still drain an unread body before it is closed
 
 
 class Ingress:
-    """The request handlers and the one thing they share: the confirm channel (None while down)."""
+    """The request handlers and the one thing they share: the publisher (None while down)."""
 
     def __init__(self, config: Config) -> None:
         self.config = config
-        self.channel: aiormq.abc.AbstractChannel | None = None
+        self.publisher: Publisher | None = None
+        self.link: BrokerLink | None = None
+        self._exchange = entry_exchange(config.broker.exchange)
         self._tokens = tuple(t.encode() for t in config.auth.tokens)
         self._networks = config.auth.allow_ips
         # Metrics get the event as a label only for events some consumer subscribes to (bounded set).
@@ -69,49 +75,36 @@ class Ingress:
         if request.content_length is not None and request.content_length > limit:
             return self._reject(request, 413, f"body larger than {limit} bytes")
         try:
-            body = await request.read()
+            async with asyncio.timeout(self.config.http.body_timeout):
+                body = await request.read()
         except web.HTTPRequestEntityTooLarge:
             return self._reject(request, 413, f"body larger than {limit} bytes")
+        except TimeoutError:
+            return self._reject(request, 408, f"body not received within {self.config.http.body_timeout:g}s", close=True)
+        except RequestPayloadError as exc:  # the body did not decode (Content-Encoding) or was cut off
+            if isinstance(exc.__cause__, DecompressSizeError):
+                return self._reject(request, 413, f"body larger than {limit} bytes once decompressed", close=True)
+            encoding = request.headers.get("Content-Encoding", "")[:20]
+            return self._reject(request, 400, f"body does not decode as its Content-Encoding ({encoding!r}) says", close=True)
         payload, error = _validate(body)
         if error:
             return self._reject(request, 400, error)
 
         event = payload["event"]
         mid = message_id(body)
-        uuid = payload["data"].get("uuid")
-        request["log"] = {"_event": event, "message_id": mid, "call_uuid": uuid if isinstance(uuid, str) else None}
+        request["log"] = {"_event": event, "message_id": mid, "call_uuid": call_uuid(payload)}
         label = event if event in self._known_events else "other"
-        channel = self.channel
-        if channel is None or channel.is_closed:
+        publisher = self.publisher
+        if publisher is None or not publisher.is_open:
             return self._unavailable(label)
-
-        now = datetime.now(timezone.utc)
-        properties = Basic.Properties(
-            content_type="application/json",
-            delivery_mode=2,
-            message_id=mid,
-            timestamp=now,
-            app_id="hipcall-ingest",
-            headers={"x-hipcall-received-at": now.isoformat(), "x-hipcall-client": request.remote or ""},
-        )
         started = time.perf_counter()
         try:
-            confirm = await channel.basic_publish(
-                body,
-                exchange=self.config.broker.exchange,
-                routing_key=event,
-                properties=properties,
-                mandatory=False,  # the alternate exchange keeps what no queue is bound for
-                timeout=self.config.broker.publish_timeout,
-                wait=False,  # do not hold the channel lock until the socket drains: many in flight
-            )
-        except Exception as exc:  # timeout, nack, channel or connection closed: not stored, so no 2xx
-            log.warning("publish_failed", _event=event, message_id=mid, error_type=type(exc).__name__)
+            properties = webhook_properties(mid, datetime.now(timezone.utc), request.remote or "")
+            await publisher.publish(body, self._exchange, event, properties)
+        except PublishFailed as exc:  # returned, refused, no confirm in time, channel gone: not stored, no 2xx
+            log.warning("publish_failed", _event=event, message_id=mid, error=str(exc))
             return self._unavailable(label)
         PUBLISH_SECONDS.observe(time.perf_counter() - started)
-        if not isinstance(confirm, Basic.Ack):
-            log.warning("publish_not_confirmed", _event=event, message_id=mid, frame=type(confirm).__name__)
-            return self._unavailable(label)
         REQUESTS.labels("202", label).inc()
         return web.Response(
             status=202, body=b'{"status":"accepted","id":"' + mid.encode() + b'"}', content_type="application/json"
@@ -142,16 +135,20 @@ class Ingress:
             given = value.strip() if scheme.lower() == "bearer" else request.query.get("token")
         if not given:
             return False
-        candidate = given.encode()
+        # Header bytes that are not ASCII arrive as surrogates; they can match no token.
+        candidate = given.encode("utf-8", "surrogateescape")
         matched = False
         for token in self._tokens:  # compare with every token, in constant time each
             matched |= hmac.compare_digest(candidate, token)
         return matched
 
-    def _reject(self, request: web.Request, status: int, error: str) -> web.Response:
+    def _reject(self, request: web.Request, status: int, error: str, close: bool = False) -> web.Response:
         REQUESTS.labels(str(status), "-").inc()
         request["log"] = {"error": error}
-        return web.json_response({"error": error}, status=status)
+        response = web.json_response({"error": error}, status=status)
+        if close:  # the rest of the body is still on the wire: this connection cannot be reused
+            response.force_close()
+        return response
 
     # --- health and metrics -----------------------------------------------------------------------
 
@@ -159,8 +156,11 @@ class Ingress:
         return web.json_response({"status": "ok"})
 
     async def readyz(self, request: web.Request) -> web.Response:
-        if self.channel is None or self.channel.is_closed:
-            return web.json_response({"status": "unavailable", "broker": "disconnected"}, status=503)
+        connection = self.link.connection if self.link else None
+        if self.publisher is None or not self.publisher.is_open or connection is None:
+            return web.json_response({"status": "unavailable", "broker": "down"}, status=503)
+        if is_blocked(connection):  # a resource alarm: publishes wait until it clears
+            return web.json_response({"status": "unavailable", "broker": "blocked"}, status=503)
         return web.json_response({"status": "ready", "broker": "connected"})
 
     async def metrics(self, request: web.Request) -> web.Response:
@@ -178,16 +178,20 @@ def _validate(body: bytes) -> tuple[dict, str | None]:
     except orjson.JSONDecodeError as exc:
         if "utf-8" in str(exc).lower():
             return {}, "body is not valid UTF-8"
+        if "depth limit" in str(exc).lower():
+            return {}, f"body nests deeper than {MAX_DEPTH} levels"
         return {}, f"body is not valid JSON: {exc}"
     if not isinstance(payload, dict):
         return {}, "body must be a JSON object with \"event\" and \"data\""
     event = payload.get("event")
     if not isinstance(event, str):
         return {}, "\"event\" must be a string"
-    if not EVENT_RE.match(event):
+    if not EVENT_RE.fullmatch(event):
         return {}, "\"event\" must match ^[a-z][a-z0-9_.-]{0,63}$"
     if not isinstance(payload.get("data"), dict):
         return {}, "\"data\" must be a JSON object"
+    if too_deep(payload):
+        return {}, f"body nests deeper than {MAX_DEPTH} levels"
     return payload, None
 
 
@@ -219,14 +223,15 @@ async def broker_context(app: web.Application) -> AsyncIterator[None]:
         await declare(connection, plan(config.broker, config.enabled_consumers))
         channel = await connection.channel(publisher_confirms=True)
         link.watch(channel)
-        ingress.channel = await channel.get_underlay_channel()
+        ingress.publisher = Publisher(await channel.get_underlay_channel(), config.broker.publish_timeout)
 
     def on_state(up: bool) -> None:
         BROKER_CONNECTED.set(1 if up else 0)
         if not up:
-            ingress.channel = None
+            ingress.publisher = None
 
     link = BrokerLink(config.broker, "hipcall-ingest serve", on_connect, on_state)
+    ingress.link = link
     async with link:
         yield
 
@@ -246,20 +251,87 @@ def build_app(config: Config) -> web.Application:
     return app
 
 
+class Connection(web.RequestHandler):
+    """aiohttp's per-connection handler, with a cap on open connections and JSON errors.
+
+    A malformed request (bad request line, bad header, broken chunking) is one warning line with the
+    error's type, never its text or the request's bytes, and a JSON 400."""
+
+    def __init__(self, manager: web.Server, *, max_connections: int, **kwargs) -> None:
+        super().__init__(manager, **kwargs)
+        self._max_connections = max_connections
+        self._accepted = False
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        if len(self._manager.connections) >= self._max_connections:
+            CONNECTIONS_REFUSED.inc()
+            transport.abort()
+            return
+        self._accepted = True
+        super().connection_made(transport)
+
+    def connection_lost(self, exc: BaseException | None) -> None:
+        if self._accepted:
+            super().connection_lost(exc)
+
+    def handle_error(self, request, status: int = 500, exc: BaseException | None = None, message: str | None = None):
+        if isinstance(exc, HttpProcessingError) or 400 <= status < 500:
+            log.warning("bad_request", status=status, error_type=type(exc).__name__ if exc else None, remote=request.remote)
+            error = "malformed HTTP request"
+        else:
+            log.error("request_failed", status=status, error_type=type(exc).__name__ if exc else None,
+                      exc_info=exc if status == 500 else None)
+            error = "internal error" if status == 500 else "the request could not be handled in time"
+        if request.writer.output_size > 0:
+            raise ConnectionError("response already started; closing the connection")
+        response = web.json_response({"error": error}, status=status)
+        response.force_close()
+        return response
+
+
+class Site(web.BaseSite):
+    """A TCP listener whose connections are `Connection`s."""
+
+    def __init__(self, runner: web.AppRunner, config: Config) -> None:
+        super().__init__(runner)
+        self._config = config.http
+
+    @property
+    def name(self) -> str:
+        return f"http://{self._config.host}:{self._config.port}"
+
+    async def start(self) -> None:
+        await super().start()
+        server = self._runner.server
+        loop = asyncio.get_running_loop()
+
+        def connection() -> Connection:
+            return Connection(server, loop=loop, max_connections=self._config.max_connections,
+                              keepalive_timeout=self._config.idle_timeout, access_log=None,
+                              lingering_time=LINGER)
+
+        try:
+            self._server = await loop.create_server(connection, self._config.host, self._config.port,
+                                                    reuse_address=True, backlog=self._config.max_connections)
+        except OSError as exc:
+            raise StartupError(
+                f"cannot listen on {self._config.host}:{self._config.port} (http.host, http.port): {exc.strerror}"
+            ) from None
+
+
 async def serve(config: Config) -> None:
     """Serve until SIGTERM or SIGINT, then stop accepting, finish in-flight requests, close, return."""
-    runner = web.AppRunner(
-        build_app(config), handle_signals=False, access_log=None, shutdown_timeout=config.http.shutdown_timeout
-    )
+    runner = web.AppRunner(build_app(config), handle_signals=False, shutdown_timeout=config.http.shutdown_timeout)
     await runner.setup()
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     try:
-        site = web.TCPSite(runner, config.http.host, config.http.port)
-        await site.start()
-        log.info("serving", host=config.http.host, port=config.http.port, path=config.http.path)
+        await Site(runner, config).start()
+        log.info("serving", host=config.http.host, port=config.http.port, path=config.http.path,
+                 auth="on" if config.auth.tokens else "off", tokens=len(config.auth.tokens),
+                 allow_ips=len(config.auth.allow_ips))
         await stop.wait()
         log.info("stopping", reason="signal")
     finally:

@@ -18,6 +18,7 @@ import sys
 import tempfile
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -78,6 +79,32 @@ class Broker:
     """A vhost on a real broker, with the few looks into it that tests need."""
 
     url: str
+    node: str | None = None  # for rabbitmqctl -n
+
+    @property
+    def vhost(self) -> str:
+        return urllib.parse.unquote(urlsplit(self.url).path[1:]) or "/"
+
+    def ctl(self, *args: str) -> str:
+        """rabbitmqctl on this broker's node; `{vhost}` in an argument is this broker's vhost."""
+        done = _ctl(*(a.replace("{vhost}", self.vhost) for a in args), node=self.node)
+        assert done.returncode == 0, f"rabbitmqctl {' '.join(args)}: {done.stdout} {done.stderr}"
+        return done.stdout
+
+    def publish_without_id(self, exchange: str, routing_key: str, body: bytes) -> None:
+        """A persistent message with no message id at all, as some producers send (aiormq would add one)."""
+        erlang = (f'rabbit_basic:publish(rabbit_misc:r(<<"{self.vhost}">>, exchange, <<"{exchange}">>), '
+                  f'<<"{routing_key}">>, [{{delivery_mode, 2}}], list_to_binary([{",".join(map(str, body))}])).')
+        assert self.ctl("eval", erlang).strip() == "ok"
+
+    def delete_queue(self, name: str) -> None:
+        async def main():
+            connection = await aio_pika.connect(self.url)
+            async with connection:
+                channel = await connection.channel()
+                await channel.queue_delete(name)
+
+        self._run(main())
 
     def _run(self, coro):
         return asyncio.run(coro)
@@ -129,15 +156,19 @@ class Broker:
 
         return self._run(main())
 
-    def publish(self, exchange: str, routing_key: str, body: bytes, headers: dict | None = None) -> None:
+    def publish(self, exchange: str, routing_key: str, body: bytes, headers: dict | None = None,
+                message_id: str | None = "test", copies: int = 1) -> None:
+        """Publish as a foreign producer would (message_id=None: without one), confirmed."""
         async def main():
             connection = await aio_pika.connect(self.url)
             async with connection:
                 channel = await connection.channel(publisher_confirms=True)
                 target = channel.default_exchange if exchange == "" else await channel.get_exchange(exchange)
-                await target.publish(
-                    aio_pika.Message(body, headers=headers or {}, delivery_mode=2, message_id="test"), routing_key
-                )
+                for start in range(0, copies, 500):
+                    await asyncio.gather(*(
+                        target.publish(aio_pika.Message(body, headers=headers or {}, delivery_mode=2,
+                                                        message_id=message_id), routing_key)
+                        for _ in range(start, min(copies, start + 500))))
 
         self._run(main())
 
@@ -207,7 +238,7 @@ def vhosts(tmp_path_factory):
 def broker(vhosts) -> Broker:
     """A vhost of its own, for a test that does not stop the broker; deleted afterwards."""
     name = vhosts.create()
-    yield Broker(vhosts.url(name))
+    yield Broker(vhosts.url(name), vhosts.node)
     vhosts.delete(name)
 
 
@@ -292,7 +323,7 @@ def node_broker(rabbit_node) -> Broker:
     """The throwaway node, running, for a test that will stop or kill it."""
     if rabbit_node.process is None or rabbit_node.process.poll() is not None:
         rabbit_node.start()
-    return Broker(rabbit_node.url)
+    return Broker(rabbit_node.url, rabbit_node.name)
 
 
 # --- hipcall-ingest processes ------------------------------------------------------------------------
@@ -367,6 +398,30 @@ def http(method: str, url: str, body: bytes | None = None, headers: dict | None 
         return error.code, dict(error.headers), error.read()
 
 
+def raw_http(port: int, request: bytes, timeout: float = 10) -> bytes:
+    """Send bytes as they are (a malformed request, say) and return everything the server answers."""
+    with socket.create_connection(("127.0.0.1", port), timeout=timeout) as s:
+        s.sendall(request)
+        chunks = []
+        while chunk := s.recv(65536):
+            chunks.append(chunk)
+        return b"".join(chunks)
+
+
+def children_of(pid: int) -> list[tuple[int, str]]:
+    """(pid, command line) of a process's children, from /proc."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                ppid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+                if ppid == pid:
+                    found.append((int(entry.name), (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode()))
+            except (OSError, IndexError, ValueError):
+                continue
+    return found
+
+
 def post_webhook(proc: Proc, body: bytes, headers: dict | None = None, query: str = "") -> tuple[int, dict, dict]:
     status, response_headers, raw = http(
         "POST", f"{proc.url}/webhooks/hipcall{query}", body, {"Content-Type": "application/json", **(headers or {})}
@@ -385,7 +440,7 @@ def launch(tmp_path):
         config = tmp_path / f"config-{n}.toml"
         config.write_text(config_text)
         port = free_port()
-        proc_env = dict(os.environ, HIPCALL_AMQP_URL=broker.url, HIPCALL_HTTP_PORT=str(port), **(env or {}))
+        proc_env = {**os.environ, "HIPCALL_AMQP_URL": broker.url, "HIPCALL_HTTP_PORT": str(port), **(env or {})}
         proc_env["PYTHONPATH"] = os.pathsep.join(
             filter(None, [str(tmp_path), str(ROOT), str(ROOT / "tests"), proc_env.get("PYTHONPATH")])
         )

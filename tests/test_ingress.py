@@ -1,13 +1,16 @@
 """The ingress end to end: a real HTTP socket in front, a real RabbitMQ behind."""
 
+import gzip
 import json
 import signal
+import socket
 import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
-from conftest import http, payload, post_webhook
+from conftest import http, payload, post_webhook, raw_http, wait_until
 
 SEEDS = ["call_init", "call_hangup", "task_create", "deal_create"]
 
@@ -60,6 +63,9 @@ BAD_BODIES = [
     (b'{"event": "' + b"a" * 65 + b'", "data": {}}', '"event" must match'),
     (b'{"event": "call_hangup"}', '"data" must be a JSON object'),
     (b'{"event": "call_hangup", "data": [1]}', '"data" must be a JSON object'),
+    (b'{"event": "call_hangup\\n", "data": {}}', '"event" must match'),  # "$" alone would let it through
+    (b'{"event": "call_hangup", "data": ' + b'{"a": ' * 40 + b"1" + b"}" * 40 + b"}", "nests deeper than 32"),
+    (b'{"event": "call_hangup", "data": {"x": ' + b"[" * 1000 + b"]" * 1000 + b"}}", "nests deeper than 32"),
 ]
 
 
@@ -182,3 +188,148 @@ def test_sigterm_finishes_in_flight_requests_loses_nothing_and_exits_0(ingress, 
     stored = [m.message_id for m in broker.take("hipcall.call_hangup")]
     assert len(accepted) >= 100
     assert set(accepted) <= set(stored)
+
+
+def test_an_unroutable_webhook_is_never_a_2xx(ingress, broker):
+    """With the unrouted queue gone nothing stores an unsubscribed event: the broker returns it (mandatory)."""
+    broker.delete_queue("hipcall.unrouted")
+    status, headers, answer = post_webhook(ingress, b'{"event": "company_create", "data": {"id": 7}}')
+    assert status == 503 and headers["Retry-After"]
+    assert post_webhook(ingress, payload("call_hangup"))[0] == 202  # a routed event is still stored
+    assert ingress.stop() == 0
+    [failed] = [l for l in ingress.logs() if l.get("msg") == "publish_failed"]
+    assert failed["event"] == "company_create" and "returned" in failed["error"]
+
+
+def test_a_token_header_that_is_not_ascii_gets_401(launch, broker):
+    proc = launch("serve", broker, TOKEN_CONFIG, wait="/readyz")
+    body = payload("call_hangup")
+    request = (b"POST /webhooks/hipcall HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+               b"X-Webhook-Token: s3cret-\xff\xfe\r\nContent-Length: " + str(len(body)).encode() + b"\r\n"
+               b"Connection: close\r\n\r\n" + body)
+    answer = raw_http(proc.port, request)
+    assert answer.startswith(b"HTTP/1.1 401"), answer[:200]
+    assert proc.stop() == 0
+    assert "Traceback" not in proc.output() and '"status":500' not in proc.output()
+
+
+def test_a_malformed_request_line_is_a_json_400_and_one_log_line_without_the_token(launch, broker):
+    proc = launch("serve", broker, TOKEN_CONFIG, wait="/readyz")
+    answer = raw_http(proc.port, b"POST /webhooks/hipcall?token=s3cret-token&x=\x7f HTTP/1.1\r\nHost: x\r\n\r\n")
+    head, _, body = answer.partition(b"\r\n\r\n")
+    assert head.split(b"\r\n")[0].endswith(b" 400 Bad Request") and b"application/json" in head
+    assert json.loads(body)["error"] == "malformed HTTP request"
+    assert proc.stop() == 0
+    output = proc.output()
+    assert "s3cret" not in output and "\\x7f" not in output and "Traceback" not in output
+    lines = [l for l in proc.logs() if l.get("level") in ("warning", "error")]
+    assert [l["msg"] for l in lines] == ["bad_request"]
+    assert "exception" not in lines[0] and lines[0]["status"] == 400
+
+
+def test_a_gzip_body_is_decoded_and_one_that_is_not_gzip_gets_400(ingress, broker):
+    body = payload("call_hangup")
+    status, _, answer = post_webhook(ingress, gzip.compress(body), {"Content-Encoding": "gzip"})
+    assert status == 202 and answer["id"]
+    status, _, answer = post_webhook(ingress, body, {"Content-Encoding": "gzip"})
+    assert status == 400 and "Content-Encoding" in answer["error"]
+    assert [m.body for m in broker.take("hipcall.call_hangup", expect=1)] == [body]
+
+
+def test_serve_logs_whether_auth_is_on_and_how_many_tokens_never_which(launch, broker):
+    proc = launch("serve", broker, TOKEN_CONFIG, wait="/readyz")
+    open_proc = launch("serve", broker, "", wait="/readyz")
+    assert proc.stop() == 0 and open_proc.stop() == 0
+    [serving] = [l for l in proc.logs() if l.get("msg") == "serving"]
+    assert serving["auth"] == "on" and serving["tokens"] == 2
+    assert "s3cret" not in proc.output()
+    assert [l["auth"] for l in open_proc.logs() if l.get("msg") == "serving"] == ["off"]
+
+
+SLOW = '[http]\nidle_timeout = "1s"\nbody_timeout = "1s"\nshutdown_timeout = "30s"\n'
+
+
+def _connect(port: int) -> socket.socket:
+    s = socket.create_connection(("127.0.0.1", port), timeout=10)
+    return s
+
+
+def _closed_within(s: socket.socket, seconds: float) -> bool:
+    """True if the server closes the connection within `seconds` (reading what it sends first)."""
+    s.settimeout(seconds)
+    try:
+        while s.recv(65536):
+            pass
+        return True
+    except (socket.timeout, TimeoutError):
+        return False
+    except ConnectionResetError:
+        return True
+
+
+def test_a_trickled_head_or_body_is_cut_off_and_idle_connections_are_closed(launch, broker):
+    proc = launch("serve", broker, SLOW, wait="/readyz")
+    idle = _connect(proc.port)
+    head = _connect(proc.port)
+    head.sendall(b"POST /webhooks/hipcall HTTP/1.1\r\nHost: x\r\n")  # the rest of the head never comes
+    body = _connect(proc.port)
+    body.sendall(b"POST /webhooks/hipcall HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\n{\"ev")
+    started = time.monotonic()
+    for s in (idle, head, body):
+        assert _closed_within(s, 5), "the server kept a slow connection open"
+    assert time.monotonic() - started < 5
+    body.close()
+    # the trickled body got its answer before the close
+    trickle = _connect(proc.port)
+    trickle.sendall(b"POST /webhooks/hipcall HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\n{")
+    trickle.settimeout(5)
+    assert trickle.recv(65536).startswith(b"HTTP/1.1 408")
+    assert proc.stop(timeout=10) == 0
+
+
+def test_a_normal_webhook_is_answered_while_1000_slow_connections_are_open_and_sigterm_does_not_wait_for_them(launch, broker):
+    proc = launch("serve", broker, '[http]\nidle_timeout = "20s"\nbody_timeout = "20s"\n', wait="/readyz")
+    slow = []
+    try:
+        for n in range(1000):
+            s = _connect(proc.port)
+            s.sendall(b"POST /webhooks/hipcall HTTP/1.1\r\nHost: x\r\n" if n % 2 else b"")
+            slow.append(s)
+        status, _, answer = post_webhook(proc, payload("call_hangup"))
+        assert status == 202
+        started = time.monotonic()
+        assert proc.stop(timeout=30) == 0
+        assert time.monotonic() - started < 10  # idle and half-sent requests are not in-flight requests
+    finally:
+        for s in slow:
+            s.close()
+    assert [m.message_id for m in broker.take("hipcall.call_hangup", expect=1)] == [answer["id"]]
+
+
+def test_connections_past_max_connections_are_closed_at_once_and_counted(launch, broker):
+    proc = launch("serve", broker, '[http]\nmax_connections = 20\n', wait="/readyz")
+    held = [_connect(proc.port) for _ in range(20)]
+    try:
+        wait_until(lambda: _closed_within(_connect(proc.port), 2), timeout=10, what="a connection past the cap to be closed")
+    finally:
+        for s in held:
+            s.close()
+    def accepted() -> bool:
+        try:
+            return post_webhook(proc, payload("call_hangup"))[0] == 202
+        except OSError:  # still refused: the server has not seen every close yet
+            return False
+
+    wait_until(accepted, timeout=10, what="room again once the held connections closed")
+    metrics = http("GET", proc.url + "/metrics")[2].decode()
+    refused = [l for l in metrics.splitlines() if l.startswith("hipcall_ingest_connections_refused_total")]
+    assert refused and float(refused[0].split()[-1]) >= 1
+
+
+def test_serve_on_a_port_in_use_exits_1_with_one_line_naming_it(launch, broker):
+    first = launch("serve", broker, "", wait="/readyz")
+    second = launch("serve", broker, "", env={"HIPCALL_HTTP_PORT": str(first.port)})
+    assert second.wait() == 1
+    output = second.output()
+    assert "Traceback" not in output and f":{first.port}" in output and "http.port" in output
+    assert first.stop() == 0
