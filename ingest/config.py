@@ -16,10 +16,21 @@ from importlib import resources
 from pathlib import Path
 from types import MappingProxyType
 from typing import Any
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import urlsplit
 
 from .errors import ConfigError
-from .names import CONSUMER_RE, EVENT_RE
+from .names import (
+    CONSUMER_RE,
+    EVENT_RE,
+    consumer_queue,
+    dead_letter_queue,
+    delay_exchange,
+    entry_exchange,
+    format_duration,
+    requeue_exchange,
+    retry_queue,
+    tap_exchange,
+)
 
 DEFAULTS_NAME = "defaults.toml"
 
@@ -46,6 +57,9 @@ class HttpConfig:
     path: str
     max_body_bytes: int
     shutdown_timeout: float
+    idle_timeout: float
+    body_timeout: float
+    max_connections: int
 
 
 @dataclass(frozen=True)
@@ -74,6 +88,7 @@ class RetryConfig:
 @dataclass(frozen=True)
 class WorkerConfig:
     grace_period: float
+    metrics_host: str
     metrics_port: int
     concurrency: int
 
@@ -108,15 +123,13 @@ class Config:
         return next((c for c in self.consumers if c.name == name), None)
 
 
+_USERINFO_RE = re.compile(r"(//[^/@:]*):.*@")  # greedy: a password may hold "@" or "/"
+
+
 def redact_url(url: str) -> str:
-    """The URL with its password replaced, for logs and error messages."""
-    parts = urlsplit(url)
-    if parts.password is None:
-        return url
-    host = parts.hostname or ""
-    if parts.port:
-        host = f"{host}:{parts.port}"
-    return urlunsplit(parts._replace(netloc=f"{parts.username}:***@{host}"))
+    """The URL with its password replaced, for logs and error messages: any scheme, even a URL that
+    does not parse (`amqp://u:p@h:notaport/`)."""
+    return _USERINFO_RE.sub(r"\1:***@", url)
 
 
 # --- value parsers: each takes (value, key) and returns the parsed value or raises _Bad ----------
@@ -126,14 +139,29 @@ class _Bad(Exception):
     """A value did not parse; carries what was expected. Turned into ConfigError with the source."""
 
 
-_DURATION_RE = re.compile(r"^(\d+(?:\.\d+)?)(ms|s|m|h)$")
+_DURATION_RE = re.compile(r"(\d+(?:\.\d+)?)(ms|s|m|h)")
 _UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0}
 
 
 def parse_duration(value: Any) -> float:
-    if isinstance(value, str) and (m := _DURATION_RE.match(value.strip())):
+    if isinstance(value, str) and (m := _DURATION_RE.fullmatch(value.strip())):
         return float(m.group(1)) * _UNITS[m.group(2)]
     raise _Bad('a duration string such as "250ms", "10s", "5m" or "2h"')
+
+
+def _duration(low: float, high: float = 7 * 86400) -> Callable[[Any], float]:
+    """A duration within [low, high]: a zero timeout or backoff is never what anyone meant."""
+    def parse(value: Any) -> float:
+        seconds = parse_duration(value)
+        if not low <= seconds <= high:
+            raise _Bad(f"a duration from {_spell(low)} to {_spell(high)}")
+        return seconds
+
+    return parse
+
+
+def _spell(seconds: float) -> str:
+    return format_duration(seconds) if seconds else "0s"
 
 
 def _string(value: Any) -> str:
@@ -174,7 +202,7 @@ def _choice(*choices: str) -> Callable[[Any], str]:
 
 def _matching(pattern: re.Pattern[str], what: str) -> Callable[[Any], str]:
     def parse(value: Any) -> str:
-        if not isinstance(value, str) or not pattern.match(value):
+        if not isinstance(value, str) or not pattern.fullmatch(value):
             raise _Bad(what)
         return value
 
@@ -212,26 +240,30 @@ def _path(value: Any) -> str:
     return value
 
 
-_HANDLER_RE = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$")
+_HANDLER_RE = re.compile(r"[A-Za-z_][\w.]*:[A-Za-z_]\w*")
 _EVENT = _matching(EVENT_RE, "an event name matching ^[a-z][a-z0-9_.-]{0,63}$")
-_DURATION = parse_duration
+_TIMEOUT = _duration(0.1, 3600)
+_DELAY = _duration(0.01)
 
 _SCHEMA: dict[str, dict[str, Callable[[Any], Any]]] = {
     "broker": {
         "url": _url,
         "exchange": _nonempty,
         "unrouted": _nonempty,
-        "publish_timeout": _DURATION,
-        "connect_timeout": _DURATION,
-        "reconnect_min": _DURATION,
-        "reconnect_max": _DURATION,
+        "publish_timeout": _TIMEOUT,
+        "connect_timeout": _TIMEOUT,
+        "reconnect_min": _duration(0.01, 3600),
+        "reconnect_max": _duration(0.01, 3600),
     },
     "http": {
         "host": _nonempty,
         "port": _integer(0, 65535),
         "path": _path,
         "max_body_bytes": _integer(1, 1 << 30),
-        "shutdown_timeout": _DURATION,
+        "shutdown_timeout": _duration(0, 3600),
+        "idle_timeout": _TIMEOUT,
+        "body_timeout": _TIMEOUT,
+        "max_connections": _integer(1, 1_000_000),
     },
     "auth": {"tokens": _list(_nonempty), "allow_ips": _list(_cidr)},
     "logging": {
@@ -239,9 +271,10 @@ _SCHEMA: dict[str, dict[str, Callable[[Any], Any]]] = {
         "format": _choice("json", "console"),
         "access": _boolean,
     },
-    "retry": {"delays": _list(_DURATION), "delivery_limit": _integer(1, 1000)},
+    "retry": {"delays": _list(_DELAY), "delivery_limit": _integer(1, 1000)},
     "worker": {
-        "grace_period": _DURATION,
+        "grace_period": _duration(0, 86400),
+        "metrics_host": _nonempty,
         "metrics_port": _integer(0, 65535),
         "concurrency": _integer(1, 10_000),
     },
@@ -263,6 +296,8 @@ def load_config(path: str | Path | None = None, env: Mapping[str, str] | None = 
     """Defaults, then the file at `path` (or $HIPCALL_CONFIG), then the environment overrides."""
     env = {} if env is None else env
     defaults = tomllib.loads(resources.files("ingest").joinpath(DEFAULTS_NAME).read_text("utf-8"))
+    if not path and "HIPCALL_CONFIG" in env and not env["HIPCALL_CONFIG"].strip():
+        raise ConfigError("config error: environment HIPCALL_CONFIG is set but empty; unset it or name a file")
     path = path or env.get("HIPCALL_CONFIG") or None
     source = str(path) if path else "built-in defaults"
     user: dict[str, Any] = {}
@@ -301,7 +336,11 @@ def _build(defaults: dict, user: dict, source: str, env: Mapping[str, str]) -> C
 
     for var, (table, key, convert) in _ENV_OVERRIDES.items():
         if var in env:
-            raw[table][key] = convert(env[var])
+            value = convert(env[var])
+            if value in ("", []):  # set but empty: never silently "no tokens", "no URL"
+                raise ConfigError(f"config error: environment {var} is set but empty ({table}.{key}); "
+                                  f"unset it to use the file's value, or give it one")
+            raw[table][key] = value
             origin[f"{table}.{key}"] = f"environment {var}"
 
     parsed: dict[str, dict[str, Any]] = {}
@@ -313,9 +352,14 @@ def _build(defaults: dict, user: dict, source: str, env: Mapping[str, str]) -> C
             except _Bad as bad:
                 raise fail(f"{name}.{key}", str(bad), raw[name][key]) from None
 
+    broker = parsed["broker"]
+    if broker["reconnect_max"] < broker["reconnect_min"]:
+        raise fail("broker.reconnect_max", f"a duration of at least broker.reconnect_min ({_spell(broker['reconnect_min'])})",
+                   raw["broker"]["reconnect_max"])
     retry = RetryConfig(**parsed["retry"])
     worker = WorkerConfig(**parsed["worker"])
     consumers = _consumers(defaults.get("consumers", {}), user.get("consumers", {}), source, retry, worker, fail)
+    _check_names(broker["exchange"], broker["unrouted"], consumers, source)
     return Config(
         broker=BrokerConfig(**parsed["broker"]),
         http=HttpConfig(**parsed["http"]),
@@ -339,7 +383,7 @@ def _consumers(defaults: dict, user: Any, source: str, retry: RetryConfig, worke
 
     result = []
     for name, table in merged.items():
-        if not CONSUMER_RE.match(name):
+        if not CONSUMER_RE.fullmatch(name):
             raise ConfigError(
                 f"config error: {source}: [consumers.{name}]: a consumer name must match ^[a-z][a-z0-9_-]{{0,63}}$"
             )
@@ -382,6 +426,28 @@ def _consumer_retry(value: Any, base: RetryConfig, where: str, fail) -> RetryCon
     return RetryConfig(**fields)
 
 
+def _check_names(exchange: str, unrouted: str, consumers: tuple[ConsumerConfig, ...], source: str) -> None:
+    """Two things that would get one name on the broker (event "x.dlq" beside event "x", event
+    "retry.10s" beside a 10s retry tier, consumer "hipcall" with event "unrouted") stop start-up."""
+    def claim(owners: dict[str, str], name: str, what: str) -> None:
+        if owners.setdefault(name, what) != what:
+            raise ConfigError(f"config error: {source}: {what} and {owners[name]} would both be named {name!r} "
+                              f"on the broker; rename an event or a consumer")
+
+    exchanges: dict[str, str] = {}  # exchanges and queues are separate namespaces on the broker
+    for name, what in ((exchange, "broker.exchange"), (unrouted, "broker.unrouted"),
+                       (entry_exchange(exchange), "the entry exchange"), (tap_exchange(exchange), "the tap exchange"),
+                       (delay_exchange(exchange), "the delay exchange"), (requeue_exchange(exchange), "the requeue exchange")):
+        claim(exchanges, name, what)
+    queues: dict[str, str] = {unrouted: "the unrouted queue"}
+    for consumer in consumers:
+        for seconds in consumer.retry.delays:
+            claim(queues, retry_queue(consumer.name, seconds), f"the {format_duration(seconds)} retry tier of consumer {consumer.name!r}")
+        for event in consumer.events:
+            claim(queues, consumer_queue(consumer.name, event), f"the queue of consumer {consumer.name!r} for event {event!r}")
+            claim(queues, dead_letter_queue(consumer.name, event), f"the DLQ of consumer {consumer.name!r} for event {event!r}")
+
+
 def _tokens(value: str) -> list[str]:
     return [t.strip() for t in value.split(",") if t.strip()]
 
@@ -401,7 +467,5 @@ _ENV_OVERRIDES: dict[str, tuple[str, str, Callable[[str], Any]]] = {
 
 def _show(value: Any) -> str:
     """A value for an error message, never long and never a secret in full."""
-    text = repr(value)
-    if isinstance(value, str) and value.startswith(("amqp://", "amqps://")):
-        text = repr(redact_url(value))
+    text = repr(redact_url(value) if isinstance(value, str) else value)
     return text if len(text) <= 60 else text[:57] + "..."

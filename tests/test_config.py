@@ -134,3 +134,64 @@ def test_the_example_configs_only_use_keys_the_defaults_define():
                 continue  # consumers are the user's own tables, validated by the loader below
             assert key in defaults, f"{example.name}: {key} is not a key of ingest/defaults.toml"
         load_config(example, {})  # and the loader accepts the whole file
+
+
+@pytest.mark.parametrize("value", ["", " , ", " "])
+def test_an_environment_variable_set_but_empty_stops_start_up_naming_it(tmp_path, value):
+    path = tmp_path / "c.toml"
+    path.write_text('[auth]\ntokens = ["from-the-file"]\n')
+    with pytest.raises(ConfigError, match="HIPCALL_TOKENS is set but empty"):
+        load_config(path, {"HIPCALL_TOKENS": value})
+    for var in ("HIPCALL_AMQP_URL", "HIPCALL_HTTP_PORT", "HIPCALL_CONFIG"):
+        with pytest.raises(ConfigError, match=f"{var} is set but empty"):
+            load_config(None, {var: ""})
+
+
+def test_serve_with_empty_tokens_in_the_environment_exits_2_naming_the_variable(tmp_path):
+    path = tmp_path / "c.toml"
+    path.write_text('[auth]\ntokens = ["from-the-file"]\n')
+    done = subprocess.run([sys.executable, "-m", "ingest", "serve", "--config", str(path)], capture_output=True,
+                          text=True, cwd=ROOT, env={"PATH": "/usr/bin:/bin", "HIPCALL_TOKENS": ""}, timeout=30)
+    assert done.returncode == 2 and "HIPCALL_TOKENS" in done.stderr and "Traceback" not in done.stderr
+
+
+@pytest.mark.parametrize("url", ["http://guest:S3cretPW@127.0.0.1/", "amqp://guest:S3cretPW@127.0.0.1:notaport/",
+                                 "ftp://u:S3cretPW@x/", "amqp://u:S3cretPW@with@at/"])
+def test_a_bad_broker_url_is_reported_without_its_password(tmp_path, url):
+    path = tmp_path / "c.toml"
+    path.write_text(f'[broker]\nurl = "{url}"\n')
+    for source, env in ((path, {}), (None, {"HIPCALL_AMQP_URL": url})):
+        try:
+            config = load_config(source, env)
+        except ConfigError as exc:
+            message = str(exc)
+        else:  # a URL that parses as AMQP: its password still never shows
+            message = config.broker.safe_url
+        assert "S3cretPW" not in message and "***" in message
+
+
+@pytest.mark.parametrize("consumers,names", [
+    ('[consumers.crm]\nevents = ["retry.10s"]\nhandler = "x:y"\nretry = { delays = ["10s"] }\n', "crm.retry.10s"),
+    ('[consumers.crm]\nevents = ["x", "x.dlq"]\nhandler = "x:y"\n', "crm.x.dlq"),
+    ('[consumers.hipcall]\nevents = ["unrouted"]\n', "hipcall.unrouted"),
+])
+def test_names_that_would_collide_on_the_broker_are_rejected(tmp_path, consumers, names):
+    path = tmp_path / "c.toml"
+    path.write_text(consumers)
+    with pytest.raises(ConfigError, match="would both be named") as caught:
+        load_config(path, {})
+    assert repr(names) in str(caught.value)
+
+
+@pytest.mark.parametrize("text,key", [
+    ('[broker]\nreconnect_min = "0ms"\n', "broker.reconnect_min"),
+    ('[broker]\npublish_timeout = "0s"\n', "broker.publish_timeout"),
+    ('[broker]\nreconnect_min = "5s"\nreconnect_max = "1s"\n', "broker.reconnect_max"),
+    ('[http]\nbody_timeout = "0s"\n', "http.body_timeout"),
+    ('[retry]\ndelays = ["0s"]\n', "retry.delays"),
+])
+def test_durations_out_of_range_are_rejected(tmp_path, text, key):
+    path = tmp_path / "c.toml"
+    path.write_text(text)
+    with pytest.raises(ConfigError, match=key.replace(".", r"\.") + ": expected a (list of a )?duration"):
+        load_config(path, {})
