@@ -2,12 +2,15 @@
 
 import asyncio
 import json
+import os
 import signal
+import socket
 import time
 
 import aio_pika
 
-from conftest import free_port, http, payload, post_webhook, wait_until
+from conftest import children_of, free_port, http, payload, post_webhook, wait_until
+from ingest.message import message_id
 
 HANGUP = payload("call_hangup")
 
@@ -86,7 +89,7 @@ def test_a_sync_handler_works(launch, broker, tmp_path):
     ingress, worker = start(launch, broker, config, env={"HIPCALL_TEST_RECORD": str(record)})
     post_webhook(ingress, HANGUP)
     post_webhook(ingress, payload("deal_create"))
-    wait_until(lambda: len(records(record)) == 2, what="two events handled")
+    wait_until(lambda: len(records(record, "done")) == 2, what="two events handled")
     assert {r["event"] for r in records(record)} == {"call_hangup", "deal_create"}
     assert all(r["thread"] for r in records(record))
 
@@ -215,7 +218,7 @@ def test_a_retry_the_broker_cannot_store_is_never_acked_so_nothing_is_lost(launc
     """The delay tier is gone: the mandatory retry publish comes back unroutable, so the worker must
     not ack. The message stays in its queue until the delivery limit moves it to the DLQ."""
     record = tmp_path / "record.jsonl"
-    config = consumer(delays='["300ms"]', record=str(record), fail_times=99).replace(
+    config = consumer(delays='["300ms"]', record=str(record), mode="together", together=2).replace(
         "retry = { delays", "retry = { delivery_limit = 2, delays")
     ingress = launch("serve", broker, config, wait="/readyz")
 
@@ -230,10 +233,141 @@ def test_a_retry_the_broker_cannot_store_is_never_acked_so_nothing_is_lost(launc
     # the worker declares its topology on connect: delete the tier again once it is consuming
     wait_until(lambda: any(l.get("msg") == "consuming" for l in worker.logs()), what="worker consuming")
     asyncio.run(delete_tier())
+    # Two identical webhooks: one message id twice in flight; a return must not be matched to the other.
     _, _, answer = post_webhook(ingress, HANGUP)
-    [letter] = broker.take("crm.call_hangup.dlq", expect=1, timeout=30)
-    assert letter.message_id == answer["id"] and letter.body == HANGUP
-    assert "x-death" in letter.headers  # the broker's delivery limit, after the worker refused to ack
+    assert post_webhook(ingress, HANGUP)[2] == answer
+    letters = broker.take("crm.call_hangup.dlq", expect=2, timeout=30)
+    assert [l.message_id for l in letters] == [answer["id"]] * 2 and all(l.body == HANGUP for l in letters)
+    assert all("x-death" in l.headers for l in letters)  # the broker's delivery limit, after the worker refused to ack
     assert worker.stop() == 0
     assert any(l.get("msg") == "replacement_publish_failed" for l in worker.logs())
     assert not any(l.get("msg") == "retry_scheduled" for l in worker.logs())
+
+
+def test_a_decorated_async_handler_and_an_object_with_async_call_are_awaited(launch, broker, tmp_path):
+    record = tmp_path / "record.jsonl"
+    config = ('[consumers.deco]\nevents = ["call_hangup"]\nhandler = "handlers:decorated"\n'
+              '[consumers.obj]\nevents = ["call_hangup"]\nhandler = "handlers:async_callable"\n')
+    ingress, worker = start(launch, broker, config, env={"HIPCALL_TEST_RECORD": str(record)})
+    post_webhook(ingress, HANGUP)
+    wait_until(lambda: len(records(record, "done")) == 2, what="both handlers ran their coroutine")
+    assert sorted(r["kind"] for r in records(record, "done")) == ["async_call", "decorated"]
+    assert worker.stop() == 0
+    assert "was never awaited" not in worker.output()
+
+
+def test_a_consumer_cancelled_by_the_broker_consumes_again(launch, broker, tmp_path):
+    record = tmp_path / "record.jsonl"
+    config = consumer(record=str(record)) + '[broker]\nreconnect_max = "500ms"\n'
+    ingress, worker = start(launch, broker, config)
+    broker.delete_queue("crm.call_hangup")  # the broker cancels the worker's consumer
+    wait_until(lambda: any(l.get("msg") == "consumer_cancelled_by_broker" for l in worker.logs()), what="cancel noticed")
+    wait_until(lambda: sum(l.get("msg") == "consuming" for l in worker.logs()) == 2, what="consuming again")
+    assert post_webhook(ingress, HANGUP)[0] == 202  # the queue is back (the worker declared it again)
+    wait_until(lambda: records(record, "done"), what="handled after the cancel")
+    [line] = [l for l in worker.logs() if l.get("msg") == "consumer_cancelled_by_broker"]
+    assert line["queue"] == "crm.call_hangup" and line["level"] == "warning"
+
+
+def test_a_handler_that_finishes_after_a_reconnect_neither_publishes_nor_acks(launch, broker, tmp_path):
+    record = tmp_path / "record.jsonl"
+    config = consumer(delays='["300ms"]', record=str(record), mode="sleep_fail", sleep=2, fail_times=1)
+    config += '[broker]\nreconnect_max = "300ms"\n'
+    ingress, worker = start(launch, broker, config)
+    post_webhook(ingress, HANGUP)
+    wait_until(lambda: records(record, "start"), what="handler started")
+    broker.ctl("close_all_connections", "-p", "{vhost}", "test: a connection blip")
+    wait_until(lambda: any(l.get("msg") == "delivery_channel_gone" for l in worker.logs()), timeout=20,
+               what="the first handler finishing on its dead channel")
+    wait_until(lambda: records(record, "done"), timeout=20, what="the redelivery retried and done")
+    time.sleep(1)  # a duplicate retry, if one had been published, would run now
+    assert [r["attempt"] for r in records(record, "start")].count(2) == 1  # one retry, not two
+    assert worker.stop() == 0
+    assert "never retrieved" not in worker.output() and "Traceback" not in worker.output()
+    [gone] = [l for l in worker.logs() if l.get("msg") == "delivery_channel_gone"]
+    assert gone["outcome"] == "failed" and gone["attempt"] == 1
+
+
+def test_a_foreign_message_without_an_id_keeps_one_id_through_retries_and_the_dlq(launch, broker, tmp_path):
+    record = tmp_path / "record.jsonl"
+    config = consumer(delays='["200ms"]', record=str(record), fail_times=99)
+    ingress, worker = start(launch, broker, config)
+    body = b'{"event": "call_hangup", "data": {"uuid": "from-another-producer"}}'
+    broker.publish_without_id("hipcall.events", "call_hangup", body)
+    [letter] = broker.take("crm.call_hangup.dlq", expect=1)
+    assert [r["id"] for r in records(record, "start")] == [message_id(body)] * 2
+    assert letter.message_id == message_id(body)
+
+
+def test_a_sync_handler_gets_concurrency_threads_and_one_that_never_returns_does_not_hold_sigterm(launch, broker, tmp_path):
+    record = tmp_path / "record.jsonl"
+    config = ('[consumers.crm]\nevents = ["call_hangup"]\nhandler = "handlers:sync_record"\nconcurrency = 10\n'
+              '[worker]\ngrace_period = "1s"\n')
+    ingress, worker = start(launch, broker, config, env={"HIPCALL_TEST_RECORD": str(record), "HIPCALL_TEST_SLEEP": "3600"})
+    for n in range(10):
+        post_webhook(ingress, json.dumps({"event": "call_hangup", "data": {"uuid": f"u{n}"}}).encode())
+    wait_until(lambda: len(records(record, "start")) == 10, timeout=10, what="ten handlers running at once")
+    started = time.monotonic()
+    worker.signal(signal.SIGTERM)
+    assert worker.wait(timeout=15) == 0
+    assert time.monotonic() - started < 8  # grace 1s plus closing the connection, not the handlers' hour
+    assert not records(record, "done")
+    assert any(l.get("msg") == "handler_not_closed" for l in worker.logs())
+    wait_until(lambda: broker.count("crm.call_hangup") == 10, what="the abandoned deliveries back in the queue")
+
+
+def test_sigterm_finishes_within_the_grace_period_during_a_resource_alarm_and_readyz_says_blocked(launch, node_broker, rabbit_node, tmp_path):
+    record = tmp_path / "record.jsonl"
+    config = consumer(delays='["300ms"]', record=str(record), mode="sleep_fail", sleep=1, fail_times=9)
+    config += '[worker]\ngrace_period = "2s"\n[broker]\npublish_timeout = "1s"\n'
+    ingress, worker = start(launch, node_broker, config)
+    post_webhook(ingress, HANGUP)
+    wait_until(lambda: records(record, "start"), what="handler started")
+    node_broker.ctl("set_vm_memory_high_watermark", "0")  # every publishing connection is blocked now
+    try:
+        wait_until(lambda: any(l.get("msg") == "replacement_publish_failed" for l in worker.logs()), timeout=20,
+                   what="the retry publish to hit the alarm")
+        assert post_webhook(ingress, payload("call_init"))[0] == 503
+        status, _, body = http("GET", ingress.url + "/readyz")
+        assert status == 503 and json.loads(body)["broker"] == "blocked"
+        started = time.monotonic()
+        worker.signal(signal.SIGTERM)
+        assert worker.wait(timeout=30) == 0
+        assert time.monotonic() - started < 2 + 5 + 3  # grace + connect_timeout (closing) + slack
+    finally:
+        node_broker.ctl("set_vm_memory_high_watermark", "0.4")
+    wait_until(lambda: http("GET", ingress.url + "/readyz")[0] == 200, what="readyz back once the alarm cleared")
+    assert ingress.stop() == 0
+
+
+def test_run_exits_non_zero_when_a_child_is_killed(launch, broker, tmp_path):
+    run = launch("run", broker, consumer(record=str(tmp_path / "r.jsonl")) + '[http]\nhost = "127.0.0.1"\n', wait="/readyz")
+    wait_until(lambda: any(l.get("msg") == "consuming" for l in run.logs()), what="worker consuming")
+    [(pid, _)] = [c for c in children_of(run.process.pid) if " work " in c[1] + " "]
+    os.kill(pid, signal.SIGKILL)
+    assert run.wait() == 1
+    assert "killed by signal 9" in run.output()
+
+
+def test_jsonl_dead_letters_a_body_it_cannot_write_instead_of_retrying(launch, broker, tmp_path):
+    out = tmp_path / "events.jsonl"
+    config = (f'[consumers.archive]\nevents = ["call_hangup"]\nhandler = "workers.builtin:jsonl"\n'
+              f'[consumers.archive.options]\npath = "{out}"\n')
+    ingress, worker = start(launch, broker, config)
+    deep = b'{"event": "call_hangup", "data": {"x": ' + b"[" * 300 + b"]" * 300 + b"}}"
+    broker.publish("hipcall.events", "call_hangup", deep)  # past the ingress, which would refuse it
+    [letter] = broker.take("archive.call_hangup.dlq", expect=1)
+    assert letter.headers["x-hipcall-error-type"] == "PermanentError" and letter.headers["x-hipcall-attempts"] == 1
+    assert worker.stop() == 0
+    assert "Traceback" not in worker.output()
+
+
+def test_work_with_its_metrics_port_in_use_exits_1_with_one_line(launch, broker):
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        worker = launch("work", broker, '[worker]\nmetrics_host = "127.0.0.1"\n', "--metrics-port", str(port))
+        assert worker.wait() == 1
+    output = worker.output()
+    assert "Traceback" not in output and f"127.0.0.1:{port}" in output and "metrics" in output

@@ -11,7 +11,7 @@ import structlog
 
 from ingest.errors import HandlerImportError
 
-from .handler import Event
+from .handler import Event, PermanentError
 
 _log = structlog.get_logger("workers.builtin")
 
@@ -36,10 +36,13 @@ class jsonl:  # noqa: N801 - named as users write it in the config: "workers.bui
         self._lock = asyncio.Lock()
 
     async def handle(self, event: Event) -> None:
-        line = orjson.dumps(
-            {"id": event.id, "event": event.name, "received_at": event.received_at, "attempt": event.attempt,
-             "data": event.data}
-        ) + b"\n"
+        try:
+            line = orjson.dumps(
+                {"id": event.id, "event": event.name, "received_at": event.received_at, "attempt": event.attempt,
+                 "data": event.data}
+            ) + b"\n"
+        except orjson.JSONEncodeError as exc:  # nested too deep (a hostile body): no retry can help
+            raise PermanentError(f"cannot write this event as one JSON line: {exc}") from None
         async with self._lock:  # one writer at a time, so lines never interleave
             await asyncio.to_thread(self._append, line)
 

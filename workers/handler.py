@@ -2,8 +2,9 @@
 (PermanentError), and how a `module:name` from the config becomes something the runtime can call.
 
 A handler is one of:
-- a function, `async def handle(event)` or `def handle(event)` (a plain function runs in a thread
-  so it cannot block the event loop);
+- a function, `async def handle(event)` or `def handle(event)` (a plain function runs in one of the
+  consumer's `concurrency` threads so it cannot block the event loop; whatever awaitable it returns,
+  a decorated async function's coroutine say, is awaited);
 - a class with `handle(event)` (async or not) and, optionally, `async def start(self, options)`
   and `async def close(self)`: one instance per worker process, started before the first message
   with the consumer's `[consumers.NAME.options]` table, closed at shutdown. This is where a
@@ -15,6 +16,8 @@ from __future__ import annotations
 import asyncio
 import importlib
 import inspect
+import queue
+import threading
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -64,7 +67,14 @@ class Handler:
                 f"[consumers.{consumer.name}.options]; use a class with async start(options)"
             )
         self._function = function
-        self._is_async = inspect.iscoroutinefunction(function)
+        self._is_async = inspect.iscoroutinefunction(function) or inspect.iscoroutinefunction(
+            getattr(function, "__call__", None))
+        self._threads = None if self._is_async else ThreadPool(consumer.concurrency, f"handler-{consumer.name}")
+
+    @property
+    def busy(self) -> int:
+        """Calls still running in a thread (a thread cannot be stopped; the process exits without it)."""
+        return self._threads.busy if self._threads else 0
 
     async def start(self) -> None:
         start = getattr(self._instance, "start", None)
@@ -78,9 +88,57 @@ class Handler:
 
     async def __call__(self, event: Event) -> None:
         if self._is_async:
-            await self._function(event)
+            result = self._function(event)
         else:
-            await asyncio.to_thread(self._function, event)
+            result = await self._threads.run(self._function, event)
+        if inspect.isawaitable(result):
+            await result
+
+
+class ThreadPool:
+    """`size` daemon threads for a sync handler.
+
+    Not asyncio's default executor: it has six threads here and is joined without a timeout when the
+    process exits, so one handler that never returns would keep the worker alive past its grace period.
+    A call abandoned at shutdown keeps running in its daemon thread until the process exits."""
+
+    def __init__(self, size: int, name: str) -> None:
+        self._size = size
+        self._name = name
+        self._jobs: queue.SimpleQueue = queue.SimpleQueue()
+        self._threads = 0
+        self.busy = 0  # calls submitted and not yet finished; read and written on the event loop only
+
+    async def run(self, function: Any, *args: Any) -> Any:
+        loop = asyncio.get_running_loop()
+        future = loop.create_future()
+        if self.busy >= self._threads and self._threads < self._size:
+            self._threads += 1
+            threading.Thread(target=self._work, name=f"{self._name}-{self._threads}", daemon=True).start()
+        self.busy += 1
+        self._jobs.put((loop, future, function, args))
+        return await future
+
+    def _work(self) -> None:
+        while True:
+            loop, future, function, args = self._jobs.get()
+            try:
+                outcome = (function(*args), None)
+            except BaseException as exc:  # handed to the awaiting task, which decides
+                outcome = (None, exc)
+            try:
+                loop.call_soon_threadsafe(self._finish, future, *outcome)
+            except RuntimeError:  # the loop is closed: the process is exiting
+                return
+
+    def _finish(self, future: asyncio.Future, result: Any, error: BaseException | None) -> None:
+        self.busy -= 1
+        if future.done():  # its task was cancelled (grace period over)
+            return
+        if error is not None:
+            future.set_exception(error)
+        else:
+            future.set_result(result)
 
 
 def load_handler(consumer: ConsumerConfig) -> Handler:

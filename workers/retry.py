@@ -14,10 +14,15 @@ from aio_pika.abc import AbstractIncomingMessage
 from pamqp.commands import Basic
 
 from ingest.config import RetryConfig
+from ingest.message import id_of
 
 ATTEMPT_HEADER = "x-hipcall-attempt"
+SWEEP_HEADER = "x-hipcall-sweep"  # marks a dead letter's copy made by a dlq read (workers/dlq.py)
 DEAD_LETTER_HEADERS = ("x-hipcall-attempts", "x-hipcall-error", "x-hipcall-error-type", "x-hipcall-failed-at",
-                       "x-hipcall-queue", "x-hipcall-consumer", "x-death")
+                       "x-hipcall-queue", "x-hipcall-consumer", "x-death", "x-first-death-exchange",
+                       "x-first-death-queue", "x-first-death-reason", "x-last-death-exchange", "x-last-death-queue",
+                       "x-last-death-reason")
+BOOKKEEPING = ("x-delivery-count", SWEEP_HEADER)  # about a queue or a read, not about the message
 ERROR_LIMIT = 1024  # bytes of "Type: message" kept in x-hipcall-error
 
 
@@ -41,8 +46,8 @@ def describe_error(exc: BaseException) -> str:
 
 
 def own_headers(headers: Mapping[str, Any] | None) -> dict[str, Any]:
-    """The message's headers without x-delivery-count: the broker's per-queue redelivery counter."""
-    return {k: v for k, v in (headers or {}).items() if k != "x-delivery-count"}
+    """The message's headers without bookkeeping: the broker's per-queue redelivery counter, a read's mark."""
+    return {k: v for k, v in (headers or {}).items() if k not in BOOKKEEPING}
 
 
 def retry_headers(headers: Mapping[str, Any] | None, attempt: int) -> dict[str, Any]:
@@ -56,18 +61,32 @@ def fresh_headers(headers: Mapping[str, Any] | None) -> dict[str, Any]:
 
 
 def republish_properties(message: AbstractIncomingMessage, headers: dict[str, Any]) -> Basic.Properties:
-    """A delivered message's properties, persistent, with new headers: for retries, DLQs, replays."""
+    """A delivered message's properties, persistent, with new headers: for retries, DLQs, replays.
+
+    A foreign message without an id gets the one derived from its body, kept from then on."""
     return Basic.Properties(
         content_type=message.content_type,
         content_encoding=message.content_encoding,
         delivery_mode=2,
-        message_id=message.message_id,
+        message_id=id_of(message.message_id, message.body),
         timestamp=message.timestamp,
         app_id=message.app_id,
         message_type=message.type,
         correlation_id=message.correlation_id,
-        headers=headers,
+        headers=encodable(headers),
     )
+
+
+def encodable(value: Any) -> Any:
+    """Header values as pamqp can send them again: it reads a long string that is not UTF-8 as bytes
+    but writes only bytearray (AMQP's byte array), so bytes become bytearray, byte for byte."""
+    if isinstance(value, bytes):
+        return bytearray(value)
+    if isinstance(value, dict):
+        return {k: encodable(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [encodable(v) for v in value]
+    return value
 
 
 def dead_letter_headers(

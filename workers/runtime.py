@@ -6,6 +6,8 @@ At-least-once, end to end. A delivery is acked only
 If that publish fails or times out, the delivery is not acked: it goes back to its queue. If the
 worker dies mid-handler, the broker redelivers the unacked message; a message that kills its worker
 every time is dead-lettered by the broker after `delivery_limit` redeliveries (x-delivery-limit).
+A handler that finishes after its delivery's channel is gone (a reconnect) neither publishes nor
+acks: the broker has put the message back already.
 """
 
 from __future__ import annotations
@@ -20,12 +22,14 @@ import aio_pika
 import orjson
 import structlog
 from aio_pika.abc import AbstractIncomingMessage
-from pamqp.commands import Basic
 from prometheus_client import Counter, Gauge, Histogram, start_http_server
 
 from ingest.broker import BrokerLink
 from ingest.config import Config, ConsumerConfig
+from ingest.errors import PublishFailed, StartupError
+from ingest.message import RECEIVED_AT, id_of
 from ingest.names import consumer_queue, dead_letter_queue, delay_exchange, retry_routing_key
+from ingest.publish import Publisher
 from ingest.topology import declare, plan
 
 from .handler import Event, Handler, PermanentError, load_handler
@@ -39,9 +43,7 @@ DEAD_LETTERED = Counter("hipcall_worker_dead_lettered_total", "Messages sent to 
 DURATION = Histogram("hipcall_worker_handler_seconds", "Handler run time.", ["consumer", "event"])
 IN_FLIGHT = Gauge("hipcall_worker_in_flight", "Handlers running now.", ["consumer"])
 
-
-class PublishFailed(Exception):
-    """The replacement of a failed message was not confirmed; the original stays unacked."""
+CANCEL_TIMEOUT = 2.0  # seconds for the broker to confirm our consumer cancels at shutdown
 
 
 class Worker:
@@ -52,20 +54,23 @@ class Worker:
         self.consumers = consumers
         self.handlers = handlers
         self.link = BrokerLink(config.broker, "hipcall-ingest work", self._on_connect)
-        self._publisher = None  # aiormq confirm channel for retries and dead letters
+        self._publisher: Publisher | None = None  # retries and dead letters
         self._subscriptions: list[tuple[aio_pika.abc.AbstractQueue, str]] = []
         self._tasks: set[asyncio.Task] = set()
         self._limits = {c.name: asyncio.Semaphore(c.concurrency) for c in consumers}
+        self._stopping = False
 
     async def _on_connect(self, connection: aio_pika.abc.AbstractConnection) -> None:
         await declare(connection, plan(self.config.broker, self.consumers))
         publisher = await connection.channel(publisher_confirms=True)
         self.link.watch(publisher)
-        self._publisher = await publisher.get_underlay_channel()
+        self._publisher = Publisher(await publisher.get_underlay_channel(), self.config.broker.publish_timeout)
         self._subscriptions = []
         for consumer in self.consumers:
             channel = await connection.channel()
             self.link.watch(channel)
+            underlay = await channel.get_underlay_channel()
+            underlay.on_consumer_cancel_callbacks.add(self._on_cancel)
             # Quorum queues have no channel-wide (global) prefetch: each queue gets `concurrency`,
             # and the semaphore keeps the handlers of the consumer to `concurrency` in all.
             await channel.set_qos(prefetch_count=consumer.concurrency)
@@ -75,8 +80,19 @@ class Worker:
                 self._subscriptions.append((queue, tag))
         log.info("consuming", consumers=[c.name for c in self.consumers])
 
+    def _on_cancel(self, frame) -> None:
+        """The broker cancelled a consumer (its queue was deleted, say): like a lost channel, start over.
+        The reconnect declares the topology again and consumes every queue anew."""
+        if self._stopping:
+            return
+        queue = next((q.name for q, tag in self._subscriptions if tag == frame.consumer_tag), None)
+        log.warning("consumer_cancelled_by_broker", queue=queue, action="reconnecting")
+        self.link.restart()
+
     def _callback(self, consumer: ConsumerConfig, event: str):
         async def on_message(message: AbstractIncomingMessage) -> None:
+            if self._stopping:  # shutting down: leave it unacked, the broker gives it to another worker
+                return
             task = asyncio.create_task(self._process(consumer, event, message))
             self._tasks.add(task)
             task.add_done_callback(self._tasks.discard)
@@ -88,15 +104,18 @@ class Worker:
             IN_FLIGHT.labels(consumer.name).inc()
             try:
                 await self._handle(consumer, name, message)
+            except Exception as exc:  # a bug of ours: say so; the message stays unacked and comes back
+                log.error("worker_error", consumer=consumer.name, _event=name, error=describe_error(exc), exc_info=exc)
             finally:
                 IN_FLIGHT.labels(consumer.name).dec()
 
     async def _handle(self, consumer: ConsumerConfig, name: str, message: AbstractIncomingMessage) -> None:
         attempt = attempt_of(message.headers)
-        fields = {"consumer": consumer.name, "_event": name, "message_id": message.message_id, "attempt": attempt}
+        fields = {"consumer": consumer.name, "_event": name, "message_id": id_of(message.message_id, message.body),
+                  "attempt": attempt}
         started = time.perf_counter()
         try:
-            event = _event(name, message, attempt)
+            event = _event(name, message, attempt, fields["message_id"])
             fields["call_uuid"] = event.call_uuid
             await self.handlers[consumer.name](event)
         except Exception as exc:
@@ -108,75 +127,89 @@ class Worker:
             return
         duration = time.perf_counter() - started
         DURATION.labels(consumer.name, name).observe(duration)
-        await message.ack()
-        HANDLED.labels(consumer.name, name).inc()
-        log.info("handled", duration_ms=round(duration * 1000, 2), **fields)
+        fields["duration_ms"] = round(duration * 1000, 2)
+        if await self._ack(message, fields):
+            HANDLED.labels(consumer.name, name).inc()
+            log.info("handled", **fields)
 
     async def _fail(self, consumer, name, message, attempt, exc, fields) -> None:
+        if _channel_gone(message):  # nothing to replace: the broker has put the message back already
+            log.warning("delivery_channel_gone", outcome="failed", action="redelivered by the broker", **fields)
+            return
         delay = None if isinstance(exc, PermanentError) else next_delay(consumer.retry, attempt)
+        if delay is not None:
+            exchange, key = delay_exchange(self.config.broker.exchange), retry_routing_key(consumer.name, delay, name)
+            headers = retry_headers(message.headers, attempt)
+        else:
+            exchange, key = "", dead_letter_queue(consumer.name, name)
+            headers = dead_letter_headers(message.headers, attempt=attempt, exc=exc,
+                                          queue=consumer_queue(consumer.name, name), consumer=consumer.name)
         try:
-            if delay is not None:
-                await self._publish(
-                    message,
-                    delay_exchange(self.config.broker.exchange),
-                    retry_routing_key(consumer.name, delay, name),
-                    retry_headers(message.headers, attempt),
-                )
-            else:
-                headers = dead_letter_headers(
-                    message.headers, attempt=attempt, exc=exc, queue=consumer_queue(consumer.name, name), consumer=consumer.name
-                )
-                await self._publish(message, "", dead_letter_queue(consumer.name, name), headers)
-        except Exception as publish_error:
-            # Not confirmed: keep the original. Requeue it now if the channel still works; if it
-            # does not, the broker requeues it when the channel closes.
-            log.error("replacement_publish_failed", publish_error=describe_error(publish_error), **fields)
+            publisher = self._publisher
+            if publisher is None:
+                raise PublishFailed("no publish channel (broker connection lost)")
+            await publisher.publish(message.body, exchange, key, republish_properties(message, headers))
+        except PublishFailed as publish_error:
+            # Not stored: keep the original. Requeue it now if its channel still works; if it does
+            # not, the broker requeues it when the channel closes.
+            log.error("replacement_publish_failed", publish_error=str(publish_error), **fields)
             try:
                 await message.nack(requeue=True)
             except Exception:
                 pass
             return
-        await message.ack()  # only now: its replacement is confirmed
+        if not await self._ack(message, fields):  # stored twice now; the handler sees it again (dedupe on id)
+            return
         if delay is not None:
             log.warning("retry_scheduled", retry_in_ms=round(delay * 1000), **fields)
         else:
             DEAD_LETTERED.labels(consumer.name, name).inc()
-            log.error("dead_lettered", queue=dead_letter_queue(consumer.name, name), **fields)
+            log.error("dead_lettered", queue=key, **fields)
 
-    async def _publish(self, message: AbstractIncomingMessage, exchange: str, routing_key: str, headers: dict) -> None:
-        channel = self._publisher
-        if channel is None or channel.is_closed:
-            raise PublishFailed("no publish channel (broker connection lost)")
-        # mandatory: a missing queue must not swallow the message; the timeout bounds a publish on a
-        # dead connection, which could otherwise wait forever (aio-pika issue 636).
-        confirm = await channel.basic_publish(
-            message.body,
-            exchange=exchange,
-            routing_key=routing_key,
-            properties=republish_properties(message, headers),
-            mandatory=True,
-            timeout=self.config.broker.publish_timeout,
-        )
-        if not isinstance(confirm, Basic.Ack):
-            raise PublishFailed(f"broker did not store it ({type(confirm).__name__}) at {exchange!r}/{routing_key!r}")
+    async def _ack(self, message: AbstractIncomingMessage, fields: dict) -> bool:
+        """Ack on the delivery's own channel; False (logged) when that channel is gone."""
+        if not _channel_gone(message):
+            try:
+                await message.ack()
+                return True
+            except Exception:
+                pass
+        log.warning("delivery_channel_gone", outcome="not acked", action="redelivered by the broker", **fields)
+        return False
 
     async def drain(self, grace: float) -> None:
-        """Stop taking new messages; let in-flight handlers finish (acked) for up to `grace` seconds."""
-        for queue, tag in self._subscriptions:
-            try:
-                await queue.cancel(tag)
-            except Exception:  # the channel may be gone already: nothing more will come from it
-                pass
+        """Stop taking new messages; let in-flight handlers finish (acked) for up to `grace` seconds.
+        Every wait is bounded: a broker that does not answer (a resource alarm) cannot hold SIGTERM."""
+        self._stopping = True
+        cancels = [asyncio.ensure_future(queue.cancel(tag)) for queue, tag in self._subscriptions]
+        for cancel in cancels:  # a channel may be gone already, or blocked: nothing more is taken from it either way
+            cancel.add_done_callback(_retrieve)
+        if cancels:
+            await asyncio.wait(cancels, timeout=min(grace, CANCEL_TIMEOUT))
         if self._tasks:
             log.info("draining", in_flight=len(self._tasks), grace_period_s=grace)
             done, pending = await asyncio.wait(set(self._tasks), timeout=grace)
             for task in pending:  # unacked: the broker redelivers them
                 task.cancel()
             if pending:
+                await asyncio.wait(pending, timeout=1)
                 log.warning("grace_period_over", abandoned=len(pending))
 
 
-def _event(name: str, message: AbstractIncomingMessage, attempt: int) -> Event:
+def _channel_gone(message: AbstractIncomingMessage) -> bool:
+    try:
+        return message.channel.is_closed
+    except aio_pika.exceptions.ChannelInvalidStateError:  # aio-pika raises for a closed channel
+        return True
+
+
+def _retrieve(future: asyncio.Future) -> None:
+    """Consume a background future's outcome, so an expected failure is not reported as unretrieved."""
+    if not future.cancelled():
+        future.exception()
+
+
+def _event(name: str, message: AbstractIncomingMessage, attempt: int, mid: str) -> Event:
     try:
         payload = orjson.loads(message.body)
         data = payload["data"]
@@ -185,22 +218,27 @@ def _event(name: str, message: AbstractIncomingMessage, attempt: int) -> Event:
     except Exception as exc:
         raise PermanentError(f"body is not a webhook object with a data object: {exc}") from None
     headers = dict(message.headers or {})
-    received = headers.get("x-hipcall-received-at")
+    received = headers.get(RECEIVED_AT)
     try:
         received_at = datetime.fromisoformat(received) if isinstance(received, str) else message.timestamp
     except ValueError:
         received_at = message.timestamp
-    return Event(name=name, data=data, id=message.message_id or "", attempt=attempt, received_at=received_at,
-                 body=message.body, headers=headers)
+    return Event(name=name, data=data, id=mid, attempt=attempt, received_at=received_at, body=message.body,
+                 headers=headers)
 
 
 async def work(config: Config, consumers: Sequence[ConsumerConfig], metrics_port: int = 0) -> None:
     """Start-up and shutdown of a worker process, top to bottom."""
     handlers = {c.name: load_handler(c) for c in consumers}  # import errors stop start-up here
+    if metrics_port:
+        host = config.worker.metrics_host
+        try:
+            start_http_server(metrics_port, addr=host)
+        except OSError as exc:
+            raise StartupError(f"cannot serve worker metrics on {host}:{metrics_port} "
+                               f"(worker.metrics_port or --metrics-port): {exc.strerror}") from None
     for handler in handlers.values():
         await handler.start()
-    if metrics_port:
-        start_http_server(metrics_port, addr=config.http.host)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -213,5 +251,8 @@ async def work(config: Config, consumers: Sequence[ConsumerConfig], metrics_port
             await worker.drain(config.worker.grace_period)
     finally:
         for handler in handlers.values():
-            await handler.close()
+            if handler.busy:  # its thread still runs the handler: closing under it could break it mid-write
+                log.warning("handler_not_closed", consumer=handler.consumer.name, still_running=handler.busy)
+            else:
+                await handler.close()
     log.info("stopped")
