@@ -101,16 +101,20 @@ def cmd_run(config: Config, args: argparse.Namespace) -> int:
     signal.signal(signal.SIGTERM, stop)
     signal.signal(signal.SIGINT, stop)
     # When either child ends on its own, stop the other: a half-running pipeline is worse than none.
-    codes = []
+    failed = []
     while children:
         for child in list(children):
             try:
-                codes.append(child.wait(timeout=0.2))
+                code = child.wait(timeout=0.2)
             except subprocess.TimeoutExpired:
                 continue
             children.remove(child)
+            if code != 0:  # a negative code is a signal: -9 is kill -9
+                failed.append(code)
+                what = f"was killed by signal {-code}" if code < 0 else f"exited with {code}"
+                print(f"hipcall-ingest run: `{' '.join(child.args[3:4])}` {what}; stopping the rest", file=sys.stderr)
             stop(signal.SIGTERM, None)
-    return max(codes, default=0)
+    return 1 if failed else 0
 
 
 def cmd_status(config: Config, args: argparse.Namespace) -> int:
@@ -157,9 +161,19 @@ def cmd_tail(config: Config, args: argparse.Namespace) -> int:
 def _emit(args: argparse.Namespace, data, render: Callable[[], None]) -> None:
     """--json prints the data; otherwise `render` prints it for humans."""
     if getattr(args, "json", False):
-        print(json.dumps(data, indent=2, default=str))
+        print(_json(data))
     else:
         render()
+
+
+def _json(data: Any, indent: bool = True) -> str:
+    """JSON for output; a value nested too deep to encode (a hostile payload) is printed as text."""
+    import orjson
+
+    try:
+        return orjson.dumps(data, default=str, option=orjson.OPT_INDENT_2 if indent else 0).decode()
+    except orjson.JSONEncodeError:
+        return json.dumps("(nested too deeply to print as JSON)")
 
 
 def cmd_dlq(config: Config, args: argparse.Namespace) -> int:
@@ -177,16 +191,20 @@ def cmd_dlq(config: Config, args: argparse.Namespace) -> int:
 
     if args.action == "list":
         async def list_all(connection):
-            result = []
+            rows, cut = [], []
             for queue in dlq.dead_letter_queues(config):
+                stats = dlq.Stats()
                 try:
-                    async with dlq.reading(connection, queue.name) as letters:
-                        result.append({"queue": queue.name, **dlq.stats(letters)})
-                except Exception:  # the queue was never declared: say so, keep going
-                    result.append({"queue": queue.name, "messages": None, "oldest_failure": None, "top_errors": []})
-            return result
+                    swept = await dlq.sweep(connection, config, queue, lambda letter: stats.add(letter))
+                except dlq.QueueMissing:  # never declared: say so, keep going
+                    rows.append({"queue": queue.name, "messages": None, "oldest_failure": None, "top_errors": []})
+                    continue
+                rows.append({"queue": queue.name, **stats.as_dict(), "complete": not swept.cut_short})
+                if swept.cut_short:
+                    cut.append(swept)
+            return rows, cut
 
-        rows = on_broker(list_all)
+        rows, cut = on_broker(list_all)
 
         def render() -> None:
             print(f"{'DEAD-LETTER QUEUE':<32} {'MSGS':>6}  {'OLDEST FAILURE':<20} TOP ERROR")
@@ -196,37 +214,23 @@ def cmd_dlq(config: Config, args: argparse.Namespace) -> int:
                 print(f"{row['queue'][:32]:<32} {count:>6}  {(row['oldest_failure'] or '-')[:19]:<20} {top[:18]}")
 
         _emit(args, rows, render)
-        return 0
+        for swept in cut:
+            print(f"hipcall-ingest: {swept.queue}: read {swept.seen} of {swept.total} letters (another reader held "
+                  f"the rest); its figures are incomplete", file=sys.stderr)
+        return 1 if cut else 0
 
     queue = dlq.find_dlq(config, args.queue)
     if args.action == "show":
-        async def show(connection):
-            async with dlq.reading(connection, queue.name) as letters:
-                chosen = [l for l in letters if l.matches(args.event, None, args.grep)][: args.limit]
-                return [{**l.summary(), **({"body": l.payload_or_text} if args.body else {})} for l in chosen]
-
-        letters = on_broker(show)
-
-        def render() -> None:
-            print(f"{queue.name}: {len(letters)} shown")
-            for letter in letters:
-                print(f"- {letter['message_id']}  {letter['event'] or '?'}  attempts={letter['attempts']}  "
-                      f"failed {letter['failed_at']}")
-                if letter["call_uuid"]:
-                    print(f"  call {letter['call_uuid']}")
-                print(f"  {letter['kind']}: {letter['error'][:200]}")
-                if args.body:
-                    print("  " + json.dumps(letter["body"], indent=2, ensure_ascii=False).replace("\n", "\n  "))
-
-        _emit(args, letters, render)
-        return 0
+        return _show(config, args, queue, on_broker)
     if args.action == "replay":
         def progress(n: int) -> None:
             print(f"  {n} moved...", file=sys.stderr, flush=True)
 
-        moved = on_broker(lambda c: dlq.replay(c, config, queue, limit=args.limit, events=args.event, ids=args.id,
+        swept = on_broker(lambda c: dlq.replay(c, config, queue, limit=args.limit, events=args.event, ids=args.id,
                                                progress=progress))
-        print(f"replayed {moved} from {queue.name} to {queue.name.removesuffix('.dlq')}")
+        print(f"replayed {swept.moved} from {queue.name} to {queue.name.removesuffix('.dlq')} "
+              f"({swept.seen} of {swept.total} letters examined)")
+        swept.check()
         return 0
     if args.action == "purge":
         if not args.yes:
@@ -236,14 +240,8 @@ def cmd_dlq(config: Config, args: argparse.Namespace) -> int:
         print(f"deleted {on_broker(lambda c: dlq.purge(c, queue))} dead letters from {queue.name}")
         return 0
     if args.action == "export":
-        async def export(connection):
-            async with dlq.reading(connection, queue.name) as letters:
-                with open(args.file, "wb") as out:
-                    for letter in letters:
-                        out.write(dlq.export_line(letter))
-                return len(letters)
-
-        print(f"exported {on_broker(export)} dead letters from {queue.name} to {args.file}")
+        print(f"exported {on_broker(lambda c: dlq.export(c, config, queue, args.file))} dead letters "
+              f"from {queue.name} to {args.file}")
         return 0
     try:  # import
         with open(args.file, "rb") as f:
@@ -251,6 +249,44 @@ def cmd_dlq(config: Config, args: argparse.Namespace) -> int:
     except OSError as exc:
         raise UsageError(f"cannot read {args.file}: {exc.strerror}") from None
     print(f"imported {on_broker(lambda c: dlq.import_lines(c, config, queue, lines))} dead letters into {queue.name}")
+    return 0
+
+
+def _show(config: Config, args: argparse.Namespace, queue, on_broker) -> int:
+    """Prints each chosen letter as the sweep reads it: nothing is held, whatever the DLQ's size."""
+    from workers import dlq
+
+    shown = 0
+    if args.json:
+        print("[", end="")
+    else:
+        print(f"{queue.name}:")
+
+    def choose(letter: dlq.Letter) -> None:
+        nonlocal shown
+        if (args.limit is not None and shown >= args.limit) or not letter.matches(args.event, None, args.grep):
+            return None
+        summary = letter.summary()
+        if args.json:
+            item = {**summary, **({"body": letter.payload_or_text} if args.body else {})}
+            print(("," if shown else "") + "\n" + _json(item, indent=False), end="")
+        else:
+            print(f"- {summary['message_id']}  {summary['event'] or '?'}  attempts={summary['attempts'] or '?'}  "
+                  f"failed {summary['failed_at']}")
+            if summary["call_uuid"]:
+                print(f"  call {summary['call_uuid']}")
+            print(f"  {summary['kind']}: {summary['error'][:300]}")
+            if args.body:
+                print("  " + _json(letter.payload_or_text).replace("\n", "\n  "))
+        shown += 1
+        return None
+
+    filtered = bool(args.event or args.grep)
+    prefetch = dlq.PREFETCH if filtered or args.limit is None else max(1, min(args.limit, dlq.PREFETCH))
+    swept = on_broker(lambda c: dlq.sweep(c, config, queue, choose, prefetch=prefetch,
+                                          enough=lambda: args.limit is not None and shown >= args.limit))
+    print("\n]" if args.json else f"{shown} shown ({swept.seen} of {swept.total} letters read)")
+    swept.check()
     return 0
 
 
@@ -283,6 +319,12 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _positive(text: str) -> int:
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"expected a whole number of at least 1, got {text!r}")
+    return int(text)
+
+
 def _dlq_arguments(parser: argparse.ArgumentParser) -> None:
     # --config and --json are accepted after the action too: `dlq show QUEUE --config FILE`
     common = argparse.ArgumentParser(add_help=False)
@@ -298,7 +340,7 @@ def _dlq_arguments(parser: argparse.ArgumentParser) -> None:
     for sub in (show, replay, purge, export):
         sub.add_argument("queue", metavar="QUEUE")
     for sub in (show, replay):
-        sub.add_argument("--limit", type=int, metavar="N")
+        sub.add_argument("--limit", type=_positive, metavar="N")
         sub.add_argument("--event", action="append", metavar="E")
     show.add_argument("--grep", metavar="TEXT", help="only letters whose body or error contains TEXT")
     show.add_argument("--body", action="store_true", help="print the payload too")

@@ -1,15 +1,20 @@
 """Operators' tools against a real RabbitMQ: dlq list/show/replay/purge/export/import, status, tail."""
 
 import asyncio
+import decimal
 import json
 import signal
 import subprocess
 import sys
 import time
+from datetime import datetime, timezone
 
 import aio_pika
+import pytest
 
 from conftest import ROOT, payload, post_webhook, wait_until
+from ingest.config import load_config
+from workers import dlq
 
 CRM = '[consumers.crm]\nevents = ["call_hangup", "deal_create"]\nhandler = "handlers:Scripted"\n[consumers.crm.options]\nmode = "permanent"\nrecord = "{record}"\n'
 
@@ -100,8 +105,8 @@ def test_export_then_import_round_trips_byte_for_byte(launch, broker, tmp_path):
     assert [m.body for m in after] == [m.body for m in before]
     assert [m.message_id for m in after] == [m.message_id for m in before]
     assert [m.content_type for m in after] == [m.content_type for m in before]
-    # x-delivery-count is RabbitMQ's count of redeliveries from this queue (the export's read raised it)
-    own = lambda headers: {k: v for k, v in headers.items() if k != "x-delivery-count"}  # noqa: E731
+    # bookkeeping, not the letter: RabbitMQ's redelivery count in this queue, and the export's read mark
+    own = lambda headers: {k: v for k, v in headers.items() if k not in ("x-delivery-count", "x-hipcall-sweep")}  # noqa: E731
     assert [own(m.headers) for m in after] == [own(m.headers) for m in before]
     assert before[0].headers["x-hipcall-error-type"] == "PermanentError"
 
@@ -203,3 +208,188 @@ def test_tail_prints_each_webhook_and_leaves_nothing_behind(launch, broker, tmp_
     tail.send_signal(signal.SIGINT)
     assert tail.wait(timeout=20) == 0
     wait_until(lambda: broker.count(queue) is None, what="tail queue gone")
+
+
+def _empty_config(broker, tmp_path, text=""):
+    path = tmp_path / "c.toml"
+    path.write_text(text)
+    assert cli(broker, path, "topology").returncode == 0
+    return path
+
+
+def test_replay_of_two_letters_with_one_id_into_a_deleted_queue_keeps_both(broker, tmp_path):
+    path = _empty_config(broker, tmp_path)
+    broker.publish("", "hipcall.call_hangup.dlq", payload("call_hangup"), message_id="one-id", copies=2)
+    broker.delete_queue("hipcall.call_hangup")
+    done = cli(broker, path, "dlq", "replay", "hipcall.call_hangup.dlq")
+    assert done.returncode == 1 and "returned" in done.stderr and "Traceback" not in done.stderr
+    wait_until(lambda: broker.count("hipcall.call_hangup.dlq") == 2, what="both letters still in the DLQ")
+
+
+def test_tail_observes_without_taking_the_unrouted_path_away(launch, broker, tmp_path):
+    ingress = launch("serve", broker, "", wait="/readyz")
+    env = {"HIPCALL_AMQP_URL": broker.url, "PATH": "/usr/bin:/bin"}
+    tail = subprocess.Popen([sys.executable, "-m", "ingest", "tail"], cwd=ROOT, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        assert "through" in tail.stderr.readline()
+        status, _, answer = post_webhook(ingress, b'{"event": "contact_delete", "data": {"id": 1}}')
+        assert status == 202
+        assert "contact_delete" in tail.stdout.readline()
+        [kept] = broker.take("hipcall.unrouted", expect=1)  # still kept while tail runs
+        assert kept.message_id == answer["id"]
+    finally:
+        tail.send_signal(signal.SIGINT)
+        assert tail.wait(timeout=20) == 0
+
+
+def test_reading_a_dlq_any_number_of_times_under_a_delivery_limit_policy_loses_nothing(launch, broker, tmp_path):
+    """RabbitMQ 4.x gives every quorum queue a delivery limit of 20; a policy sets one here on 3.10."""
+    path, ids = make_dead_letters(launch, broker, tmp_path)
+    broker.ctl("set_policy", "-p", "{vhost}", "dlq-limit", r"\.dlq$", '{"delivery-limit": 2}', "--apply-to", "queues")
+    time.sleep(1)  # policies apply asynchronously
+    for _ in range(4):
+        assert cli(broker, path, "dlq", "show", "crm.call_hangup.dlq").returncode == 0
+        assert cli(broker, path, "dlq", "show", "crm.call_hangup.dlq", "--limit", "1").returncode == 0
+    assert cli(broker, path, "dlq", "list").returncode == 0
+    assert cli(broker, path, "dlq", "export", "crm.call_hangup.dlq", str(tmp_path / "x.jsonl")).returncode == 0
+    assert cli(broker, path, "dlq", "replay", "crm.call_hangup.dlq", "--event", "deal_create").returncode == 0
+    wait_until(lambda: broker.count("crm.call_hangup.dlq") == 3, what="the three letters")
+    letters = broker.take("crm.call_hangup.dlq", expect=3)
+    assert sorted(m.message_id for m in letters) == sorted(ids)
+    assert [m.headers.get("x-delivery-count", 0) for m in letters] == [0, 0, 0]  # no read counted as a delivery
+
+
+def test_replay_by_id_and_by_event_finds_letters_past_the_first_thousand(broker, tmp_path):
+    path = _empty_config(broker, tmp_path)
+    _publish_letters(broker.url, 1500)
+    broker.publish("", "hipcall.call_hangup.dlq", payload("deal_create"), message_id="the-deal")
+    wait_until(lambda: broker.count("hipcall.call_hangup.dlq") == 1501, what="1501 letters")
+    done = cli(broker, path, "dlq", "replay", "hipcall.call_hangup.dlq", "--id", "id-01400")
+    assert done.returncode == 0 and "replayed 1 from hipcall.call_hangup.dlq to hipcall.call_hangup (1501 of 1501" in done.stdout, done.stdout + done.stderr
+    wait_until(lambda: broker.count("hipcall.call_hangup.dlq") == 1500, what="1500 letters left")
+    done = cli(broker, path, "dlq", "replay", "hipcall.call_hangup.dlq", "--event", "deal_create")
+    assert done.returncode == 0 and "replayed 1 " in done.stdout, done.stdout + done.stderr
+    assert sorted(m.message_id for m in broker.take("hipcall.call_hangup", expect=2)) == ["id-01400", "the-deal"]
+    wait_until(lambda: broker.count("hipcall.call_hangup.dlq") == 1499, what="the other letters kept")
+    # a full read keeps the order
+    assert [m.message_id for m in broker.take("hipcall.call_hangup.dlq")][:3] == ["id-00000", "id-00001", "id-00002"]
+
+
+def _peak_rss_mib(broker, path, *args) -> tuple[subprocess.CompletedProcess, float]:
+    code = ("import resource, runpy, sys\n"
+            f"sys.argv = ['hipcall-ingest', *{list(args)!r}, '--config', {str(path)!r}]\n"
+            "try:\n    runpy.run_module('ingest', run_name='__main__')\n"
+            "finally:\n    print('RSS', resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, file=sys.stderr)\n")
+    env = {"HIPCALL_AMQP_URL": broker.url, "PATH": "/usr/bin:/bin"}
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, env=env, timeout=120)
+    rss = int(done.stderr.rsplit("RSS ", 1)[1].split()[0]) / 1024
+    return done, rss
+
+
+def test_show_limit_and_export_do_not_hold_a_large_dlq_in_memory(broker, tmp_path):
+    path = _empty_config(broker, tmp_path)
+    big = b'{"event": "call_hangup", "data": {"pad": "' + b"x" * 100_000 + b'"}}'
+    broker.publish("", "hipcall.call_hangup.dlq", big, copies=1000)
+    done, baseline = _peak_rss_mib(broker, path, "status")
+    done, shown = _peak_rss_mib(broker, path, "dlq", "show", "hipcall.call_hangup.dlq", "--limit", "1")
+    assert done.returncode == 0 and "1 shown" in done.stdout
+    assert shown - baseline < 30, (baseline, shown)  # the 100 MB of letters are never held at once
+    done, exported = _peak_rss_mib(broker, path, "dlq", "export", "hipcall.call_hangup.dlq", str(tmp_path / "e.jsonl"))
+    assert done.returncode == 0 and "exported 1000" in done.stdout
+    assert exported - baseline < 80, (baseline, exported)
+    wait_until(lambda: broker.count("hipcall.call_hangup.dlq") == 1000, what="all letters kept")
+
+
+def test_a_read_that_another_reader_cuts_short_says_so(broker, tmp_path):
+    path = _empty_config(broker, tmp_path)
+    config = load_config(path, {"HIPCALL_AMQP_URL": broker.url})
+    _publish_letters(broker.url, 50)
+    queue = dlq.find_dlq(config, "hipcall.call_hangup.dlq")
+
+    async def main():
+        connection = await aio_pika.connect(broker.url)
+        async with connection:
+            thief = await connection.channel()
+            stolen = []
+
+            async def steal():  # another reader removes letters while the sweep runs
+                source = await thief.declare_queue(queue.name, passive=True)
+                for _ in range(10):
+                    message = await source.get(fail=False)
+                    if message:
+                        await message.ack()
+                        stolen.append(message)
+
+            tasks = []
+            swept = await dlq.sweep(connection, config, queue,
+                                    lambda letter: tasks.append(asyncio.ensure_future(steal())) if not tasks else None,
+                                    prefetch=1)
+            await asyncio.gather(*tasks)
+            return swept, len(stolen)
+
+    swept, stolen = asyncio.run(main())
+    assert stolen and swept.cut_short and swept.seen < 50
+    with pytest.raises(dlq.CutShort, match=f"read {swept.seen} of the 50 letters"):
+        swept.check()
+    wait_until(lambda: broker.count(queue.name) == 50 - stolen, what="every letter not stolen still there")
+
+
+def test_export_and_import_round_trip_every_header_type(broker, tmp_path):
+    path = _empty_config(broker, tmp_path)
+    headers = {"x-bytes": bytearray(b"\x00\xffraw"), "x-decimal": decimal.Decimal("12.50"), "x-float": 1.5, "x-bool": True,
+               "x-int": 7, "x-none": None, "x-time": datetime(2026, 1, 2, 3, 4, 5, tzinfo=timezone.utc),
+               "x-list": [1, "two", bytearray(b"3")], "x-table": {"nested": decimal.Decimal("0.1")},
+               "x-hipcall-error": "E: x", "x-hipcall-error-type": "E", "x-hipcall-attempts": 1}
+    broker.publish("", "hipcall.call_hangup.dlq", payload("call_hangup"), headers=headers)
+    out = tmp_path / "letters.jsonl"
+    done = cli(broker, path, "dlq", "export", "hipcall.call_hangup.dlq", str(out))
+    assert done.returncode == 0 and "exported 1" in done.stdout, done.stderr
+    [before] = broker.take("hipcall.call_hangup.dlq", expect=1)
+    assert cli(broker, path, "dlq", "import", str(out), "hipcall.call_hangup.dlq").returncode == 0
+    [after] = broker.take("hipcall.call_hangup.dlq", expect=1)
+    own = lambda h: {k: v for k, v in h.items() if k not in ("x-delivery-count", "x-hipcall-sweep")}  # noqa: E731
+    assert own(after.headers) == own(before.headers)
+    assert after.headers["x-decimal"] == decimal.Decimal("12.50") and after.headers["x-bytes"] == b"\x00\xffraw"
+
+
+def test_a_failed_export_leaves_no_file_behind(broker, tmp_path):
+    path = tmp_path / "c.toml"  # a consumer whose queues were never declared: the read fails
+    path.write_text('[consumers.crm]\nevents = ["call_hangup"]\nhandler = "x:y"\n')
+    out = tmp_path / "letters.jsonl"
+    done = cli(broker, path, "dlq", "export", "crm.call_hangup.dlq", str(out))
+    assert done.returncode == 1 and "Traceback" not in done.stderr
+    assert list(tmp_path.glob("letters.jsonl*")) == []
+
+
+def test_show_body_of_a_letter_nested_1000_deep_is_a_clear_line(broker, tmp_path):
+    path = _empty_config(broker, tmp_path)
+    deep = b'{"event": "call_hangup", "data": {"x": ' + b"[" * 1000 + b"]" * 1000 + b"}}"
+    broker.publish("", "hipcall.call_hangup.dlq", deep, headers={"x-hipcall-error": "E: x", "x-hipcall-error-type": "E"})
+    for extra in ((), ("--json",)):
+        done = cli(broker, path, "dlq", "show", "hipcall.call_hangup.dlq", "--body", *extra)
+        assert done.returncode == 0 and "Traceback" not in done.stderr, done.stderr
+        assert "nested too deeply" in done.stdout
+
+
+def test_a_poison_letter_shows_its_real_delivery_count_and_a_foreign_reject_is_described_as_such(broker, tmp_path):
+    path = _empty_config(broker, tmp_path, "[retry]\ndelivery_limit = 2\n")
+
+    async def main():  # the broker dead-letters: once past the delivery limit, once for a foreign reject
+        connection = await aio_pika.connect(broker.url)
+        async with connection:
+            channel = await connection.channel()
+            queue = await channel.declare_queue("hipcall.call_hangup", passive=True)
+            await channel.default_exchange.publish(aio_pika.Message(payload("call_hangup"), message_id="poison"), queue.name)
+            while (message := await queue.get(fail=False)) is not None:
+                await message.nack(requeue=True)  # a worker crashing on it, three times
+            await channel.default_exchange.publish(aio_pika.Message(payload("call_hangup"), message_id="rejected"), queue.name)
+            message = await queue.get()
+            await message.reject(requeue=False)  # what FastStream's reject() does
+
+    asyncio.run(main())
+    wait_until(lambda: broker.count("hipcall.call_hangup.dlq") == 2, what="two broker dead letters")
+    letters = {l["message_id"]: l for l in json.loads(cli(broker, path, "dlq", "show", "hipcall.call_hangup.dlq", "--json").stdout)}
+    assert letters["poison"]["attempts"] == 3 and "delivered 3 times" in letters["poison"]["error"]
+    assert letters["rejected"]["error_type"] == "broker:rejected" and "rejected by a consumer" in letters["rejected"]["error"]
+    assert "crashed" not in letters["rejected"]["error"]

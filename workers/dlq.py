@@ -1,16 +1,18 @@
 """Dead-letter tools: list, show, replay, purge, export and import the letters in CONSUMER.EVENT.dlq.
 
-Reading is "read and requeue": the letters are consumed without an ack and the channel is closed
-afterwards, so the broker puts every one of them back. A quorum queue delivers returned messages
-before the rest, in their original order, so the queue holds exactly what it held, in the same order.
-The one thing a read changes is RabbitMQ's own `x-delivery-count` header, which it raises on each
-redelivery; export leaves it out and replay drops it. While a read holds letters, a replay running
-at the same time does not see those letters (it moves fewer); nothing can be lost either way,
-because nothing is acked by a read.
-
-Replay and import are at-least-once: a letter is acked (removed) only after the broker confirmed
-its republish. A replay killed half way leaves every letter either still in the DLQ or back in its
-consumer's queue, and at worst (confirmed, not yet acked) in both.
+Every command that takes letters is one `sweep`: a pass over the letters the DLQ held when it began.
+A sweep never hands a letter back to the broker. On a quorum queue every requeue (a nack, or a
+channel closed with letters unacked) counts as a delivery, and at the delivery limit (RabbitMQ 4.x
+gives every quorum queue 20; an operator policy can set one on 3.x) a DLQ, which has no dead-letter
+target, drops the letter. Instead each letter the sweep takes is published again, confirmed, and only
+then acked:
+- kept (list, show, export, and the letters replay does not choose): a copy at the DLQ's tail. After a
+  whole pass the DLQ holds the same letters in the same order; a pass that stops early (`show
+  --limit`) has moved the letters it read to the back.
+- moved (replay): into its consumer's own queue, attempt count reset.
+A sweep killed half way loses nothing: a letter is in the DLQ, or in its new place, or, if its copy
+was confirmed but the letter not yet acked, in both. A copy carries the sweep's id, so a pass that
+meets its own copies (another reader took some letters meanwhile) stops there and says it was cut short.
 """
 
 from __future__ import annotations
@@ -18,11 +20,13 @@ from __future__ import annotations
 import asyncio
 import base64
 import collections
-from collections.abc import AsyncIterator, Callable
-from contextlib import asynccontextmanager
-from dataclasses import dataclass
-from functools import cached_property
+import decimal
+import os
+import secrets
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from datetime import datetime, timezone
+from functools import cached_property
 from typing import Any
 
 import aiormq
@@ -32,12 +36,15 @@ from pamqp.commands import Basic
 
 from ingest.config import Config
 from ingest.errors import HipcallError
+from ingest.message import call_uuid, id_of
+from ingest.publish import Publisher
 from ingest.topology import Queue, plan
 
-from .retry import fresh_headers, own_headers, republish_properties
+from .retry import SWEEP_HEADER, fresh_headers, own_headers, republish_properties
 
 IN_FLIGHT = 500  # republishes awaiting their confirm at once
-IDLE = 2.0  # seconds without a delivery after which a read decides the queue has no more
+PREFETCH = 200  # letters a sweep takes at once (a window): bounds its memory whatever the DLQ's size
+IDLE = 2.0  # seconds without a delivery after which a sweep decides someone else holds the rest
 
 
 class NotADeadLetterQueue(HipcallError):
@@ -56,15 +63,36 @@ def find_dlq(config: Config, name: str) -> Queue:
     raise NotADeadLetterQueue(f"{name!r} is not a dead-letter queue of this configuration (DLQs: {known})")
 
 
+def delivery_limit(config: Config, dlq: Queue) -> int | None:
+    """The delivery limit of the consumer queue whose DLQ this is."""
+    source = dlq.name.removesuffix(".dlq")
+    for queue in plan(config.broker, config.consumers).queues:
+        if queue.name == source:
+            return queue.arguments.get("x-delivery-limit")
+    return None
+
+
+_BROKER_REASONS = {
+    "rejected": "rejected by a consumer that is not hipcall-ingest's worker (basic.reject or nack without requeue)",
+    "expired": "its time to live ran out in {queue}",
+    "maxlen": "{queue} was full",
+}
+
+
 @dataclass(frozen=True)
 class Letter:
     """One dead letter, either kind: ours (x-hipcall-* headers) or the broker's (x-death)."""
 
     message: AbstractIncomingMessage
+    limit: int | None = None  # the source queue's delivery limit, for the broker's delivery_limit letters
 
     @cached_property
     def headers(self) -> dict[str, Any]:
         return dict(self.message.headers or {})
+
+    @property
+    def id(self) -> str:
+        return id_of(self.message.message_id, self.message.body)
 
     @property
     def kind(self) -> str:
@@ -76,18 +104,21 @@ class Letter:
         return deaths[0] if deaths and isinstance(deaths[0], dict) else {}
 
     @property
+    def _reason(self) -> str:
+        return str(self._death.get("reason") or self.headers.get("x-first-death-reason") or "unknown")
+
+    @property
     def event(self) -> str | None:
-        return self._payload.get("event") if isinstance(self._payload.get("event"), str) else None
+        event = self._payload.get("event")
+        return event if isinstance(event, str) else None
 
     @property
     def call_uuid(self) -> str | None:
-        data = self._payload.get("data")
-        uuid = data.get("uuid") if isinstance(data, dict) else None
-        return uuid if isinstance(uuid, str) else None
+        return call_uuid(self._payload)
 
     @cached_property
     def payload_or_text(self) -> Any:
-        """The body parsed, for display; as text when it is not JSON."""
+        """The body parsed, for display; as text when it is not JSON (or nests too deep to parse)."""
         try:
             return orjson.loads(self.message.body)
         except orjson.JSONDecodeError:
@@ -99,22 +130,30 @@ class Letter:
 
     @property
     def attempts(self) -> int | None:
+        """Times a handler had it: our count, or for the broker's delivery limit, the limit plus one."""
         if "x-hipcall-attempts" in self.headers:
             return int(self.headers["x-hipcall-attempts"])
-        count = self._death.get("count")
-        return int(count) if count is not None else None
+        if self.kind == "broker" and self._reason == "delivery_limit" and self.limit is not None:
+            return self.limit + 1
+        return None
 
     @property
     def error_type(self) -> str:
         if self.kind == "worker":
             return str(self.headers.get("x-hipcall-error-type"))
-        return f"broker:{self._death.get('reason', 'unknown')}"
+        return f"broker:{self._reason}"
 
     @property
     def error(self) -> str:
         if self.kind == "worker":
             return str(self.headers.get("x-hipcall-error"))
-        return f"dead-lettered by RabbitMQ ({self._death.get('reason', 'unknown')}, e.g. the worker crashed on it)"
+        queue = self._death.get("queue") or "its queue"
+        if self._reason == "delivery_limit":
+            times = f"{self.attempts} times" if self.attempts else "too often"
+            return (f"dead-lettered by RabbitMQ (delivery_limit): delivered {times} from {queue}, its worker "
+                    f"crashed or lost its connection each time")
+        reason = _BROKER_REASONS.get(self._reason, "dead-lettered by RabbitMQ ({reason})")
+        return reason.format(queue=queue, reason=self._reason)
 
     @property
     def failed_at(self) -> str | None:
@@ -124,166 +163,241 @@ class Letter:
         return time.astimezone(timezone.utc).isoformat() if isinstance(time, datetime) else None
 
     def summary(self) -> dict[str, Any]:
-        return {"message_id": self.message.message_id, "event": self.event, "call_uuid": self.call_uuid,
+        return {"message_id": self.id, "event": self.event, "call_uuid": self.call_uuid,
                 "kind": self.kind, "attempts": self.attempts, "error_type": self.error_type, "error": self.error,
                 "failed_at": self.failed_at}
 
     def matches(self, events: list[str] | None, ids: list[str] | None, grep: str | None) -> bool:
         if events and self.event not in events:
             return False
-        if ids and self.message.message_id not in ids:
+        if ids and self.id not in ids:
             return False
         if grep and grep not in self.message.body.decode("utf-8", "replace") and grep not in self.error:
             return False
         return True
 
 
-@asynccontextmanager
-async def reading(connection: AbstractConnection, queue: str) -> AsyncIterator[list[Letter]]:
-    """Every letter in the queue, unacked; they go back when the block ends."""
-    channel = await connection.channel()
-    try:
-        declared = await channel.declare_queue(queue, passive=True)
-        wanted = declared.declaration_result.message_count or 0
-        letters: list[Letter] = []
-        if wanted:
-            await channel.set_qos(prefetch_count=0)
-            got = asyncio.Event()
-
-            async def on_message(message: AbstractIncomingMessage) -> None:
-                if len(letters) < wanted:
-                    letters.append(Letter(message))
-                if len(letters) >= wanted:
-                    got.set()
-
-            tag = await declared.consume(on_message)
-            await _wait_for(got, lambda: len(letters))
-            await declared.cancel(tag)
-        yield letters
-    finally:
-        if not channel.is_closed:
-            await channel.close()  # never acked: the broker returns every letter to the queue
+class QueueMissing(HipcallError):
+    """The DLQ does not exist on the broker (its consumer's topology was never declared)."""
 
 
-async def _wait_for(done: asyncio.Event, progress: Callable[[], int]) -> None:
-    """Until `done`, or until no new delivery came for IDLE seconds (someone else took the rest)."""
-    seen = -1
-    while not done.is_set():
-        if progress() == seen:
-            return
-        seen = progress()
-        try:
-            await asyncio.wait_for(done.wait(), IDLE)
-        except asyncio.TimeoutError:
-            pass
+class CutShort(HipcallError):
+    """A sweep saw fewer letters than the DLQ held: another reader took the rest meanwhile."""
 
 
-def stats(letters: list[Letter]) -> dict[str, Any]:
-    failed = sorted(l.failed_at for l in letters if l.failed_at)
-    errors = collections.Counter(l.error_type for l in letters).most_common(3)
-    return {"messages": len(letters), "oldest_failure": failed[0] if failed else None,
-            "top_errors": [{"type": t, "count": c} for t, c in errors]}
+@dataclass
+class Swept:
+    """What one pass did."""
+
+    queue: str
+    total: int  # letters in the DLQ when the pass began
+    seen: int = 0
+    moved: int = 0
+    stopped: bool = False  # the caller had enough (a limit), so not every letter was read
+    met_own_copy: bool = False
+
+    @property
+    def cut_short(self) -> bool:
+        return not self.stopped and self.seen < self.total
+
+    def check(self) -> None:
+        if self.cut_short:
+            raise CutShort(f"read {self.seen} of the {self.total} letters in {self.queue}: another reader "
+                           f"(a replay, a worker, a second dlq command) held the rest meanwhile; nothing was "
+                           f"lost, run it again")
 
 
-class Republisher:
-    """Publishes with up to IN_FLIGHT confirms outstanding; `send` returns once its own is confirmed."""
-
-    def __init__(self, channel: aiormq.abc.AbstractChannel, timeout: float) -> None:
-        self._channel = channel
-        self._timeout = timeout
-        self._slots = asyncio.Semaphore(IN_FLIGHT)
-
-    async def send(self, body: bytes, routing_key: str, properties: Basic.Properties) -> None:
-        async with self._slots:
-            confirm = await self._channel.basic_publish(body, exchange="", routing_key=routing_key, properties=properties,
-                                                        mandatory=True, timeout=self._timeout, wait=False)
-        if not isinstance(confirm, Basic.Ack):
-            raise HipcallError(f"the broker did not store a message for {routing_key!r}; it stays where it was")
+Choose = Callable[[Letter], "str | None"]  # a letter -> the queue to move it to, or None to keep it
 
 
-async def replay(connection: AbstractConnection, config: Config, dlq: Queue, *, limit: int | None,
-                 events: list[str] | None, ids: list[str] | None, progress: Callable[[int], None]) -> int:
-    """Move letters back to their consumer's own queue, attempt count reset; returns how many moved."""
-    target = dlq.name.removesuffix(".dlq")
+async def sweep(connection: AbstractConnection, config: Config, dlq: Queue, choose: Choose, *,
+                enough: Callable[[], bool] = lambda: False, prefetch: int = PREFETCH,
+                progress: Callable[[int], None] = lambda moved: None) -> Swept:
+    """One pass over the letters `dlq` holds now; each is kept or moved as `choose` says (see above)."""
+    limit = delivery_limit(config, dlq)
+    mark = secrets.token_hex(8)
     publish_channel = await connection.channel(publisher_confirms=True)
-    republisher = Republisher(await publish_channel.get_underlay_channel(), config.broker.publish_timeout)
+    publisher = Publisher(await publish_channel.get_underlay_channel(), config.broker.publish_timeout, IN_FLIGHT)
     channel = await connection.channel()
-    moved = 0
+    failures: list[BaseException] = []
     try:
-        declared = await channel.declare_queue(dlq.name, passive=True)
-        total = declared.declaration_result.message_count or 0
-        await channel.set_qos(prefetch_count=IN_FLIGHT * 2)
-        tasks: set[asyncio.Task] = set()
-        seen = chosen = 0
-        finished = asyncio.Event()
-        failures: list[BaseException] = []
+        declared = await _passive(channel, dlq.name)
+        result = Swept(dlq.name, declared.declaration_result.message_count or 0)
 
-        async def move(letter: Letter) -> None:
-            nonlocal moved
-            try:
+        async def replace(letter: Letter, target: str | None) -> bool:
+            """Publish what replaces the letter: True once the broker stored it."""
+            if target is None:
+                headers = {**own_headers(letter.headers), SWEEP_HEADER: mark}
+            else:
                 headers = {**fresh_headers(letter.headers), "x-hipcall-replayed-at": datetime.now(timezone.utc).isoformat()}
-                await republisher.send(letter.message.body, target, republish_properties(letter.message, headers))
-                await letter.message.ack()  # only after the confirm
-                moved += 1
-                if moved % 1000 == 0:
-                    progress(moved)
+            try:
+                await publisher.publish(letter.message.body, "", target or dlq.name,
+                                        republish_properties(letter.message, headers))
+                return True
             except Exception as exc:
                 failures.append(exc)
-                finished.set()
+                return False
 
-        async def on_message(message: AbstractIncomingMessage) -> None:
-            nonlocal seen, chosen
-            seen += 1
-            letter = Letter(message)
-            if (limit is None or chosen < limit) and letter.matches(events, ids, None):
-                chosen += 1
-                task = asyncio.create_task(move(letter))
-                tasks.add(task)
-                task.add_done_callback(tasks.discard)
-            # letters not chosen stay unacked and return to the DLQ when the channel closes
-            if seen >= total or (limit is not None and chosen >= limit):
-                finished.set()
+        async def settle(window: list[tuple[Letter, str | None]]) -> None:
+            """Replace every letter of a window, then ack the originals whose replacement is stored.
 
-        if total:
-            tag = await declared.consume(on_message)
-            await _wait_for(finished, lambda: seen)
-            await declared.cancel(tag)
-        if tasks:
-            await asyncio.gather(*tasks)
+            One ack with multiple=True for a whole window: RabbitMQ 3.10's quorum-queue client holds
+            back settles past a few dozen in flight and drops them if the channel closes first, which
+            returned (and counted a delivery for) the tail of the last window when a command exited."""
+            stored = await asyncio.gather(*(replace(letter, target) for letter, target in window))
+            if window and all(stored):
+                await max((letter.message for letter, _ in window), key=lambda m: m.delivery_tag).ack(multiple=True)
+            else:
+                for (letter, _), ok in zip(window, stored):
+                    if ok:
+                        await letter.message.ack()
+            for (letter, target), ok in zip(window, stored):
+                if ok and target is not None:
+                    result.moved += 1
+                    if result.moved % 1000 == 0:
+                        progress(result.moved)
+
+        inbox: asyncio.Queue[AbstractIncomingMessage] = asyncio.Queue()
+
+        async def deliver(message: AbstractIncomingMessage) -> None:
+            inbox.put_nowait(message)
+
+        async def take(window: int) -> list[AbstractIncomingMessage]:
+            """The next `window` letters, or fewer if nothing more comes for IDLE seconds."""
+            taken = []
+            try:
+                while len(taken) < window:
+                    taken.append(await asyncio.wait_for(inbox.get(), IDLE))
+            except TimeoutError:
+                pass
+            return taken
+
+        # Exactly the letters the pass settles are delivered: the prefetch is the window, and before any
+        # letter of a window is acked the consumer is cancelled if the pass is done, or replaced by one
+        # with a smaller prefetch for a last, shorter window (RabbitMQ fixes a consumer's prefetch when
+        # it starts: a later basic.qos does not change it).
+        window = max(1, min(prefetch, result.total))
+        tag = None
+        settling: list[tuple[Letter, str | None]] = []
+        try:
+            if result.total:
+                await channel.set_qos(prefetch_count=window)
+                tag = await declared.consume(deliver)
+            while tag is not None:
+                taken = await take(window)
+                settling = []
+                for message in taken:  # in order: `choose` sees the letters as they stand in the queue
+                    letter = Letter(message, limit)
+                    if letter.headers.get(SWEEP_HEADER) == mark:  # our own copy: every original here was read
+                        result.met_own_copy = True
+                    if result.met_own_copy or result.seen >= result.total or enough():
+                        settling.append((letter, None))  # delivered but not needed: kept (a requeue would count)
+                        continue
+                    result.seen += 1
+                    settling.append((letter, choose(letter)))
+                following = min(prefetch, result.total - result.seen)
+                done = len(taken) < window or result.met_own_copy or not following or enough()
+                if done or following != window:
+                    await asyncio.wait_for(declared.cancel(tag), config.broker.publish_timeout)
+                    tag = None
+                if done:
+                    result.stopped = result.seen < result.total and enough()
+                    if len(taken) < window:  # a delivery may have come after the wait gave up
+                        await asyncio.sleep(0.05)
+                    while not inbox.empty():
+                        settling.append((Letter(inbox.get_nowait(), limit), None))
+                elif tag is None:
+                    window = following
+                    await channel.set_qos(prefetch_count=window)
+                    tag = await declared.consume(deliver)
+                await settle(settling)  # acked only now; the broker then sends the next window
+                if failures:
+                    break
+        except Exception as exc:  # the channel is gone, or the broker does not answer
+            failures.append(exc)  # letters not yet settled go back when the channel closes
         if failures:
-            raise HipcallError(f"replay stopped after {moved} moved: {failures[0]}")
+            raise HipcallError(f"stopped after {result.seen} letters ({result.moved} moved); the rest are still in "
+                               f"{dlq.name}: {failures[0]}")
+        return result
     finally:
         for ch in (channel, publish_channel):
             if not ch.is_closed:
                 await ch.close()
-    return moved
+
+
+@dataclass
+class Stats:
+    """`dlq list`'s figures for one DLQ, gathered letter by letter (nothing held)."""
+
+    messages: int = 0
+    oldest_failure: str | None = None
+    errors: collections.Counter = field(default_factory=collections.Counter)
+
+    def add(self, letter: Letter) -> None:
+        self.messages += 1
+        failed = letter.failed_at
+        if failed and (self.oldest_failure is None or failed < self.oldest_failure):
+            self.oldest_failure = failed
+        self.errors[letter.error_type] += 1
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"messages": self.messages, "oldest_failure": self.oldest_failure,
+                "top_errors": [{"type": t, "count": c} for t, c in self.errors.most_common(3)]}
+
+
+async def replay(connection: AbstractConnection, config: Config, dlq: Queue, *, limit: int | None,
+                 events: list[str] | None, ids: list[str] | None, progress: Callable[[int], None]) -> Swept:
+    """Move the chosen letters back to their consumer's own queue, attempt count reset; keep the rest."""
+    target = dlq.name.removesuffix(".dlq")
+    chosen = 0
+
+    def choose(letter: Letter) -> str | None:
+        nonlocal chosen
+        if (limit is None or chosen < limit) and letter.matches(events, ids, None):
+            chosen += 1
+            return target
+        return None
+
+    # Without a filter, a limit needs only the first `limit` letters; with one, every letter is examined.
+    filtered = bool(events or ids)
+    return await sweep(connection, config, dlq, choose, progress=progress,
+                       enough=lambda: limit is not None and chosen >= limit,
+                       prefetch=PREFETCH if filtered or limit is None else max(1, min(limit, PREFETCH)))
+
+
+async def _passive(channel, name: str):
+    try:
+        return await channel.declare_queue(name, passive=True)
+    except aiormq.exceptions.ChannelNotFoundEntity:
+        raise QueueMissing(f"{name} does not exist on the broker; `hipcall-ingest topology` declares it") from None
 
 
 async def purge(connection: AbstractConnection, dlq: Queue) -> int:
     channel = await connection.channel()
     async with channel:
-        queue = await channel.declare_queue(dlq.name, passive=True)
-        result = await queue.purge()
+        result = await (await _passive(channel, dlq.name)).purge()
         return result.message_count
 
 
 async def count(connection: AbstractConnection, name: str) -> int:
     channel = await connection.channel()
     async with channel:
-        queue = await channel.declare_queue(name, passive=True)
-        return queue.declaration_result.message_count or 0
+        return (await _passive(channel, name)).declaration_result.message_count or 0
 
 
 # --- export / import: JSON lines with the body byte for byte -----------------------------------------
+# AMQP header values are tagged where JSON has no type of their own: bytes, decimals, timestamps.
 
 
 def _to_json(value: Any) -> Any:
     if isinstance(value, datetime):
         return {"$datetime": value.isoformat()}
-    if isinstance(value, bytes):
-        return {"$bytes": base64.b64encode(value).decode()}
+    if isinstance(value, (bytes, bytearray, memoryview)):
+        return {"$bytes": base64.b64encode(bytes(value)).decode()}
+    if isinstance(value, decimal.Decimal):
+        return {"$decimal": str(value)}
     if isinstance(value, dict):
-        return {k: _to_json(v) for k, v in value.items()}
+        return {str(k): _to_json(v) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
         return [_to_json(v) for v in value]
     return value
@@ -294,7 +408,9 @@ def _from_json(value: Any) -> Any:
         if set(value) == {"$datetime"}:
             return datetime.fromisoformat(value["$datetime"])
         if set(value) == {"$bytes"}:
-            return base64.b64decode(value["$bytes"])
+            return bytearray(base64.b64decode(value["$bytes"], validate=True))  # AMQP's byte array
+        if set(value) == {"$decimal"}:
+            return decimal.Decimal(value["$decimal"])
         return {k: _from_json(v) for k, v in value.items()}
     if isinstance(value, list):
         return [_from_json(v) for v in value]
@@ -305,12 +421,34 @@ def export_line(letter: Letter) -> bytes:
     m = letter.message
     return orjson.dumps({
         "body_base64": base64.b64encode(m.body).decode(),
-        # x-delivery-count is the broker's bookkeeping of this queue (a read raises it), not the letter's
+        # x-delivery-count is the broker's bookkeeping of this queue, not the letter's
         "headers": _to_json(own_headers(letter.headers)),
-        "properties": _to_json({"message_id": m.message_id, "content_type": m.content_type,
+        "properties": _to_json({"message_id": letter.id, "content_type": m.content_type,
                                 "content_encoding": m.content_encoding, "timestamp": m.timestamp,
                                 "app_id": m.app_id, "type": m.type, "correlation_id": m.correlation_id}),
     }) + b"\n"
+
+
+async def export(connection: AbstractConnection, config: Config, dlq: Queue, path: str) -> int:
+    """Write every letter to `path` (via a temporary file: a failed export leaves no file behind)."""
+    partial = f"{path}.partial-{os.getpid()}"
+    written = 0
+    try:
+        with open(partial, "wb") as out:
+            def choose(letter: Letter) -> None:
+                nonlocal written
+                out.write(export_line(letter))  # before the letter is settled: a failure leaves it in the DLQ
+                written += 1
+
+            swept = await sweep(connection, config, dlq, choose)
+            swept.check()
+            out.flush()
+            os.fsync(out.fileno())
+        os.replace(partial, path)
+    finally:
+        if os.path.exists(partial):
+            os.unlink(partial)
+    return written
 
 
 def _parse_export_line(number: int, line: bytes) -> tuple[bytes, Basic.Properties]:
@@ -319,11 +457,12 @@ def _parse_export_line(number: int, line: bytes) -> tuple[bytes, Basic.Propertie
         body = base64.b64decode(record["body_base64"], validate=True)
         p = _from_json(record.get("properties", {}))
         properties = Basic.Properties(delivery_mode=2, headers=_from_json(record.get("headers", {})),
-                                      message_id=p.get("message_id"), content_type=p.get("content_type"),
+                                      message_id=p.get("message_id") or id_of(None, body),
+                                      content_type=p.get("content_type"),
                                       content_encoding=p.get("content_encoding"), timestamp=p.get("timestamp"),
                                       app_id=p.get("app_id"), message_type=p.get("type"),
                                       correlation_id=p.get("correlation_id"))
-    except (ValueError, KeyError, TypeError, AttributeError) as exc:
+    except (ValueError, KeyError, TypeError, AttributeError, decimal.InvalidOperation) as exc:
         raise HipcallError(f"line {number}: not a dead letter of `dlq export` ({type(exc).__name__}: {exc})") from None
     return body, properties
 
@@ -333,6 +472,6 @@ async def import_lines(connection: AbstractConnection, config: Config, dlq: Queu
     letters = [_parse_export_line(n, line) for n, line in enumerate(lines, 1) if line.strip()]
     channel = await connection.channel(publisher_confirms=True)
     async with channel:
-        republisher = Republisher(await channel.get_underlay_channel(), config.broker.publish_timeout)
-        await asyncio.gather(*(republisher.send(body, dlq.name, properties) for body, properties in letters))
+        publisher = Publisher(await channel.get_underlay_channel(), config.broker.publish_timeout, IN_FLIGHT)
+        await asyncio.gather(*(publisher.publish(body, "", dlq.name, properties) for body, properties in letters))
     return len(letters)
