@@ -60,6 +60,14 @@ class HttpConfig:
     idle_timeout: float
     body_timeout: float
     max_connections: int
+    answer_timeout: float
+
+
+@dataclass(frozen=True)
+class SpoolConfig:
+    enabled: bool
+    dir: str
+    max_bytes: int
 
 
 @dataclass(frozen=True)
@@ -108,6 +116,7 @@ class ConsumerConfig:
 class Config:
     broker: BrokerConfig
     http: HttpConfig
+    spool: SpoolConfig
     auth: AuthConfig
     logging: LoggingConfig
     retry: RetryConfig
@@ -264,7 +273,9 @@ _SCHEMA: dict[str, dict[str, Callable[[Any], Any]]] = {
         "idle_timeout": _TIMEOUT,
         "body_timeout": _TIMEOUT,
         "max_connections": _integer(1, 1_000_000),
+        "answer_timeout": _duration(0.3, 60),
     },
+    "spool": {"enabled": _boolean, "dir": _nonempty, "max_bytes": _integer(1 << 20, 1 << 50)},
     "auth": {"tokens": _list(_nonempty), "allow_ips": _list(_cidr)},
     "logging": {
         "level": _choice("debug", "info", "warning", "error"),
@@ -363,6 +374,7 @@ def _build(defaults: dict, user: dict, source: str, env: Mapping[str, str]) -> C
     return Config(
         broker=BrokerConfig(**parsed["broker"]),
         http=HttpConfig(**parsed["http"]),
+        spool=SpoolConfig(**parsed["spool"]),
         auth=AuthConfig(**parsed["auth"]),
         logging=LoggingConfig(**parsed["logging"]),
         retry=retry,

@@ -31,9 +31,10 @@ from prometheus_client import CONTENT_TYPE_LATEST, Counter, Gauge, Histogram, ge
 from .broker import BrokerLink, is_blocked
 from .config import Config
 from .errors import PublishFailed, StartupError
-from .message import MAX_DEPTH, call_uuid, message_id, too_deep, webhook_properties
+from .message import MAX_DEPTH, SPOOLED, call_uuid, message_id, too_deep, webhook_properties
 from .names import EVENT_RE, entry_exchange
 from .publish import Publisher
+from .spool import Record, Spool, SpoolFull
 from .topology import declare, plan
 
 log = structlog.get_logger("ingest.http")
@@ -49,6 +50,9 @@ CONNECTIONS_REFUSED = Counter("hipcall_ingest_connections_refused_total", "Conne
 
 RETRY_AFTER = "5"  # seconds a client is asked to wait after a 503
 LINGER = 1.0  # seconds an answered connection may still drain an unread body before it is closed
+SPOOL_RESERVE = 0.25  # of the answer budget, kept for writing to the spool when the broker is slow
+DRAIN_INTERVAL = 0.5  # seconds between looks at the spool while the broker is away
+DRAIN_PAUSE_MAX = 30.0  # longest wait after a failed drain (a queue that returns what we publish)
 
 
 class Ingress:
@@ -58,6 +62,9 @@ class Ingress:
         self.config = config
         self.publisher: Publisher | None = None
         self.link: BrokerLink | None = None
+        self.spool: Spool | None = None
+        # The direct publish gets the answer budget less the time a spool write needs.
+        self._direct_budget = min(config.broker.publish_timeout, max(0.05, config.http.answer_timeout - SPOOL_RESERVE))
         self._exchange = entry_exchange(config.broker.exchange)
         self._tokens = tuple(t.encode() for t in config.auth.tokens)
         self._networks = config.auth.allow_ips
@@ -94,17 +101,44 @@ class Ingress:
         mid = message_id(body)
         request["log"] = {"_event": event, "message_id": mid, "call_uuid": call_uuid(payload)}
         label = event if event in self._known_events else "other"
-        publisher = self.publisher
-        if publisher is None or not publisher.is_open:
-            return self._unavailable(label)
-        started = time.perf_counter()
-        try:
-            properties = webhook_properties(mid, datetime.now(timezone.utc), request.remote or "")
-            await publisher.publish(body, self._exchange, event, properties)
-        except PublishFailed as exc:  # returned, refused, no confirm in time, channel gone: not stored, no 2xx
-            log.warning("publish_failed", _event=event, message_id=mid, error=str(exc))
-            return self._unavailable(label)
-        PUBLISH_SECONDS.observe(time.perf_counter() - started)
+        received = datetime.now(timezone.utc)
+        reason = self.broker_state()
+        if reason is None:
+            started = time.perf_counter()
+            try:
+                async with asyncio.timeout(self._direct_budget):
+                    await self.publisher.publish(body, self._exchange, event,
+                                                 webhook_properties(mid, received, request.remote or ""))
+            except PublishFailed as exc:  # returned, refused, channel gone: not stored
+                reason = str(exc)
+            except TimeoutError:
+                reason = f"no confirm within {self._direct_budget:g}s (the answer budget)"
+            else:
+                PUBLISH_SECONDS.observe(time.perf_counter() - started)
+                return self._accepted(label, mid)
+        if self.spool is not None:  # durable on our disk instead: still a 202, drained later
+            try:
+                await self.spool.append(Record(mid, event, received.isoformat(), request.remote or "", body))
+            except SpoolFull as exc:
+                log.error("spool_full", _event=event, message_id=mid, reason=reason, error=str(exc))
+            else:
+                log.warning("spooled", _event=event, message_id=mid, reason=reason)
+                request["log"]["spooled"] = True
+                return self._accepted(label, mid)
+        else:
+            log.warning("publish_failed", _event=event, message_id=mid, error=reason)
+        return self._unavailable(label)
+
+    def broker_state(self) -> str | None:
+        """None when a publish can be tried now; otherwise why not (then the spool takes it at once)."""
+        connection = self.link.connection if self.link else None
+        if self.publisher is None or not self.publisher.is_open or connection is None:
+            return "no broker connection"
+        if is_blocked(connection):
+            return "the broker blocked the connection (resource alarm)"
+        return None
+
+    def _accepted(self, label: str, mid: str) -> web.Response:
         REQUESTS.labels("202", label).inc()
         return web.Response(
             status=202, body=b'{"status":"accepted","id":"' + mid.encode() + b'"}', content_type="application/json"
@@ -156,12 +190,14 @@ class Ingress:
         return web.json_response({"status": "ok"})
 
     async def readyz(self, request: web.Request) -> web.Response:
-        connection = self.link.connection if self.link else None
-        if self.publisher is None or not self.publisher.is_open or connection is None:
-            return web.json_response({"status": "unavailable", "broker": "down"}, status=503)
-        if is_blocked(connection):  # a resource alarm: publishes wait until it clears
-            return web.json_response({"status": "unavailable", "broker": "blocked"}, status=503)
-        return web.json_response({"status": "ready", "broker": "connected"})
+        """Ready while webhooks get 202: the broker takes them, or the spool has room for them (a load
+        balancer must not drop every replica when the broker goes away)."""
+        reason = self.broker_state()
+        broker = "connected" if reason is None else "blocked" if "blocked" in reason else "down"
+        spool = "off" if self.spool is None else "full" if not self.spool.has_room else "empty" if self.spool.empty else "active"
+        ready = broker == "connected" or spool in ("empty", "active")
+        return web.json_response({"status": "ready" if ready else "unavailable", "broker": broker, "spool": spool},
+                                 status=200 if ready else 503)
 
     async def metrics(self, request: web.Request) -> web.Response:
         response = web.Response(body=generate_latest())
@@ -230,10 +266,44 @@ async def broker_context(app: web.Application) -> AsyncIterator[None]:
         if not up:
             ingress.publisher = None
 
+    async def drain_spool() -> None:
+        """Republish what the spool holds whenever the broker takes webhooks again."""
+        spool = ingress.spool
+        pause = DRAIN_INTERVAL
+        while True:
+            await asyncio.sleep(pause)
+            spool.report()
+            if spool.empty or ingress.broker_state() is not None:
+                pause = DRAIN_INTERVAL
+                continue
+            publisher = ingress.publisher
+
+            async def publish(record: Record) -> None:
+                properties = webhook_properties(record.message_id, datetime.fromisoformat(record.received_at), record.client)
+                properties.headers[SPOOLED] = "true"
+                await publisher.publish(record.body, ingress._exchange, record.event, properties)
+
+            try:
+                await spool.drain(publish)
+            except PublishFailed as exc:  # the broker went away again, or returns it: the segment stays
+                pause = min(pause * 2, DRAIN_PAUSE_MAX)
+                log.warning("spool_drain_paused", error=str(exc), retry_in_s=pause)
+
     link = BrokerLink(config.broker, "hipcall-ingest serve", on_connect, on_state)
     ingress.link = link
-    async with link:
-        yield
+    if config.spool.enabled:
+        ingress.spool = Spool(config.spool.dir, config.spool.max_bytes)
+        ingress.spool.open()
+    drainer = asyncio.create_task(drain_spool()) if ingress.spool else None
+    try:
+        async with link:
+            yield
+    finally:
+        if drainer:
+            drainer.cancel()
+            await asyncio.gather(drainer, return_exceptions=True)
+        if ingress.spool:
+            ingress.spool.close()
 
 
 def build_app(config: Config) -> web.Application:

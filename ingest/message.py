@@ -17,6 +17,7 @@ from pamqp.commands import Basic
 APP_ID = "hipcall-ingest"
 RECEIVED_AT = "x-hipcall-received-at"
 CLIENT = "x-hipcall-client"
+SPOOLED = "x-hipcall-spooled"  # "true" on a webhook that waited in the ingress's disk spool
 MAX_DEPTH = 32  # nesting levels a webhook body may have (Hipcall's own go 3 deep)
 
 

@@ -378,12 +378,17 @@ class Proc:
         return self.process.wait(timeout=timeout)
 
     def wait_http(self, path: str, status: int = 200, timeout: float = 20) -> None:
+        """Until GET path answers `status`; for /readyz 200 also until the broker is connected (the
+        ingress is ready earlier, with the spool taking webhooks)."""
         def check():
             assert self.process.poll() is None, f"process exited:\n{self.output()}"
             try:
-                return http("GET", self.url + path)[0] == status
+                answer, _, body = http("GET", self.url + path)
             except OSError:
                 return False
+            if path == "/readyz" and status == 200:
+                return answer == 200 and json.loads(body).get("broker") == "connected"
+            return answer == status
 
         wait_until(check, timeout=timeout, what=f"GET {path} -> {status}")
 
@@ -440,7 +445,9 @@ def launch(tmp_path):
         config = tmp_path / f"config-{n}.toml"
         config.write_text(config_text)
         port = free_port()
-        proc_env = {**os.environ, "HIPCALL_AMQP_URL": broker.url, "HIPCALL_HTTP_PORT": str(port), **(env or {})}
+        # Each process runs in the test's own directory, so its spool (.spool) is the test's own.
+        proc_env = {**os.environ, "HIPCALL_AMQP_URL": broker.url, "HIPCALL_HTTP_PORT": str(port),
+                    "HIPCALL_TEST_CWD": str(tmp_path), **(env or {})}
         proc_env["PYTHONPATH"] = os.pathsep.join(
             filter(None, [str(tmp_path), str(ROOT), str(ROOT / "tests"), proc_env.get("PYTHONPATH")])
         )

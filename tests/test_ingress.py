@@ -4,13 +4,15 @@ import gzip
 import json
 import signal
 import socket
+import subprocess
+import sys
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
-from conftest import http, payload, post_webhook, raw_http, wait_until
+from conftest import ROOT, http, payload, post_webhook, raw_http, wait_until
 
 SEEDS = ["call_init", "call_hangup", "task_create", "deal_create"]
 
@@ -190,8 +192,9 @@ def test_sigterm_finishes_in_flight_requests_loses_nothing_and_exits_0(ingress, 
     assert set(accepted) <= set(stored)
 
 
-def test_an_unroutable_webhook_is_never_a_2xx(ingress, broker):
+def test_an_unroutable_webhook_is_never_a_2xx_without_a_spool(launch, broker):
     """With the unrouted queue gone nothing stores an unsubscribed event: the broker returns it (mandatory)."""
+    ingress = launch("serve", broker, '[spool]\nenabled = false\n', wait="/readyz")
     broker.delete_queue("hipcall.unrouted")
     status, headers, answer = post_webhook(ingress, b'{"event": "company_create", "data": {"id": 7}}')
     assert status == 503 and headers["Retry-After"]
@@ -199,6 +202,23 @@ def test_an_unroutable_webhook_is_never_a_2xx(ingress, broker):
     assert ingress.stop() == 0
     [failed] = [l for l in ingress.logs() if l.get("msg") == "publish_failed"]
     assert failed["event"] == "company_create" and "returned" in failed["error"]
+
+
+def test_an_unroutable_webhook_waits_in_the_spool_until_a_queue_takes_it(ingress, broker, tmp_path):
+    broker.delete_queue("hipcall.unrouted")
+    status, _, answer = post_webhook(ingress, b'{"event": "company_create", "data": {"id": 7}}')
+    assert status == 202  # on our disk, not lost: the broker returned it
+    time.sleep(1.5)  # a drain or two, returned again
+    assert broker.count("hipcall.unrouted") is None
+    config = tmp_path / "t.toml"
+    config.write_text("")
+    env = {"HIPCALL_AMQP_URL": broker.url, "PATH": "/usr/bin:/bin"}
+    subprocess.run([sys.executable, "-m", "ingest", "topology", "--config", str(config)], env=env, cwd=ROOT, check=True,
+                   capture_output=True)
+    [message] = broker.take("hipcall.unrouted", expect=1, timeout=40)
+    assert message.message_id == answer["id"] and message.headers["x-hipcall-spooled"] == "true"
+    assert ingress.stop() == 0
+    assert any(l.get("msg") == "spooled" and "returned" in l.get("reason", "") for l in ingress.logs())
 
 
 def test_a_token_header_that_is_not_ascii_gets_401(launch, broker):

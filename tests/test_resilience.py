@@ -7,15 +7,19 @@ import sys
 from conftest import ROOT, http, payload, post_webhook, wait_until
 
 
-def test_without_a_broker_webhooks_get_503_and_the_ingress_recovers_on_its_own(launch, node_broker, rabbit_node):
+NO_SPOOL = '[spool]\nenabled = false\n'
+
+
+def test_without_a_broker_and_without_a_spool_webhooks_get_503_and_the_ingress_recovers(launch, node_broker, rabbit_node):
     rabbit_node.stop()
-    proc = launch("serve", node_broker, '[broker]\nreconnect_max = "500ms"\n', wait="/healthz")
+    proc = launch("serve", node_broker, '[broker]\nreconnect_max = "500ms"\n' + NO_SPOOL, wait="/healthz")
     for _ in range(3):  # every one of them, not only the first
         status, headers, answer = post_webhook(proc, payload("call_hangup"))
         assert status == 503
         assert headers["Retry-After"]
         assert "broker" in answer["error"]
-    assert http("GET", proc.url + "/readyz")[0] == 503
+    status, _, body = http("GET", proc.url + "/readyz")
+    assert status == 503 and json.loads(body) == {"status": "unavailable", "broker": "down", "spool": "off"}
     assert "hipcall_ingest_broker_connected 0.0" in http("GET", proc.url + "/metrics")[2].decode()
 
     rabbit_node.start()
@@ -27,21 +31,75 @@ def test_without_a_broker_webhooks_get_503_and_the_ingress_recovers_on_its_own(l
     assert proc.stop() == 0
 
 
-def test_a_killed_broker_means_503_never_202_until_it_is_back(launch, node_broker, rabbit_node):
+def test_without_a_broker_webhooks_are_spooled_answered_202_and_drained_when_it_is_back(launch, node_broker, rabbit_node):
+    rabbit_node.stop()
+    proc = launch("serve", node_broker, '[broker]\nreconnect_max = "500ms"\n', wait="/healthz")
+    bodies = [json.dumps({"event": "call_hangup", "data": {"uuid": f"spooled-{n}"}}).encode() for n in range(20)]
+    ids = []
+    for body in bodies:
+        status, _, answer = post_webhook(proc, body)
+        assert status == 202, answer
+        ids.append(answer["id"])
+    status, _, body = http("GET", proc.url + "/readyz")  # still in the balancer: the spool takes webhooks
+    assert status == 200 and json.loads(body) == {"status": "ready", "broker": "down", "spool": "active"}
+    metrics = http("GET", proc.url + "/metrics")[2].decode()
+    assert "hipcall_ingest_spooled_total 20.0" in metrics
+
+    rabbit_node.start()
+    messages = node_broker.take("hipcall.call_hangup", expect=20, timeout=30)
+    assert sorted(m.message_id for m in messages) == sorted(ids)
+    assert all(m.headers["x-hipcall-spooled"] == "true" and m.headers["x-hipcall-received-at"] for m in messages)
+    assert sorted(m.body for m in messages) == sorted(bodies)
+    wait_until(lambda: json.loads(http("GET", proc.url + "/readyz")[2])["spool"] == "empty", what="spool drained")
+    assert proc.stop() == 0
+    assert list((proc.log_path.parent / ".spool").glob("*.spool")) == []
+    assert any(l.get("msg") == "spool_drained" for l in proc.logs())
+
+
+def test_a_killed_broker_loses_nothing_that_got_202(launch, node_broker, rabbit_node):
     proc = launch("serve", node_broker, '[broker]\nreconnect_max = "500ms"\npublish_timeout = "2s"\n', wait="/readyz")
     assert post_webhook(proc, payload("call_init"))[0] == 202
     rabbit_node.kill()
-    wait_until(lambda: http("GET", proc.url + "/readyz")[0] == 503, what="readyz to report the lost broker")
-    assert post_webhook(proc, payload("call_hangup"))[0] == 503
+    status, _, answer = post_webhook(proc, payload("call_hangup"))  # the broker is gone: the spool takes it
+    assert status == 202
 
     rabbit_node.start()
     proc.wait_http("/readyz", 200, timeout=30)
-    status, _, answer = post_webhook(proc, payload("call_hangup"))
-    assert status == 202
     # the message confirmed before the kill survived it (durable quorum queue, persistent message)
     assert len(node_broker.take("hipcall.call_init", expect=1)) == 1
-    assert [m.message_id for m in node_broker.take("hipcall.call_hangup", expect=1)] == [answer["id"]]
+    assert [m.message_id for m in node_broker.take("hipcall.call_hangup", expect=1, timeout=30)] == [answer["id"]]
     assert proc.stop() == 0
+
+
+def test_a_restart_drains_what_the_spool_kept_and_a_torn_record_is_dropped_alone(launch, node_broker, rabbit_node, tmp_path):
+    from ingest.spool import Record
+
+    spool = tmp_path / ".spool"
+    spool.mkdir()
+    records = [Record(f"id-{n}", "call_hangup", "2026-11-26T10:00:00+00:00", "127.0.0.1",
+                      json.dumps({"event": "call_hangup", "data": {"n": n}}).encode()) for n in range(3)]
+    torn = records[2].encode()[:-7]  # kill -9 in the middle of the third write
+    (spool / "deadhost-1-1.spool").write_bytes(records[0].encode() + records[1].encode() + torn)
+    proc = launch("serve", node_broker, "", wait="/readyz")
+    messages = node_broker.take("hipcall.call_hangup", expect=2, timeout=30)
+    assert [m.message_id for m in messages] == ["id-0", "id-1"]
+    wait_until(lambda: not (spool / "deadhost-1-1.spool").exists(), what="the adopted segment drained and removed")
+    assert proc.stop() == 0
+    [torn_line] = [l for l in proc.logs() if l.get("msg") == "spool_record_torn"]
+    assert torn_line["segment"] == "deadhost-1-1.spool" and torn_line["dropped_bytes"] == len(torn)
+
+
+def test_a_full_spool_means_503(launch, node_broker, rabbit_node):
+    rabbit_node.stop()
+    proc = launch("serve", node_broker, '[spool]\nmax_bytes = 1048576\n', wait="/healthz")
+    big = b'{"event": "call_hangup", "data": {"pad": "' + b"x" * 300_000 + b'"}}'
+    statuses = [post_webhook(proc, big)[0] for _ in range(5)]
+    assert statuses[:3] == [202, 202, 202] and statuses[3:] == [503, 503]
+    status, _, body = http("GET", proc.url + "/readyz")
+    assert status == 503 and json.loads(body)["spool"] == "full"
+    assert proc.stop() == 0
+    assert any(l.get("msg") == "spool_full" for l in proc.logs())
+    rabbit_node.start()
 
 
 def test_topology_conflict_names_the_queue_and_the_argument(tmp_path, node_broker):
