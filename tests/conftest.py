@@ -444,7 +444,7 @@ def launch(tmp_path):
         n = next(counter)
         config = tmp_path / f"config-{n}.toml"
         config.write_text(config_text)
-        port = free_port()
+        port = int((env or {}).get("HIPCALL_HTTP_PORT") or free_port())  # a restart may take the same port
         # Each process runs in the test's own directory, so its spool (.spool) is the test's own.
         proc_env = {**os.environ, "HIPCALL_AMQP_URL": broker.url, "HIPCALL_HTTP_PORT": str(port),
                     "HIPCALL_TEST_CWD": str(tmp_path), **(env or {})}

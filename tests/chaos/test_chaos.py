@@ -1,0 +1,310 @@
+"""The chaos suite: a steady load of webhooks with unique keys while we break something, then a count.
+
+Each scenario starts the real processes (an ingress, a worker whose jsonl sink records every key)
+against the throwaway RabbitMQ node, sends webhooks on 127.0.0.1 for a bounded time, breaks one thing
+in the middle, and checks that every key answered 2xx reached the sink at least once. It prints a row:
+sent, 2xx, non-2xx, unanswered (the ingress itself was down: no answer is no promise), slowest answer,
+lost, duplicated.
+
+`make test` runs each scenario for HIPCALL_CHAOS_SECONDS (default 8 s); `make chaos` runs them for 30 s.
+"""
+
+from __future__ import annotations
+
+import http.client
+import json
+import os
+import signal
+import socket
+import struct
+import threading
+import time
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+
+from conftest import wait_until
+
+SECONDS = float(os.environ.get("HIPCALL_CHAOS_SECONDS", "8"))
+SENDERS = 8
+RATE = 150  # webhooks per second, all senders together
+ANSWER_BUDGET = 1.0  # http.answer_timeout
+ROWS: list[str] = []
+
+
+@dataclass
+class Load:
+    """SENDERS threads posting unique webhooks at RATE per second until stopped."""
+
+    port: int
+    answers: list[tuple[str, int, float]] = field(default_factory=list)  # key, status (0: no answer), seconds
+    stop: threading.Event = field(default_factory=threading.Event)
+    _lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def run(self) -> None:
+        threads = [threading.Thread(target=self._send, daemon=True) for _ in range(SENDERS)]
+        for t in threads:
+            t.start()
+        self._threads = threads
+
+    def finish(self) -> None:
+        self.stop.set()
+        for t in self._threads:
+            t.join(timeout=30)
+
+    def _send(self) -> None:
+        interval = SENDERS / RATE
+        connection = None
+        while not self.stop.is_set():
+            key = uuid.uuid4().hex
+            body = json.dumps({"event": "call_hangup", "data": {"uuid": key, "call_duration": 1}}).encode()
+            started = time.monotonic()
+            try:
+                if connection is None:
+                    connection = http.client.HTTPConnection("127.0.0.1", self.port, timeout=10)
+                connection.request("POST", "/webhooks/hipcall", body, {"Content-Type": "application/json"})
+                response = connection.getresponse()
+                response.read()
+                status = response.status
+                if response.will_close:
+                    connection.close()
+                    connection = None
+            except (OSError, http.client.HTTPException):
+                status = 0  # refused or cut off: the ingress was down, nobody promised anything
+                if connection is not None:
+                    connection.close()
+                connection = None
+            elapsed = time.monotonic() - started
+            with self._lock:
+                self.answers.append((key, status, elapsed))
+            time.sleep(max(0.0, interval - elapsed))
+
+
+def sink_keys(path: Path) -> list[str]:
+    if not path.exists():
+        return []
+    return [json.loads(line)["data"]["uuid"] for line in path.read_text().splitlines() if line.strip()]
+
+
+def config(sink: Path) -> str:
+    return (f'[consumers.hipcall]\nenabled = false\n'
+            f'[consumers.chaos]\nevents = ["call_hangup"]\nhandler = "workers.builtin:jsonl"\n'
+            f'retry = {{ delays = ["200ms"] }}\n[consumers.chaos.options]\npath = "{sink}"\n'
+            f'[broker]\nreconnect_min = "100ms"\nreconnect_max = "1s"\n'
+            f'[http]\nanswer_timeout = "{ANSWER_BUDGET:g}s"\n[logging]\naccess = false\n')
+
+
+def report(name: str, load: Load, sink: Path) -> tuple[int, int, float]:
+    """Waits for the sink to hold every accepted key, prints the row; returns lost, non-2xx, slowest."""
+    accepted = {k for k, status, _ in load.answers if 200 <= status < 300}
+    try:
+        wait_until(lambda: accepted <= set(sink_keys(sink)), timeout=90, interval=0.5, what="every accepted key in the sink")
+    except AssertionError:
+        pass  # counted as lost below
+    keys = sink_keys(sink)
+    lost = len(accepted - set(keys))
+    duplicated = len(keys) - len(set(keys))
+    non_2xx = sum(1 for _, status, _ in load.answers if status and not 200 <= status < 300)
+    unanswered = sum(1 for _, status, _ in load.answers if not status)
+    slowest = max((seconds for _, status, seconds in load.answers if status), default=0.0)
+    row = (f"{name:<34} sent {len(load.answers):>6}  2xx {len(accepted):>6}  non-2xx {non_2xx:>4}  "
+           f"unanswered {unanswered:>4}  slowest {slowest:6.3f}s  lost {lost:>3}  duplicated {duplicated:>4}")
+    ROWS.append(row)
+    print("\n" + row)
+    return lost, non_2xx, slowest
+
+
+@pytest.fixture
+def pipeline(launch, node_broker, tmp_path):
+    sink = tmp_path / "sink.jsonl"
+    text = config(sink)
+    ingress = launch("serve", node_broker, text, wait="/readyz")
+    worker = launch("work", node_broker, text)
+    wait_until(lambda: any(l.get("msg") == "consuming" for l in worker.logs()), what="worker consuming")
+    return ingress, worker, sink, text
+
+
+def _middle(load: Load) -> None:
+    load.run()
+    time.sleep(SECONDS / 3)
+
+
+def _end(load: Load) -> None:
+    time.sleep(SECONDS / 3)
+    load.finish()
+
+
+def test_broker_killed_mid_load_and_restarted(pipeline, rabbit_node):
+    ingress, worker, sink, _ = pipeline
+    load = Load(ingress.port)
+    _middle(load)
+    rabbit_node.kill()
+    time.sleep(2)
+    rabbit_node.start()
+    _end(load)
+    lost, non_2xx, slowest = report("broker kill -9, restart", load, sink)
+    assert (lost, non_2xx) == (0, 0) and slowest <= ANSWER_BUDGET + 0.5
+
+
+def test_broker_stopped_for_a_while(pipeline, rabbit_node):
+    ingress, worker, sink, _ = pipeline
+    load = Load(ingress.port)
+    _middle(load)
+    rabbit_node.stop()
+    time.sleep(SECONDS / 2)
+    rabbit_node.start()
+    _end(load)
+    lost, non_2xx, slowest = report("broker stopped, started again", load, sink)
+    assert (lost, non_2xx) == (0, 0) and slowest <= ANSWER_BUDGET + 0.5
+
+
+def test_broker_memory_alarm(pipeline, node_broker):
+    ingress, worker, sink, _ = pipeline
+    load = Load(ingress.port)
+    _middle(load)
+    node_broker.ctl("set_vm_memory_high_watermark", "0")
+    try:
+        time.sleep(SECONDS / 3)
+    finally:
+        node_broker.ctl("set_vm_memory_high_watermark", "0.4")
+    _end(load)
+    lost, non_2xx, slowest = report("broker memory alarm", load, sink)
+    assert (lost, non_2xx) == (0, 0) and slowest <= ANSWER_BUDGET + 0.5
+
+
+def test_worker_killed_again_and_again(pipeline, launch, node_broker):
+    ingress, worker, sink, text = pipeline
+    load = Load(ingress.port)
+    load.run()
+    deadline = time.monotonic() + SECONDS
+    while time.monotonic() < deadline:
+        time.sleep(1.5)
+        worker.signal(signal.SIGKILL)
+        worker.wait()
+        worker = launch("work", node_broker, text)
+    load.finish()
+    lost, non_2xx, slowest = report("worker kill -9, again and again", load, sink)
+    assert (lost, non_2xx) == (0, 0) and slowest <= ANSWER_BUDGET + 0.5
+    assert node_broker.count("chaos.call_hangup.dlq") == 0  # redeliveries never reached the poison limit
+
+
+@pytest.mark.parametrize("how", ["sigterm", "kill"])
+def test_ingress_stopped_or_killed_mid_load(pipeline, launch, node_broker, how):
+    ingress, worker, sink, text = pipeline
+    load = Load(ingress.port)
+    _middle(load)
+    if how == "sigterm":
+        ingress.signal(signal.SIGTERM)
+        assert ingress.wait() == 0
+    else:
+        ingress.signal(signal.SIGKILL)
+        ingress.wait()
+    # the same port and working directory: a new ingress adopts what the old one spooled
+    restarted = launch("serve", node_broker, text, env={"HIPCALL_HTTP_PORT": str(ingress.port)})
+    restarted.wait_http("/readyz", 200, timeout=30)
+    _end(load)
+    lost, non_2xx, slowest = report(f"ingress {'SIGTERM' if how == 'sigterm' else 'kill -9'}, restart", load, sink)
+    assert (lost, non_2xx) == (0, 0) and slowest <= ANSWER_BUDGET + 0.5
+
+
+def test_ingress_killed_while_spooling(pipeline, launch, node_broker, rabbit_node):
+    """The broker is down, so every webhook goes to the spool; kill -9 lands mid-write now and then."""
+    ingress, worker, sink, text = pipeline
+    load = Load(ingress.port)
+    rabbit_node.stop()
+    _middle(load)
+    ingress.signal(signal.SIGKILL)
+    ingress.wait()
+    restarted = launch("serve", node_broker, text, env={"HIPCALL_HTTP_PORT": str(ingress.port)})
+    restarted.wait_http("/healthz", 200, timeout=30)
+    rabbit_node.start()
+    _end(load)
+    lost, non_2xx, slowest = report("ingress kill -9 while spooling", load, sink)
+    assert (lost, non_2xx) == (0, 0) and slowest <= ANSWER_BUDGET + 0.5
+
+
+class FreezingProxy:
+    """A TCP proxy in front of the broker that can stop forwarding without closing (no confirm ever
+    comes, nothing tells the client), then reset every connection."""
+
+    def __init__(self, target_port: int) -> None:
+        self.target = target_port
+        self.server = socket.create_server(("127.0.0.1", 0))
+        self.port = self.server.getsockname()[1]
+        self.frozen = threading.Event()
+        self.sockets: list[socket.socket] = []
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                client, _ = self.server.accept()
+            except OSError:
+                return
+            upstream = socket.create_connection(("127.0.0.1", self.target))
+            self.sockets += [client, upstream]
+            for a, b in ((client, upstream), (upstream, client)):
+                threading.Thread(target=self._pump, args=(a, b), daemon=True).start()
+
+    def _pump(self, source: socket.socket, target: socket.socket) -> None:
+        try:
+            while True:
+                while self.frozen.is_set():
+                    time.sleep(0.01)
+                data = source.recv(65536)
+                if not data:
+                    break
+                while self.frozen.is_set():  # read but not passed on: as if the network dropped it
+                    time.sleep(0.01)
+                target.sendall(data)
+        except OSError:
+            pass
+        for s in (source, target):
+            try:
+                s.close()
+            except OSError:
+                pass
+
+    def reset(self) -> None:
+        """Every connection cut at once (RST), forwarding on again for new ones."""
+        for s in self.sockets:
+            try:
+                s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+                s.close()
+            except OSError:
+                pass
+        self.sockets = []
+        self.frozen.clear()
+
+    def close(self) -> None:
+        self.reset()
+        self.server.close()
+
+
+def test_network_cut_between_ingress_and_broker(launch, node_broker, rabbit_node, tmp_path):
+    sink = tmp_path / "sink.jsonl"
+    text = config(sink)
+    proxy = FreezingProxy(int(node_broker.url.rsplit(":", 1)[1].split("/")[0]))
+    try:
+        proxied = node_broker.url.replace(f":{proxy.target}/", f":{proxy.port}/")
+        ingress = launch("serve", node_broker, text, env={"HIPCALL_AMQP_URL": proxied}, wait="/readyz")
+        worker = launch("work", node_broker, text)
+        wait_until(lambda: any(l.get("msg") == "consuming" for l in worker.logs()), what="worker consuming")
+        load = Load(ingress.port)
+        _middle(load)
+        proxy.frozen.set()
+        time.sleep(SECONDS / 3)
+        proxy.reset()
+        _end(load)
+        lost, non_2xx, slowest = report("network cut (no close), then reset", load, sink)
+        assert (lost, non_2xx) == (0, 0) and slowest <= ANSWER_BUDGET + 0.5
+        assert any(l.get("msg") == "spooled" and "no confirm" in l.get("reason", "") for l in ingress.logs())
+    finally:
+        proxy.close()
+
+
+def teardown_module() -> None:
+    if ROWS:
+        print("\n\nchaos table (" + f"{SECONDS:g} s each, {RATE}/s)\n" + "\n".join(ROWS))
