@@ -93,9 +93,14 @@ def cmd_run(config: Config, args: argparse.Namespace) -> int:
     if config.enabled_consumers:
         children.append(subprocess.Popen(base + ["work"] + extra))
 
+    signalled: set[int] = set()
+
     def stop(signum: int, frame: object) -> None:
+        # Once per child: a second SIGTERM landing after a child's event loop has closed (its handler
+        # gone) would kill it mid-shutdown.
         for child in children:
-            if child.poll() is None:
+            if child.poll() is None and child.pid not in signalled:
+                signalled.add(child.pid)
                 child.send_signal(signal.SIGTERM)
 
     signal.signal(signal.SIGTERM, stop)
