@@ -127,3 +127,22 @@ def test_topology_without_a_broker_exits_1_without_the_password(tmp_path):
     assert "cannot connect" in done.stderr
     assert "hunter2" not in done.stderr
     assert "Traceback" not in done.stderr
+
+
+def test_two_ingresses_in_one_spool_directory_each_write_their_own_segment(launch, node_broker, rabbit_node):
+    rabbit_node.stop()
+    first = launch("serve", node_broker, "", wait="/healthz")
+    second = launch("serve", node_broker, "", wait="/healthz")  # same working directory, same .spool
+    ids = set()
+    for n in range(10):
+        for proc in (first, second):
+            status, _, answer = post_webhook(proc, json.dumps({"event": "call_hangup", "data": {"uuid": f"{proc.port}-{n}"}}).encode())
+            assert status == 202
+            ids.add(answer["id"])
+    segments = list((first.log_path.parent / ".spool").glob("*.spool"))
+    assert len(segments) == 2 and all(s.stat().st_size for s in segments)  # one each, both written
+    rabbit_node.start()
+    first.wait_http("/readyz", 200, timeout=30)
+    second.wait_http("/readyz", 200, timeout=30)
+    assert {m.message_id for m in node_broker.take("hipcall.call_hangup", expect=20, timeout=30)} == ids
+    assert first.stop() == 0 and second.stop() == 0
