@@ -20,6 +20,10 @@ class BrokerUnavailable(HipcallError):
 class PublishFailed(BrokerUnavailable):
     """The broker did not store a message: returned, refused, no confirm in time, or channel gone."""
 
+    def __init__(self, message: str, kind: str = "other") -> None:
+        super().__init__(message)
+        self.kind = kind  # "returned", "refused" (nack: a full queue, say), "timeout", "closed", "other"
+
 
 class StartupError(HipcallError):
     """The process cannot start as configured (a port in use): exit 1 with one line."""

@@ -48,7 +48,7 @@ class Publisher:
             raise ValueError("every message published here carries a message id")
         where = f"{exchange or '(default exchange)'}/{routing_key}"
         if self.channel.is_closed:
-            raise PublishFailed(f"not stored at {where}: the channel is closed (broker connection lost)")
+            raise PublishFailed(f"not stored at {where}: the channel is closed (broker connection lost)", "closed")
         try:
             async with asyncio.timeout(self._timeout):
                 while (earlier := self._busy.get(mid)) is not None:
@@ -64,13 +64,20 @@ class Publisher:
                     del self._busy[mid]
                     done.set_result(None)
         except TimeoutError:
-            raise PublishFailed(f"not stored at {where}: no confirm within {self._timeout:g}s") from None
+            raise PublishFailed(f"not stored at {where}: no confirm within {self._timeout:g}s", "timeout") from None
         except aiormq.exceptions.PublishError:
-            raise PublishFailed(f"not stored at {where}: returned, no queue is bound for it") from None
+            raise PublishFailed(f"not stored at {where}: returned, no queue is bound for it", "returned") from None
+        except aiormq.exceptions.DeliveryError:  # aiormq's way of reporting a nack
+            raise _refused(where) from None
         except Exception as exc:  # channel or connection closed under it: aiormq raises many kinds
             raise PublishFailed(f"not stored at {where}: {type(exc).__name__}: {str(exc)[:200]}") from None
         if isinstance(answer, Basic.Ack):
             return
         if isinstance(answer, Basic.Nack):
-            raise PublishFailed(f"not stored at {where}: the broker refused it (nack)")
-        raise PublishFailed(f"not stored at {where}: returned, no queue is bound for it")
+            raise _refused(where)
+        raise PublishFailed(f"not stored at {where}: returned, no queue is bound for it", "returned")
+
+
+def _refused(where: str) -> PublishFailed:
+    return PublishFailed(f"not stored at {where}: the broker refused it (nack: a queue full at its max_length, "
+                         f"or a resource the broker lacks)", "refused")
