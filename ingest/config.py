@@ -110,6 +110,7 @@ class ConsumerConfig:
     enabled: bool
     retry: RetryConfig
     options: Mapping[str, Any]
+    max_length: int = 0  # messages per queue of this consumer; 0 = no limit
 
 
 @dataclass(frozen=True)
@@ -296,6 +297,7 @@ _CONSUMER_SCHEMA: dict[str, Callable[[Any], Any]] = {
     "handler": _matching(_HANDLER_RE, 'an import path "module:function" such as "mycompany.crm:on_event"'),
     "concurrency": _integer(1, 10_000),
     "enabled": _boolean,
+    "max_length": _integer(0, 1_000_000_000),
 }
 _CONSUMER_REQUIRED = ("events", "handler")
 

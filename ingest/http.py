@@ -32,7 +32,7 @@ from .broker import BrokerLink, is_blocked
 from .config import Config
 from .errors import PublishFailed, StartupError
 from .message import MAX_DEPTH, SPOOLED, call_uuid, message_id, too_deep, webhook_properties
-from .names import EVENT_RE, entry_exchange
+from .names import EVENT_RE, consumer_queue, entry_exchange
 from .publish import Publisher
 from .spool import Record, Spool, SpoolFull
 from .topology import declare, plan
@@ -46,6 +46,8 @@ PUBLISH_SECONDS = Histogram(
     buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10),
 )
 BROKER_CONNECTED = Gauge("hipcall_ingest_broker_connected", "1 while the ingress has a broker connection and channel.")
+REFUSED = Counter("hipcall_ingest_publish_refused_total",
+                  "Publishes the broker refused (nack), e.g. a consumer queue full at its max_length; spooled.", ["event"])
 CONNECTIONS_REFUSED = Counter("hipcall_ingest_connections_refused_total", "Connections closed at once: http.max_connections reached.")
 
 RETRY_AFTER = "5"  # seconds a client is asked to wait after a 503
@@ -68,6 +70,7 @@ class Ingress:
         self._exchange = entry_exchange(config.broker.exchange)
         self._tokens = tuple(t.encode() for t in config.auth.tokens)
         self._networks = config.auth.allow_ips
+        self._limited = tuple(c for c in config.enabled_consumers if c.max_length)
         # Metrics get the event as a label only for events some consumer subscribes to (bounded set).
         self._known_events = frozenset(e for c in config.consumers for e in c.events)
 
@@ -111,6 +114,10 @@ class Ingress:
                                                  webhook_properties(mid, received, request.remote or ""))
             except PublishFailed as exc:  # returned, refused, channel gone: not stored
                 reason = str(exc)
+                if exc.kind == "refused":
+                    REFUSED.labels(label).inc()
+                    log.warning("publish_refused", _event=event, message_id=mid, queues_with_max_length=[
+                        consumer_queue(c.name, event) for c in self._limited if event in c.events])
             except TimeoutError:
                 reason = f"no confirm within {self._direct_budget:g}s (the answer budget)"
             else:
@@ -285,9 +292,12 @@ async def broker_context(app: web.Application) -> AsyncIterator[None]:
 
             try:
                 await spool.drain(publish)
-            except PublishFailed as exc:  # the broker went away again, or returns it: the segment stays
+            except PublishFailed as exc:  # the broker went away, returns or refuses it: the segment stays
                 pause = min(pause * 2, DRAIN_PAUSE_MAX)
                 log.warning("spool_drain_paused", error=str(exc), retry_in_s=pause)
+            except Exception as exc:  # an unreadable segment, say: never let the drainer die
+                pause = min(pause * 2, DRAIN_PAUSE_MAX)
+                log.error("spool_drain_failed", error=f"{type(exc).__name__}: {exc}", retry_in_s=pause)
 
     link = BrokerLink(config.broker, "hipcall-ingest serve", on_connect, on_state)
     ingress.link = link

@@ -105,7 +105,8 @@ def plan(broker: BrokerConfig, consumers: Iterable[ConsumerConfig]) -> Topology:
                         "x-delivery-limit": consumer.retry.delivery_limit,
                         "x-dead-letter-exchange": "",
                         "x-dead-letter-routing-key": dead_letter_queue(name, event),
-                        **_AT_LEAST_ONCE,
+                        **_AT_LEAST_ONCE,  # with x-overflow reject-publish: a full queue nacks the publish
+                        **({"x-max-length": consumer.max_length} if consumer.max_length else {}),
                     },
                     ((broker.exchange, event), (requeue, requeue_binding(name, event))),
                     consumer=name,

@@ -88,9 +88,10 @@ def sink_keys(path: Path) -> list[str]:
     return [json.loads(line)["data"]["uuid"] for line in path.read_text().splitlines() if line.strip()]
 
 
-def config(sink: Path) -> str:
+def config(sink: Path, max_length: int = 0) -> str:
     return (f'[consumers.hipcall]\nenabled = false\n'
             f'[consumers.chaos]\nevents = ["call_hangup"]\nhandler = "workers.builtin:jsonl"\n'
+            f'max_length = {max_length}\n'
             f'retry = {{ delays = ["200ms"] }}\n[consumers.chaos.options]\npath = "{sink}"\n'
             f'[broker]\nreconnect_min = "100ms"\nreconnect_max = "1s"\n'
             f'[http]\nanswer_timeout = "{ANSWER_BUDGET:g}s"\n[logging]\naccess = false\n')
@@ -303,6 +304,27 @@ def test_network_cut_between_ingress_and_broker(launch, node_broker, rabbit_node
         assert any(l.get("msg") == "spooled" and "no confirm" in l.get("reason", "") for l in ingress.logs())
     finally:
         proxy.close()
+
+
+def test_a_consumer_queue_full_at_its_max_length(launch, node_broker, tmp_path):
+    """The worker is gone for a while: its queue fills to max_length, the broker refuses the rest (nack),
+    the ingress spools them, and the spool drains once the worker is back and the queue has room."""
+    sink = tmp_path / "sink.jsonl"
+    text = config(sink, max_length=100).replace("consumers.chaos", "consumers.chaosfull")  # its own queue
+    ingress = launch("serve", node_broker, text, wait="/readyz")
+    worker = launch("work", node_broker, text)
+    wait_until(lambda: any(l.get("msg") == "consuming" for l in worker.logs()), what="worker consuming")
+    load = Load(ingress.port)
+    _middle(load)
+    worker.signal(signal.SIGTERM)
+    assert worker.wait() == 0
+    time.sleep(SECONDS / 3)
+    launch("work", node_broker, text)
+    _end(load)
+    lost, non_2xx, slowest = report("consumer queue full (max_length)", load, sink)
+    assert (lost, non_2xx) == (0, 0) and slowest <= ANSWER_BUDGET + 0.5
+    refused = [l for l in ingress.logs() if l.get("msg") == "publish_refused"]
+    assert refused and refused[0]["queues_with_max_length"] == ["chaosfull.call_hangup"]
 
 
 def teardown_module() -> None:
