@@ -124,9 +124,20 @@ def cmd_run(config: Config, args: argparse.Namespace) -> int:
 
 def cmd_status(config: Config, args: argparse.Namespace) -> int:
     from .broker import connect
+    from .spool import summary
     from .topology import inspect, plan
 
     topology = plan(config.broker, config.consumers)
+    spool = summary(config.spool.dir) if config.spool.enabled else None
+
+    def spool_line() -> None:
+        if spool is None:
+            print("spool: off")
+        elif not spool["segments"]:
+            print(f"spool: {spool['dir']}: empty")
+        else:
+            print(f"spool: {spool['dir']}: {spool['segments']} segment(s), {spool['bytes']} bytes waiting, "
+                  f"oldest {spool['oldest_age_s']}s")
 
     async def main():
         connection = await connect(config.broker, "hipcall-ingest status")
@@ -136,7 +147,11 @@ def cmd_status(config: Config, args: argparse.Namespace) -> int:
     try:
         states = run_async(main())
     except HipcallError as exc:
-        _emit(args, {"broker": "unreachable", "error": str(exc)}, lambda: print(f"broker: UNREACHABLE ({exc})"))
+        def render_down() -> None:
+            print(f"broker: UNREACHABLE ({exc})")
+            spool_line()
+
+        _emit(args, {"broker": "unreachable", "error": str(exc), "spool": spool}, render_down)
         return 1
     rows = [
         {"queue": q.name, "kind": q.kind, "consumer": q.consumer, "exists": s is not None,
@@ -146,13 +161,14 @@ def cmd_status(config: Config, args: argparse.Namespace) -> int:
 
     def render() -> None:
         print(f"broker: reachable at {config.broker.safe_url}")
+        spool_line()
         print(f"{'QUEUE':<40} {'KIND':<9} {'READY':>8} {'CONSUMERS':>9}")
         for row in rows:
             ready = row["ready"] if row["exists"] else "missing"
             consumers = row["consumers"] if row["exists"] else "-"
             print(f"{row['queue'][:40]:<40} {row['kind']:<9} {ready:>8} {consumers:>9}")
 
-    _emit(args, {"broker": "reachable", "url": config.broker.safe_url, "queues": rows}, render)
+    _emit(args, {"broker": "reachable", "url": config.broker.safe_url, "spool": spool, "queues": rows}, render)
     return 0
 
 

@@ -12,8 +12,9 @@ share a file) and adopts the segments of processes that died.
   record is on disk. A failed write is cut back off the file, so no torn record sits mid-segment.
 - Draining: the current segment is closed and a new one started, then the closed segments are
   republished oldest first through the confirmed publish, and a segment is deleted only after every
-  record in it was confirmed. A segment half drained when the process dies is drained again from its
-  start: its first records reach the broker twice, with the same message id.
+  record in it was confirmed. A drain that fails half way skips the confirmed records when it tries
+  again; a segment half drained when the process dies is drained again from its start by the next
+  process: those records reach the broker twice, with the same message id.
 """
 
 from __future__ import annotations
@@ -100,6 +101,16 @@ def _torn(path: Path, offset: int, size: int) -> None:
               note="a crash cut this record short; the records before it are kept")
 
 
+def summary(directory: str) -> dict:
+    """What a spool directory on this machine holds, for `status` (read only: no locks taken)."""
+    path = Path(directory)
+    segments = [p for p in path.glob(f"*{SUFFIX}") if p.is_file()] if path.is_dir() else []
+    sizes = [p.stat().st_size for p in segments]
+    oldest = min((p.stat().st_mtime for p, size in zip(segments, sizes) if size), default=None)
+    return {"dir": str(path.resolve()), "exists": path.is_dir(), "segments": sum(1 for size in sizes if size),
+            "bytes": sum(sizes), "oldest_age_s": round(time.time() - oldest, 1) if oldest else None}
+
+
 class Segment:
     """One spool file, locked by this process for as long as it holds it."""
 
@@ -108,6 +119,7 @@ class Segment:
         self.fd = fd
         self.size = os.fstat(fd).st_size
         self.oldest: float | None = None  # when its first record was written (this process's clock)
+        self.confirmed: set[int] = set()  # records already drained: a retried drain skips them
 
     @classmethod
     def claim(cls, path: Path) -> Segment | None:
@@ -256,8 +268,18 @@ class Spool:
         while self._closed:
             segment = self._closed[0]
             records = await asyncio.to_thread(lambda: list(read_segment(segment.path)))
-            for start in range(0, len(records), DRAIN_BATCH):  # a failure raises: the segment stays, whole
-                await asyncio.gather(*(publish(record) for record in records[start:start + DRAIN_BATCH]))
+
+            async def send(index: int, record: Record) -> None:
+                await publish(record)
+                segment.confirmed.add(index)
+
+            todo = [(i, r) for i, r in enumerate(records) if i not in segment.confirmed]
+            for start in range(0, len(todo), DRAIN_BATCH):  # a failure raises: the segment stays
+                results = await asyncio.gather(*(send(i, r) for i, r in todo[start:start + DRAIN_BATCH]),
+                                               return_exceptions=True)
+                failed = next((r for r in results if isinstance(r, BaseException)), None)
+                if failed is not None:
+                    raise failed
             self._closed.pop(0)
             segment.remove()
             self._refused = False
