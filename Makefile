@@ -19,7 +19,7 @@ test: $(BIN)/hipcall-ingest
 
 # The chaos suite at full length (30 s of load per scenario; `make test` runs each for 8 s).
 chaos: $(BIN)/hipcall-ingest
-	HIPCALL_CHAOS_SECONDS=$${HIPCALL_CHAOS_SECONDS:-30} $(BIN)/python -m pytest -s -q tests/chaos $(PYTEST_ARGS)
+	HIPCALL_CHAOS_SECONDS=$${HIPCALL_CHAOS_SECONDS:-30} HIPCALL_CHAOS_SLACK=0 $(BIN)/python -m pytest -s -q tests/chaos $(PYTEST_ARGS)
 
 topology: $(BIN)/hipcall-ingest
 	$(BIN)/hipcall-ingest topology --config $(CONFIG)

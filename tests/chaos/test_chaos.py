@@ -6,7 +6,8 @@ in the middle, and checks that every key answered 2xx reached the sink at least 
 sent, 2xx, non-2xx, unanswered (the ingress itself was down: no answer is no promise), slowest answer,
 lost, duplicated.
 
-`make test` runs each scenario for HIPCALL_CHAOS_SECONDS (default 8 s); `make chaos` runs them for 30 s.
+`make test` runs each scenario for HIPCALL_CHAOS_SECONDS (default 8 s); `make chaos` runs them for 30 s
+and holds the slowest answer to the 1 s budget exactly.
 """
 
 from __future__ import annotations
@@ -31,6 +32,9 @@ SECONDS = float(os.environ.get("HIPCALL_CHAOS_SECONDS", "8"))
 SENDERS = 8
 RATE = 150  # webhooks per second, all senders together
 ANSWER_BUDGET = 1.0  # http.answer_timeout
+# make chaos holds the slowest answer to the budget exactly; the short runs inside make test share the
+# machine's two cores with the rest of the suite, so they allow this much more.
+SLACK = float(os.environ.get("HIPCALL_CHAOS_SLACK", "0.5"))
 ROWS: list[str] = []
 
 
@@ -146,7 +150,7 @@ def test_broker_killed_mid_load_and_restarted(pipeline, rabbit_node):
     rabbit_node.start()
     _end(load)
     lost, non_2xx, slowest = report("broker kill -9, restart", load, sink)
-    assert (lost, non_2xx) == (0, 0) and slowest <= ANSWER_BUDGET + 0.5
+    assert (lost, non_2xx) == (0, 0) and slowest <= ANSWER_BUDGET + SLACK
 
 
 def test_broker_stopped_for_a_while(pipeline, rabbit_node):
@@ -158,7 +162,7 @@ def test_broker_stopped_for_a_while(pipeline, rabbit_node):
     rabbit_node.start()
     _end(load)
     lost, non_2xx, slowest = report("broker stopped, started again", load, sink)
-    assert (lost, non_2xx) == (0, 0) and slowest <= ANSWER_BUDGET + 0.5
+    assert (lost, non_2xx) == (0, 0) and slowest <= ANSWER_BUDGET + SLACK
 
 
 def test_broker_memory_alarm(pipeline, node_broker):
@@ -172,7 +176,7 @@ def test_broker_memory_alarm(pipeline, node_broker):
         node_broker.ctl("set_vm_memory_high_watermark", "0.4")
     _end(load)
     lost, non_2xx, slowest = report("broker memory alarm", load, sink)
-    assert (lost, non_2xx) == (0, 0) and slowest <= ANSWER_BUDGET + 0.5
+    assert (lost, non_2xx) == (0, 0) and slowest <= ANSWER_BUDGET + SLACK
 
 
 def test_worker_killed_again_and_again(pipeline, launch, node_broker):
@@ -187,7 +191,7 @@ def test_worker_killed_again_and_again(pipeline, launch, node_broker):
         worker = launch("work", node_broker, text)
     load.finish()
     lost, non_2xx, slowest = report("worker kill -9, again and again", load, sink)
-    assert (lost, non_2xx) == (0, 0) and slowest <= ANSWER_BUDGET + 0.5
+    assert (lost, non_2xx) == (0, 0) and slowest <= ANSWER_BUDGET + SLACK
     assert node_broker.count("chaos.call_hangup.dlq") == 0  # redeliveries never reached the poison limit
 
 
@@ -207,7 +211,7 @@ def test_ingress_stopped_or_killed_mid_load(pipeline, launch, node_broker, how):
     restarted.wait_http("/readyz", 200, timeout=30)
     _end(load)
     lost, non_2xx, slowest = report(f"ingress {'SIGTERM' if how == 'sigterm' else 'kill -9'}, restart", load, sink)
-    assert (lost, non_2xx) == (0, 0) and slowest <= ANSWER_BUDGET + 0.5
+    assert (lost, non_2xx) == (0, 0) and slowest <= ANSWER_BUDGET + SLACK
 
 
 def test_ingress_killed_while_spooling(pipeline, launch, node_broker, rabbit_node):
@@ -223,7 +227,7 @@ def test_ingress_killed_while_spooling(pipeline, launch, node_broker, rabbit_nod
     rabbit_node.start()
     _end(load)
     lost, non_2xx, slowest = report("ingress kill -9 while spooling", load, sink)
-    assert (lost, non_2xx) == (0, 0) and slowest <= ANSWER_BUDGET + 0.5
+    assert (lost, non_2xx) == (0, 0) and slowest <= ANSWER_BUDGET + SLACK
 
 
 class FreezingProxy:
@@ -300,7 +304,7 @@ def test_network_cut_between_ingress_and_broker(launch, node_broker, rabbit_node
         proxy.reset()
         _end(load)
         lost, non_2xx, slowest = report("network cut (no close), then reset", load, sink)
-        assert (lost, non_2xx) == (0, 0) and slowest <= ANSWER_BUDGET + 0.5
+        assert (lost, non_2xx) == (0, 0) and slowest <= ANSWER_BUDGET + SLACK
         assert any(l.get("msg") == "spooled" and "no confirm" in l.get("reason", "") for l in ingress.logs())
     finally:
         proxy.close()
@@ -322,7 +326,7 @@ def test_a_consumer_queue_full_at_its_max_length(launch, node_broker, tmp_path):
     launch("work", node_broker, text)
     _end(load)
     lost, non_2xx, slowest = report("consumer queue full (max_length)", load, sink)
-    assert (lost, non_2xx) == (0, 0) and slowest <= ANSWER_BUDGET + 0.5
+    assert (lost, non_2xx) == (0, 0) and slowest <= ANSWER_BUDGET + SLACK
     refused = [l for l in ingress.logs() if l.get("msg") == "publish_refused"]
     assert refused and refused[0]["queues_with_max_length"] == ["chaosfull.call_hangup"]
 
