@@ -293,7 +293,9 @@ async def broker_context(app: web.Application) -> AsyncIterator[None]:
             try:
                 await spool.drain(publish)
             except PublishFailed as exc:  # the broker went away, returns or refuses it: the segment stays
-                pause = min(pause * 2, DRAIN_PAUSE_MAX)
+                # A refusal is a full queue: room comes back as its consumer catches up, so look again
+                # soon. Anything else (a deleted queue that returns everything) backs off.
+                pause = DRAIN_INTERVAL if exc.kind == "refused" else min(pause * 2, DRAIN_PAUSE_MAX)
                 log.warning("spool_drain_paused", error=str(exc), retry_in_s=pause)
             except Exception as exc:  # an unreadable segment, say: never let the drainer die
                 pause = min(pause * 2, DRAIN_PAUSE_MAX)
