@@ -248,8 +248,7 @@ class Spool:
                 if segment.oldest is None:
                     segment.oldest = time.time()
                 if segment.size > SEGMENT_BYTES:
-                    self._closed.append(segment)
-                    self._active = self._new_segment()
+                    self._rotate()
             for _, done in batch:
                 if not done.done():
                     done.set_result(None)
@@ -262,8 +261,7 @@ class Spool:
         next call."""
         async with self._lock:  # close the active segment so that new records go to a fresh one
             if self._active is not None and self._active.size:
-                self._closed.append(self._active)
-                self._active = self._new_segment()
+                self._rotate()
         drained = 0
         while self._closed:
             segment = self._closed[0]
@@ -288,6 +286,17 @@ class Spool:
             log.info("spool_drained", segment=segment.path.name, records=len(records))
             self._report()
         return drained
+
+    def _rotate(self) -> None:
+        """Close the active segment and start a new one. The new one is made first: if it cannot be,
+        records keep going to the current segment (a segment must never be both written and drained)."""
+        try:
+            fresh = self._new_segment()
+        except OSError as exc:
+            log.error("spool_rotate_failed", error=f"{type(exc).__name__}: {exc}", note="writing on to the current segment")
+            return
+        self._closed.append(self._active)
+        self._active = fresh
 
     def _new_segment(self) -> Segment:
         self._sequence += 1
