@@ -55,6 +55,7 @@ LINGER = 1.0  # seconds an answered connection may still drain an unread body be
 SPOOL_RESERVE = 0.25  # of the answer budget, kept for writing to the spool when the broker is slow
 DRAIN_INTERVAL = 0.5  # seconds between looks at the spool while the broker is away
 DRAIN_PAUSE_MAX = 30.0  # longest wait after a failed drain (a queue that returns what we publish)
+NOT_CONNECTED = {"down": "no broker connection", "blocked": "the broker blocked the connection (resource alarm)"}
 
 
 class Ingress:
@@ -105,8 +106,9 @@ class Ingress:
         request["log"] = {"_event": event, "message_id": mid, "call_uuid": call_uuid(payload)}
         label = event if event in self._known_events else "other"
         received = datetime.now(timezone.utc)
-        reason = self.broker_state()
-        if reason is None:
+        state = self.broker_state()
+        reason = NOT_CONNECTED.get(state)
+        if state == "connected":
             started = time.perf_counter()
             try:
                 async with asyncio.timeout(self._direct_budget):
@@ -136,14 +138,21 @@ class Ingress:
             log.warning("publish_failed", _event=event, message_id=mid, error=reason)
         return self._unavailable(label)
 
-    def broker_state(self) -> str | None:
-        """None when a publish can be tried now; otherwise why not (then the spool takes it at once)."""
+    def broker_state(self) -> str:
+        """"connected" when a publish can be tried now; "down" or "blocked" when the spool takes it at once."""
         connection = self.link.connection if self.link else None
         if self.publisher is None or not self.publisher.is_open or connection is None:
-            return "no broker connection"
-        if is_blocked(connection):
-            return "the broker blocked the connection (resource alarm)"
-        return None
+            return "down"
+        return "blocked" if is_blocked(connection) else "connected"
+
+    async def republish(self, record: Record) -> None:
+        """A spooled webhook to the broker, as the direct publish would have sent it, marked spooled."""
+        publisher = self.publisher
+        if publisher is None:
+            raise PublishFailed("not stored: no broker connection", "closed")
+        properties = webhook_properties(record.message_id, datetime.fromisoformat(record.received_at), record.client)
+        properties.headers[SPOOLED] = "true"
+        await publisher.publish(record.body, self._exchange, record.event, properties)
 
     def _accepted(self, label: str, mid: str) -> web.Response:
         REQUESTS.labels("202", label).inc()
@@ -199,8 +208,7 @@ class Ingress:
     async def readyz(self, request: web.Request) -> web.Response:
         """Ready while webhooks get 202: the broker takes them, or the spool has room for them (a load
         balancer must not drop every replica when the broker goes away)."""
-        reason = self.broker_state()
-        broker = "connected" if reason is None else "blocked" if "blocked" in reason else "down"
+        broker = self.broker_state()
         spool = "off" if self.spool is None else "full" if not self.spool.has_room else "empty" if self.spool.empty else "active"
         ready = broker == "connected" or spool in ("empty", "active")
         return web.json_response({"status": "ready" if ready else "unavailable", "broker": broker, "spool": spool},
@@ -280,18 +288,11 @@ async def broker_context(app: web.Application) -> AsyncIterator[None]:
         while True:
             await asyncio.sleep(pause)
             spool.report()
-            if spool.empty or ingress.broker_state() is not None:
+            if spool.empty or ingress.broker_state() != "connected":
                 pause = DRAIN_INTERVAL
                 continue
-            publisher = ingress.publisher
-
-            async def publish(record: Record) -> None:
-                properties = webhook_properties(record.message_id, datetime.fromisoformat(record.received_at), record.client)
-                properties.headers[SPOOLED] = "true"
-                await publisher.publish(record.body, ingress._exchange, record.event, properties)
-
             try:
-                await spool.drain(publish)
+                await spool.drain(ingress.republish)
             except PublishFailed as exc:  # the broker went away, returns or refuses it: the segment stays
                 # A refusal is a full queue: room comes back as its consumer catches up, so look again
                 # soon. Anything else (a deleted queue that returns everything) backs off.

@@ -278,14 +278,13 @@ async def sweep(connection: AbstractConnection, config: Config, dlq: Queue, choo
         # it starts: a later basic.qos does not change it).
         window = max(1, min(prefetch, result.total))
         tag = None
-        settling: list[tuple[Letter, str | None]] = []
         try:
             if result.total:
                 await channel.set_qos(prefetch_count=window)
                 tag = await declared.consume(deliver)
             while tag is not None:
                 taken = await take(window)
-                settling = []
+                settling: list[tuple[Letter, str | None]] = []
                 for message in taken:  # in order: `choose` sees the letters as they stand in the queue
                     letter = Letter(message, limit)
                     if letter.headers.get(SWEEP_HEADER) == mark:  # our own copy: every original here was read
