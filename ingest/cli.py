@@ -46,7 +46,7 @@ def cmd_topology(config: Config, args: argparse.Namespace) -> int:
     from .broker import connect
     from .topology import declare, plan
 
-    topology = plan(config.broker, config.enabled_consumers)
+    topology = plan(config.broker, config.enabled_consumers, config.reconcile)
 
     async def main() -> list:
         connection = await connect(config.broker, "hipcall-ingest topology")
@@ -86,12 +86,15 @@ def _select_consumers(config: Config, names: Sequence[str] | None) -> tuple:
 
 
 def cmd_run(config: Config, args: argparse.Namespace) -> int:
-    """The ingress and one worker as two child processes; both stop on Ctrl-C or SIGTERM."""
+    """The ingress, one worker and (with HIPCALL_API_KEY set) reconcile as child processes; all stop
+    on Ctrl-C or SIGTERM."""
     base = [sys.executable, "-m", "ingest"]
     extra = ["--config", args.config] if args.config else []
     children = [subprocess.Popen(base + ["serve"] + extra)]
     if config.enabled_consumers:
         children.append(subprocess.Popen(base + ["work"] + extra))
+    if config.hipcall.api_key:
+        children.append(subprocess.Popen(base + ["reconcile"] + extra))
 
     signalled: set[int] = set()
 
@@ -122,12 +125,52 @@ def cmd_run(config: Config, args: argparse.Namespace) -> int:
     return 1 if failed else 0
 
 
+def cmd_reconcile(config: Config, args: argparse.Namespace) -> int:
+    from .config import parse_duration_arg
+    from .reconcile import reconcile_forever, reconcile_once
+
+    if not config.hipcall.api_key:
+        raise UsageError("reconcile needs Hipcall's API key in the environment variable HIPCALL_API_KEY "
+                         "(Hipcall's panel: API keys)")
+    if (args.since or args.dry_run) and not args.once:
+        raise UsageError("--since and --dry-run go with --once")
+    since = parse_duration_arg(args.since, "--since") if args.since else None
+    configure_logging(config.logging, "reconcile", None if not args.once else sys.stderr)
+    if not args.once:
+        run_async(reconcile_forever(config))
+        return 0
+    if since is not None and since > config.reconcile.retention:
+        print(f"note: the ledger keeps calls for {config.reconcile.retention / 3600:g}h (reconcile.retention); "
+              f"calls that arrived before that are recovered again, under their first message ids", file=sys.stderr)
+    report = run_async(reconcile_once(config, since, args.dry_run))
+
+    def render() -> None:
+        print(f"window: calls that ended from {report.as_dict()['since']} to {report.as_dict()['until']}")
+        print(f"  ended: {report.ended}   by webhook: {report.by_webhook}   recovered earlier: {report.recovered_before}"
+              f"   missing: {len(report.missing)}")
+        if args.dry_run:
+            print("  dry run: nothing published; missing calls:")
+            for uuid in report.missing:
+                print(f"    {uuid}")
+        else:
+            print(f"  recovered now: {len(report.recovered)}" + (f"   gone from the API: {len(report.gone)}" if report.gone else ""))
+            for uuid in report.recovered:
+                print(f"    {uuid}")
+        print(f"  {report.requests} API requests in {report.seconds:.1f}s")
+
+    _emit(args, {**report.as_dict(), "missing_uuids": report.missing, "recovered_uuids": report.recovered}, render)
+    if report.error:
+        print(f"hipcall-ingest: reconcile stopped before the end: {report.error}", file=sys.stderr)
+        return 1
+    return 0
+
+
 def cmd_status(config: Config, args: argparse.Namespace) -> int:
     from .broker import connect
     from .spool import summary
     from .topology import inspect, plan
 
-    topology = plan(config.broker, config.consumers)
+    topology = plan(config.broker, config.consumers, config.reconcile)
     spool = summary(config.spool.dir) if config.spool.enabled else None
 
     def spool_line() -> None:
@@ -312,13 +355,14 @@ def _show(config: Config, args: argparse.Namespace, queue, on_broker) -> int:
 
 
 COMMANDS: dict[str, tuple[Callable[[Config, argparse.Namespace], int], str]] = {
-    "run": (cmd_run, "ingress and a worker for every enabled consumer (what `make run` starts)"),
+    "run": (cmd_run, "ingress, a worker for every enabled consumer, and reconcile with HIPCALL_API_KEY set (make run)"),
     "serve": (cmd_serve, "the HTTP ingress"),
     "work": (cmd_work, "a worker process for the enabled (or the named) consumers"),
     "topology": (cmd_topology, "declare exchanges and queues, and print what exists"),
     "status": (cmd_status, "broker, queues, retry tiers, DLQs and the unrouted queue on one screen"),
     "tail": (cmd_tail, "print webhooks as they arrive, taking nothing from the consumers"),
     "dlq": (cmd_dlq, "inspect, replay, purge, export and import dead letters"),
+    "reconcile": (cmd_reconcile, "recover calls Hipcall never delivered, from its API (needs HIPCALL_API_KEY)"),
 }
 
 
@@ -328,12 +372,16 @@ def build_parser() -> argparse.ArgumentParser:
     for name, (_, help_text) in COMMANDS.items():
         sub = commands.add_parser(name, help=help_text, description=help_text)
         sub.add_argument("--config", metavar="FILE", help="TOML file over the built-in defaults (or $HIPCALL_CONFIG)")
-        if name in ("status", "dlq"):
+        if name in ("status", "dlq", "reconcile"):
             sub.add_argument("--json", action="store_true", help="machine-readable output")
         if name == "tail":
             sub.add_argument("--event", action="append", metavar="E", help="only this event (repeatable)")
         if name == "dlq":
             _dlq_arguments(sub)
+        if name == "reconcile":
+            sub.add_argument("--once", action="store_true", help="one pass, print what it found, exit")
+            sub.add_argument("--since", metavar="DURATION", help='with --once: the window reaches back this far (e.g. "24h")')
+            sub.add_argument("--dry-run", action="store_true", help="with --once: list the missing calls, publish nothing")
         if name == "work":
             sub.add_argument("--consumer", action="append", metavar="NAME", help="run only this consumer (repeatable)")
             sub.add_argument("--metrics-port", type=int, metavar="PORT", help="serve Prometheus /metrics on this port")

@@ -11,7 +11,7 @@ import ipaddress
 import re
 import tomllib
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
 from types import MappingProxyType
@@ -27,6 +27,8 @@ from .names import (
     delay_exchange,
     entry_exchange,
     format_duration,
+    ledger_queue,
+    reconcile_lock,
     requeue_exchange,
     retry_queue,
     tap_exchange,
@@ -68,6 +70,29 @@ class SpoolConfig:
     enabled: bool
     dir: str
     max_bytes: int
+
+
+@dataclass(frozen=True)
+class HipcallConfig:
+    api_url: str
+    api_key: str = field(repr=False)  # from HIPCALL_API_KEY only; "" = reconcile does not run
+    timeout: float
+
+
+@dataclass(frozen=True)
+class ReconcileConfig:
+    enabled: bool
+    interval: float
+    lookback: float
+    grace: float
+    longest_call: float
+    retention: float
+    ledger: str
+    rate_limit: int
+    silent_min_calls: int
+    silent_missing_percent: int
+    metrics_host: str
+    metrics_port: int
 
 
 @dataclass(frozen=True)
@@ -124,6 +149,8 @@ class Config:
     worker: WorkerConfig
     consumers: tuple[ConsumerConfig, ...]
     source: str
+    hipcall: HipcallConfig
+    reconcile: ReconcileConfig
 
     @property
     def enabled_consumers(self) -> tuple[ConsumerConfig, ...]:
@@ -157,6 +184,14 @@ def parse_duration(value: Any) -> float:
     if isinstance(value, str) and (m := _DURATION_RE.fullmatch(value.strip())):
         return float(m.group(1)) * _UNITS[m.group(2)]
     raise _Bad('a duration string such as "250ms", "10s", "5m" or "2h"')
+
+
+def parse_duration_arg(value: str, option: str) -> float:
+    """A duration given on the command line; UsageError-worthy ConfigError otherwise."""
+    try:
+        return parse_duration(value)
+    except _Bad as bad:
+        raise ConfigError(f"{option}: expected {bad}, got {value!r}") from None
 
 
 def _duration(low: float, high: float = 7 * 86400) -> Callable[[Any], float]:
@@ -244,6 +279,12 @@ def _url(value: Any) -> str:
     return value
 
 
+def _http_url(value: Any) -> str:
+    if not isinstance(value, str) or urlsplit(value).scheme not in ("http", "https") or not urlsplit(value).netloc:
+        raise _Bad('an http(s) URL such as "https://use.hipcall.com.tr"')
+    return value.rstrip("/")
+
+
 def _path(value: Any) -> str:
     if not isinstance(value, str) or not value.startswith("/"):
         raise _Bad('a URL path starting with "/"')
@@ -289,6 +330,21 @@ _SCHEMA: dict[str, dict[str, Callable[[Any], Any]]] = {
         "metrics_host": _nonempty,
         "metrics_port": _integer(0, 65535),
         "concurrency": _integer(1, 10_000),
+    },
+    "hipcall": {"api_url": _http_url, "api_key": _string, "timeout": _TIMEOUT},
+    "reconcile": {
+        "enabled": _boolean,
+        "interval": _duration(1, 86400),
+        "lookback": _duration(60, 30 * 86400),
+        "grace": _duration(0, 86400),
+        "longest_call": _duration(0, 86400),
+        "retention": _duration(60, 365 * 86400),
+        "ledger": _nonempty,
+        "rate_limit": _integer(1, 100_000),
+        "silent_min_calls": _integer(1, 1_000_000),
+        "silent_missing_percent": _integer(1, 100),
+        "metrics_host": _nonempty,
+        "metrics_port": _integer(0, 65535),
     },
 }
 
@@ -345,6 +401,9 @@ def _build(defaults: dict, user: dict, source: str, env: Mapping[str, str]) -> C
         for key, value in given.items():
             if key not in _SCHEMA[name]:
                 raise ConfigError(f"config error: {source}: unknown key {name}.{key}")
+            if f"{name}.{key}" in _ENV_ONLY:
+                raise ConfigError(f"config error: {source}: {name}.{key} is never read from a file (it is a secret); "
+                                  f"set the environment variable {_ENV_ONLY[f'{name}.{key}']} instead")
             raw[name][key] = value
 
     for var, (table, key, convert) in _ENV_OVERRIDES.items():
@@ -369,6 +428,13 @@ def _build(defaults: dict, user: dict, source: str, env: Mapping[str, str]) -> C
     if broker["reconnect_max"] < broker["reconnect_min"]:
         raise fail("broker.reconnect_max", f"a duration of at least broker.reconnect_min ({_spell(broker['reconnect_min'])})",
                    raw["broker"]["reconnect_max"])
+    rec = parsed["reconcile"]
+    if rec["grace"] >= rec["lookback"]:
+        raise fail("reconcile.grace", f"a duration shorter than reconcile.lookback ({_spell(rec['lookback'])})",
+                   raw["reconcile"]["grace"])
+    if rec["retention"] < rec["lookback"]:
+        raise fail("reconcile.retention", f"a duration of at least reconcile.lookback ({_spell(rec['lookback'])})",
+                   raw["reconcile"]["retention"])
     retry = RetryConfig(**parsed["retry"])
     worker = WorkerConfig(**parsed["worker"])
     consumers = _consumers(defaults.get("consumers", {}), user.get("consumers", {}), source, retry, worker, fail)
@@ -383,6 +449,8 @@ def _build(defaults: dict, user: dict, source: str, env: Mapping[str, str]) -> C
         worker=worker,
         consumers=consumers,
         source=source,
+        hipcall=HipcallConfig(**parsed["hipcall"]),
+        reconcile=ReconcileConfig(**parsed["reconcile"]),
     )
 
 
@@ -453,7 +521,8 @@ def _check_names(exchange: str, unrouted: str, consumers: tuple[ConsumerConfig, 
                        (entry_exchange(exchange), "the entry exchange"), (tap_exchange(exchange), "the tap exchange"),
                        (delay_exchange(exchange), "the delay exchange"), (requeue_exchange(exchange), "the requeue exchange")):
         claim(exchanges, name, what)
-    queues: dict[str, str] = {unrouted: "the unrouted queue"}
+    queues: dict[str, str] = {unrouted: "the unrouted queue", ledger_queue(exchange): "reconcile's ledger queue",
+                              reconcile_lock(exchange): "reconcile's lock queue"}
     for consumer in consumers:
         for seconds in consumer.retry.delays:
             claim(queues, retry_queue(consumer.name, seconds), f"the {format_duration(seconds)} retry tier of consumer {consumer.name!r}")
@@ -470,12 +539,14 @@ def _port(value: str) -> Any:
     return int(value) if value.strip().isdigit() else value
 
 
-_SECRET_KEYS = {"auth.tokens"}
+_SECRET_KEYS = {"auth.tokens", "hipcall.api_key"}
+_ENV_ONLY = {"hipcall.api_key": "HIPCALL_API_KEY"}  # secrets that a file in a repository must not hold
 
 _ENV_OVERRIDES: dict[str, tuple[str, str, Callable[[str], Any]]] = {
     "HIPCALL_AMQP_URL": ("broker", "url", str),
     "HIPCALL_HTTP_PORT": ("http", "port", _port),
     "HIPCALL_TOKENS": ("auth", "tokens", _tokens),
+    "HIPCALL_API_KEY": ("hipcall", "api_key", str.strip),
 }
 
 

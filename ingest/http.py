@@ -31,7 +31,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, Counter, Gauge, Histogram, ge
 from .broker import BrokerLink, is_blocked
 from .config import Config
 from .errors import PublishFailed, StartupError
-from .message import MAX_DEPTH, SPOOLED, call_uuid, message_id, too_deep, webhook_properties
+from .message import MAX_DEPTH, SPOOLED, call_uuid, too_deep, webhook_id, webhook_properties
 from .names import EVENT_RE, consumer_queue, entry_exchange
 from .publish import Publisher
 from .spool import Record, Spool, SpoolFull
@@ -102,7 +102,7 @@ class Ingress:
             return self._reject(request, 400, error)
 
         event = payload["event"]
-        mid = message_id(body)
+        mid = webhook_id(event, payload, body)
         request["log"] = {"_event": event, "message_id": mid, "call_uuid": call_uuid(payload)}
         label = event if event in self._known_events else "other"
         received = datetime.now(timezone.utc)
@@ -271,7 +271,7 @@ async def broker_context(app: web.Application) -> AsyncIterator[None]:
     config = ingress.config
 
     async def on_connect(connection) -> None:
-        await declare(connection, plan(config.broker, config.enabled_consumers))
+        await declare(connection, plan(config.broker, config.enabled_consumers, config.reconcile))
         channel = await connection.channel(publisher_confirms=True)
         link.watch(channel)
         ingress.publisher = Publisher(await channel.get_underlay_channel(), config.broker.publish_timeout)

@@ -1,4 +1,4 @@
-"""structlog set up once per process: one JSON object per line on stdout, rendered by orjson.
+"""structlog set up once per process: one JSON object per line on stdout (or stderr), rendered by orjson.
 
 The log message is under "msg", so that "event" can be the webhook's event, as users grep for it:
 code logs `log.info("handled", _event=name)` and the line reads {"msg": "handled", "event": name}.
@@ -17,8 +17,10 @@ from .config import LoggingConfig
 _TRACEBACKS = structlog.processors.ExceptionRenderer(structlog.tracebacks.ExceptionDictTransformer(show_locals=False))
 
 
-def configure_logging(config: LoggingConfig, process: str) -> None:
-    """Called once at start-up; afterwards every module just calls structlog.get_logger()."""
+def configure_logging(config: LoggingConfig, process: str, stream=None) -> None:
+    """Called once at start-up; afterwards every module just calls structlog.get_logger(). A command
+    that prints a result on stdout logs to stderr (`stream`)."""
+    stream = stream or sys.stdout
     shared: list = [
         structlog.contextvars.merge_contextvars,
         structlog.processors.add_log_level,
@@ -28,16 +30,16 @@ def configure_logging(config: LoggingConfig, process: str) -> None:
     if config.format == "console":
         renderer = structlog.dev.ConsoleRenderer(colors=False, event_key="msg")
         processors.append(renderer)
-        factory = structlog.PrintLoggerFactory(sys.stdout)
+        factory = structlog.PrintLoggerFactory(stream)
     else:
         processors += [
             _TRACEBACKS,
             structlog.processors.JSONRenderer(serializer=orjson.dumps),
         ]
-        factory = structlog.BytesLoggerFactory(sys.stdout.buffer)
+        factory = structlog.BytesLoggerFactory(stream.buffer)
         renderer = structlog.processors.JSONRenderer(serializer=lambda v, **kw: orjson.dumps(v).decode())
     # Libraries (aiormq, aiohttp) log through the standard library: same format, same stdout.
-    handler = logging.StreamHandler(sys.stdout)
+    handler = logging.StreamHandler(stream)
     handler.setFormatter(
         structlog.stdlib.ProcessorFormatter(
             foreign_pre_chain=shared + [structlog.stdlib.add_logger_name, structlog.processors.EventRenamer("msg")],

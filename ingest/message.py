@@ -18,12 +18,24 @@ APP_ID = "hipcall-ingest"
 RECEIVED_AT = "x-hipcall-received-at"
 CLIENT = "x-hipcall-client"
 SPOOLED = "x-hipcall-spooled"  # "true" on a webhook that waited in the ingress's disk spool
+SOURCE = "x-hipcall-source"  # "reconcile" on a call_hangup rebuilt from Hipcall's API; absent = a webhook
 MAX_DEPTH = 32  # nesting levels a webhook body may have (Hipcall's own go 3 deep)
 
 
 def message_id(body: bytes) -> str:
     """Deterministic: the same body always gets the same id, so consumers can deduplicate."""
     return hashlib.blake2b(body, digest_size=16).hexdigest()
+
+
+def webhook_id(event: str, payload: Any, body: bytes) -> str:
+    """The id of a webhook. A call event's id is derived from its event and call uuid, not its bytes:
+    the call_hangup that reconcile rebuilds from Hipcall's API then has the id the real webhook has."""
+    uuid = call_uuid(payload)
+    return call_event_id(event, uuid) if uuid else message_id(body)
+
+
+def call_event_id(event: str, uuid: str) -> str:
+    return message_id(f"{event}\0{uuid}".encode())
 
 
 def id_of(message_id_property: str | None, body: bytes) -> str:

@@ -46,6 +46,16 @@ def tap_exchange(events_exchange: str) -> str:
     return f"{events_exchange}.tap"
 
 
+def ledger_queue(events_exchange: str) -> str:
+    """The queue reconcile's ledger reads every call_hangup from (single active consumer)."""
+    return f"{events_exchange}.reconcile"
+
+
+def reconcile_lock(events_exchange: str) -> str:
+    """An exclusive queue: whichever reconcile process holds it is the active one; the others wait."""
+    return f"{events_exchange}.reconcile.active"
+
+
 def delay_exchange(events_exchange: str) -> str:
     return f"{events_exchange}.delay"
 

@@ -26,13 +26,14 @@ from dataclasses import dataclass, field
 import aiormq
 from aio_pika.abc import AbstractConnection
 
-from .config import BrokerConfig, ConsumerConfig
+from .config import BrokerConfig, ConsumerConfig, ReconcileConfig
 from .errors import TopologyError
 from .names import (
     consumer_queue,
     dead_letter_queue,
     delay_exchange,
     entry_exchange,
+    ledger_queue,
     requeue_binding,
     requeue_exchange,
     retry_binding,
@@ -52,7 +53,7 @@ class Exchange:
 @dataclass(frozen=True)
 class Queue:
     name: str
-    kind: str  # "consumer", "retry", "dlq" or "unrouted"
+    kind: str  # "consumer", "retry", "dlq", "unrouted" or "ledger"
     arguments: Mapping[str, object]
     bindings: tuple[tuple[str, str], ...]  # (exchange, routing key)
     consumer: str | None = None
@@ -70,8 +71,9 @@ _QUORUM = {"x-queue-type": "quorum"}
 _AT_LEAST_ONCE = {"x-dead-letter-strategy": "at-least-once", "x-overflow": "reject-publish"}
 
 
-def plan(broker: BrokerConfig, consumers: Iterable[ConsumerConfig]) -> Topology:
-    """Everything the given consumers need, plus the exchanges and the unrouted queue."""
+def plan(broker: BrokerConfig, consumers: Iterable[ConsumerConfig], reconcile: ReconcileConfig | None = None) -> Topology:
+    """Everything the given consumers need, plus the exchanges and the unrouted queue, plus
+    reconcile's ledger queue when `reconcile` is given and enabled."""
     delay, requeue = delay_exchange(broker.exchange), requeue_exchange(broker.exchange)
     entry = entry_exchange(broker.exchange)
     exchanges = (
@@ -83,6 +85,13 @@ def plan(broker: BrokerConfig, consumers: Iterable[ConsumerConfig]) -> Topology:
         Exchange(requeue, "topic"),
     )
     queues = [Queue(broker.unrouted, "unrouted", _QUORUM, ((broker.unrouted, ""),))]
+    if reconcile is not None and reconcile.enabled:
+        # Only a record of what arrived: bound to the tap, so it never gives call_hangup a route (with
+        # no consumer for it, it still goes to the unrouted queue); old messages expire (dropped);
+        # a second reconcile process is a standby that gets nothing while the first one consumes.
+        queues.append(Queue(ledger_queue(broker.exchange), "ledger",
+                            {**_QUORUM, "x-single-active-consumer": True, "x-message-ttl": round(reconcile.retention * 1000)},
+                            ((tap_exchange(broker.exchange), "call_hangup"),)))
     for consumer in consumers:
         name = consumer.name
         for seconds in sorted(set(consumer.retry.delays)):

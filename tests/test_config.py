@@ -1,5 +1,6 @@
 """Configuration: defaults, file, environment, and the errors a user sees for a bad key."""
 
+import os
 import subprocess
 import sys
 import tomllib
@@ -174,6 +175,7 @@ def test_a_bad_broker_url_is_reported_without_its_password(tmp_path, url):
     ('[consumers.crm]\nevents = ["retry.10s"]\nhandler = "x:y"\nretry = { delays = ["10s"] }\n', "crm.retry.10s"),
     ('[consumers.crm]\nevents = ["x", "x.dlq"]\nhandler = "x:y"\n', "crm.x.dlq"),
     ('[consumers.hipcall]\nevents = ["unrouted"]\n', "hipcall.unrouted"),
+    ('[consumers.hipcall]\nevents = ["events.reconcile"]\n', "hipcall.events.reconcile"),
 ])
 def test_names_that_would_collide_on_the_broker_are_rejected(tmp_path, consumers, names):
     path = tmp_path / "c.toml"
@@ -189,9 +191,37 @@ def test_names_that_would_collide_on_the_broker_are_rejected(tmp_path, consumers
     ('[broker]\nreconnect_min = "5s"\nreconnect_max = "1s"\n', "broker.reconnect_max"),
     ('[http]\nbody_timeout = "0s"\n', "http.body_timeout"),
     ('[retry]\ndelays = ["0s"]\n', "retry.delays"),
+    ('[reconcile]\ngrace = "3h"\n', "reconcile.grace"),
+    ('[reconcile]\nretention = "1h"\n', "reconcile.retention"),
 ])
 def test_durations_out_of_range_are_rejected(tmp_path, text, key):
     path = tmp_path / "c.toml"
     path.write_text(text)
     with pytest.raises(ConfigError, match=key.replace(".", r"\.") + ": expected a (list of a )?duration"):
         load_config(path, {})
+
+
+def test_the_api_key_is_read_from_the_environment_only_and_never_shown(tmp_path):
+    path = tmp_path / "c.toml"
+    path.write_text('[hipcall]\napi_key = "key-in-a-file-9f8e"\n')
+    with pytest.raises(ConfigError, match="set the environment variable HIPCALL_API_KEY") as caught:
+        load_config(path, {})
+    assert "key-in-a-file-9f8e" not in str(caught.value)
+    config = load_config(None, {"HIPCALL_API_KEY": "key-from-env-7a6b"})
+    assert config.hipcall.api_key == "key-from-env-7a6b"
+    assert "key-from-env-7a6b" not in repr(config)
+    with pytest.raises(ConfigError, match="HIPCALL_API_KEY is set but empty"):
+        load_config(None, {"HIPCALL_API_KEY": " "})
+
+
+def test_reconcile_without_an_api_key_exits_2_saying_which_variable(tmp_path):
+    env = {k: v for k, v in os.environ.items() if k != "HIPCALL_API_KEY"}
+    done = subprocess.run([sys.executable, "-m", "ingest", "reconcile"], capture_output=True, text=True, cwd=tmp_path,
+                          env={**env, "PYTHONPATH": str(ROOT)})
+    assert done.returncode == 2 and "HIPCALL_API_KEY" in done.stderr and "Traceback" not in done.stderr
+    done = subprocess.run([sys.executable, "-m", "ingest", "reconcile", "--since", "2h"], capture_output=True,
+                          text=True, cwd=tmp_path, env={**env, "PYTHONPATH": str(ROOT), "HIPCALL_API_KEY": "k"})
+    assert done.returncode == 2 and "--since and --dry-run go with --once" in done.stderr
+    done = subprocess.run([sys.executable, "-m", "ingest", "reconcile", "--once", "--since", "yesterday"],
+                          capture_output=True, text=True, cwd=tmp_path, env={**env, "PYTHONPATH": str(ROOT), "HIPCALL_API_KEY": "k"})
+    assert done.returncode == 2 and "--since: expected a duration" in done.stderr

@@ -18,13 +18,14 @@ _log = structlog.get_logger("workers.builtin")
 
 async def log(event: Event) -> None:
     """One structured log line per webhook."""
-    _log.info("webhook", _event=event.name, message_id=event.id, call_uuid=event.call_uuid, attempt=event.attempt)
+    _log.info("webhook", _event=event.name, message_id=event.id, call_uuid=event.call_uuid, attempt=event.attempt,
+              source=event.source)
 
 
 class jsonl:  # noqa: N801 - named as users write it in the config: "workers.builtin:jsonl"
     """Appends each event to a file as one JSON line, fsync'd before the message is acked.
 
-    Options: path (required). Lines: {"id", "event", "received_at", "attempt", "data"}. A redelivery
+    Options: path (required). Lines: {"id", "event", "source", "received_at", "attempt", "data"}. A redelivery
     can append the same id twice: deduplicate on "id" when reading.
     """
 
@@ -38,7 +39,7 @@ class jsonl:  # noqa: N801 - named as users write it in the config: "workers.bui
     async def handle(self, event: Event) -> None:
         try:
             line = orjson.dumps(
-                {"id": event.id, "event": event.name, "received_at": event.received_at, "attempt": event.attempt,
+                {"id": event.id, "event": event.name, "source": event.source, "received_at": event.received_at, "attempt": event.attempt,
                  "data": event.data}
             ) + b"\n"
         except orjson.JSONEncodeError as exc:  # nested too deep (a hostile body): no retry can help

@@ -25,6 +25,7 @@ from typing import Any
 
 from ingest.config import ConsumerConfig
 from ingest.errors import HandlerImportError
+from ingest.message import SOURCE
 
 
 class PermanentError(Exception):
@@ -42,6 +43,12 @@ class Event:
     received_at: datetime | None  # when the ingress received it
     body: bytes = field(repr=False)  # the raw body, byte for byte as Hipcall sent it
     headers: Mapping[str, Any] = field(default_factory=dict, repr=False)
+
+    @property
+    def source(self) -> str:
+        """How it arrived: "webhook", or "reconcile" for a call_hangup rebuilt from Hipcall's API
+        (the same id as the real webhook, which may still arrive: deduplicate on `id`)."""
+        return "reconcile" if self.headers.get(SOURCE) == "reconcile" else "webhook"
 
     @property
     def call_uuid(self) -> str | None:

@@ -1,0 +1,236 @@
+"""Hipcall's REST API, as reconcile uses it: page through the calls list, fetch one call.
+
+Every request waits for a token of a bucket that refills at `rate_limit` per minute (Hipcall allows
+60), is bounded by `[hipcall] timeout`, and on a 429, a 5xx, a timeout or a connection error is
+retried with backoff (a 429's `Retry-After` is honoured). A 401 or 403 is never retried: the key is
+wrong, and waiting will not fix it. The key goes into the Authorization header and nowhere else.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator, Mapping
+from datetime import datetime, timezone
+from email.utils import parsedate_to_datetime
+from typing import Any
+
+import aiohttp
+import orjson
+import structlog
+from prometheus_client import Counter
+
+from .config import HipcallConfig
+from .errors import HipcallError
+
+log = structlog.get_logger("ingest.hipcall_api")
+
+REQUESTS = Counter("hipcall_reconcile_api_requests_total", "Requests to Hipcall's API, by outcome.", ["outcome"])
+
+PAGE = 100  # the API's largest page
+TIMESTAMPS = ("started_at", "answered_at", "bridged_at", "ended_at", "callback_time")
+
+
+class ApiError(HipcallError):
+    """Hipcall's API did not give an answer we can use; the pass stops and the next one tries again."""
+
+
+class ApiUnauthorized(ApiError):
+    """401/403: the key in HIPCALL_API_KEY is wrong or lacks access."""
+
+
+class TokenBucket:
+    """At most `per_minute` takes a minute, in bursts of at most `burst`."""
+
+    def __init__(self, per_minute: int, burst: int = 5) -> None:
+        self._rate = per_minute / 60.0
+        self._capacity = float(max(1, min(burst, per_minute)))
+        self._tokens = self._capacity
+        self._stamp = time.monotonic()
+        self._lock = asyncio.Lock()
+
+    async def take(self) -> None:
+        async with self._lock:
+            while True:
+                now = time.monotonic()
+                self._tokens = min(self._capacity, self._tokens + (now - self._stamp) * self._rate)
+                self._stamp = now
+                if self._tokens >= 1:
+                    self._tokens -= 1
+                    return
+                await asyncio.sleep((1 - self._tokens) / self._rate)
+
+
+class HipcallApi:
+    """An HTTP session with Hipcall's API; use `async with`."""
+
+    def __init__(self, config: HipcallConfig, rate_limit: int, *, attempts: int = 6, backoff_max: float = 60.0) -> None:
+        self._config = config
+        self._bucket = TokenBucket(rate_limit)
+        self._attempts = attempts
+        self._backoff_max = backoff_max
+        self._session: aiohttp.ClientSession | None = None
+        self.requests = 0  # requests sent, for the pass report
+
+    async def __aenter__(self) -> HipcallApi:
+        self._session = aiohttp.ClientSession(
+            headers={"Authorization": f"Bearer {self._config.api_key}", "Accept": "application/json",
+                     "User-Agent": "hipcall-ingest-reconcile"},
+            raise_for_status=False,
+        )
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        if self._session is not None:
+            await self._session.close()
+
+    async def calls(self, started_from: datetime, started_to: datetime) -> AsyncIterator[Mapping[str, Any]]:
+        """Every call started in [started_from, started_to], each once, oldest first.
+
+        Offsets shift while calls arrive, so pages are walked by a time cursor: each page asks for
+        calls started at or after the last start time seen (pages overlap by that second; calls seen
+        before are skipped). Only a full page that is all one second moves on by offset."""
+        cursor, offset, seen = _second(started_from), 0, set()
+        while True:
+            params = {"sort": "started_at.asc", "started_at[gte]": iso(cursor), "started_at[lte]": iso(started_to),
+                      "limit": str(PAGE), "offset": str(offset)}
+            body = await self._get("/api/v3/calls", params)
+            items = body.get("data") if isinstance(body, dict) else None
+            if not isinstance(items, list):
+                raise ApiError("Hipcall's API answered the calls list without a data list")
+            for item in items:
+                uuid = item.get("uuid") if isinstance(item, dict) else None
+                if isinstance(uuid, str) and uuid not in seen:
+                    seen.add(uuid)
+                    yield item
+            if len(items) < PAGE:
+                return
+            last = parse_time(items[-1].get("started_at")) if isinstance(items[-1], dict) else None
+            if last is None:
+                raise ApiError("Hipcall's API listed a call without a started_at; cannot page on")
+            last = _second(last)
+            if last <= cursor:
+                offset += len(items)
+            else:
+                cursor, offset = last, 0
+
+    async def call(self, uuid: str) -> Mapping[str, Any] | None:
+        """One call with all its fields, or None if the API no longer has it (404)."""
+        body = await self._get(f"/api/v3/calls/{uuid}", {}, missing_ok=True)
+        if body is None:
+            return None
+        data = body.get("data") if isinstance(body, dict) else None
+        if not isinstance(data, dict):
+            raise ApiError(f"Hipcall's API answered call {uuid} without a data object")
+        return data
+
+    async def _get(self, path: str, params: dict[str, str], missing_ok: bool = False) -> Any:
+        assert self._session is not None, "use HipcallApi in `async with`"
+        url = self._config.api_url + path
+        delay, last = 1.0, ""
+        for attempt in range(1, self._attempts + 1):
+            await self._bucket.take()
+            self.requests += 1
+            wait = delay
+            try:
+                async with asyncio.timeout(self._config.timeout):
+                    async with self._session.get(url, params=params) as response:
+                        status, body = response.status, await response.read()
+                        retry_after = response.headers.get("Retry-After")
+            except TimeoutError:
+                REQUESTS.labels("timeout").inc()
+                last = f"no answer within {self._config.timeout:g}s"
+            except aiohttp.ClientError as exc:
+                REQUESTS.labels("error").inc()
+                last = f"{type(exc).__name__}: {str(exc)[:200]}"
+            else:
+                if status == 200:
+                    try:
+                        answer = orjson.loads(body)
+                    except orjson.JSONDecodeError:
+                        REQUESTS.labels("bad_body").inc()
+                        last = "HTTP 200 with a body that is not JSON"
+                    else:
+                        REQUESTS.labels("ok").inc()
+                        return answer
+                elif status in (401, 403):
+                    REQUESTS.labels(str(status)).inc()
+                    raise ApiUnauthorized(
+                        f"Hipcall's API at {self._config.api_url} refused the key in HIPCALL_API_KEY (HTTP {status}): "
+                        f"check the key in Hipcall's panel and the [hipcall] api_url (use.hipcall.com.tr or use.hipcall.com)")
+                elif status == 404 and missing_ok:
+                    REQUESTS.labels("404").inc()
+                    return None
+                elif status == 429 or status >= 500:
+                    REQUESTS.labels("429" if status == 429 else "5xx").inc()
+                    last = f"HTTP {status}"
+                    if status == 429:
+                        wait = _retry_after(retry_after, delay)
+                else:
+                    REQUESTS.labels("4xx").inc()
+                    raise ApiError(f"Hipcall's API answered GET {path} with HTTP {status}: {_detail(body)}")
+            if attempt == self._attempts:
+                break
+            log.warning("hipcall_api_retry", path=path, error=last, attempt=attempt, retry_in=round(wait, 2))
+            await asyncio.sleep(wait)
+            delay = min(delay * 2, self._backoff_max)
+        raise ApiError(f"Hipcall's API at {self._config.api_url} failed {self._attempts} times in a row "
+                       f"(GET {path}; last: {last})")
+
+
+def as_webhook_data(call: Mapping[str, Any]) -> dict[str, Any]:
+    """A call as the API gives it, spelled as a call_hangup webhook's `data` (see README, "Field mapping")."""
+    data = dict(call)
+    if "record_url" not in data and "recording_url" in data:
+        data["record_url"] = data.pop("recording_url")
+    if isinstance(data.get("call_flow"), str):  # the API may give call_flow as JSON text; webhooks as a list
+        try:
+            data["call_flow"] = orjson.loads(data["call_flow"])
+        except orjson.JSONDecodeError:
+            pass
+    for key in TIMESTAMPS:
+        parsed = parse_time(data.get(key))
+        if parsed is not None:
+            data[key] = iso(parsed)
+    return data
+
+
+def parse_time(value: Any) -> datetime | None:
+    """An ISO 8601 time from the API as an aware UTC datetime; None if absent or unparsable."""
+    if not isinstance(value, str) or not value:
+        return None
+    try:
+        parsed = datetime.fromisoformat(value)
+    except ValueError:
+        return None
+    return (parsed.replace(tzinfo=timezone.utc) if parsed.tzinfo is None else parsed).astimezone(timezone.utc)
+
+
+def iso(moment: datetime) -> str:
+    """The webhook's and the API filters' spelling: 2024-11-17T10:41:06Z."""
+    return moment.astimezone(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def _second(moment: datetime) -> datetime:
+    return moment.replace(microsecond=0)
+
+
+def _retry_after(value: str | None, default: float) -> float:
+    if not value:
+        return default
+    try:
+        seconds = float(value)
+    except ValueError:
+        try:
+            seconds = (parsedate_to_datetime(value) - datetime.now(timezone.utc)).total_seconds()
+        except (TypeError, ValueError):
+            return default
+    return min(max(seconds, 0.0), 120.0)
+
+
+def _detail(body: bytes) -> str:
+    try:
+        errors = orjson.loads(body).get("errors")
+    except (orjson.JSONDecodeError, AttributeError):
+        return body[:200].decode("utf-8", "replace")
+    return str(errors)[:300]
