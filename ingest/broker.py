@@ -14,7 +14,7 @@ from collections.abc import Awaitable, Callable
 import aio_pika
 import structlog
 
-from .config import BrokerConfig
+from .config import BrokerConfig, redact_url
 from .errors import BrokerUnavailable, TopologyError
 
 log = structlog.get_logger("ingest.broker")
@@ -23,15 +23,28 @@ OnConnect = Callable[[aio_pika.abc.AbstractConnection], Awaitable[None]]
 
 
 async def connect(config: BrokerConfig, name: str) -> aio_pika.abc.AbstractConnection:
-    """A plain connection, or BrokerUnavailable with a message free of the password."""
-    try:
-        return await aio_pika.connect(
-            config.url, timeout=config.connect_timeout, client_properties={"connection_name": name}
-        )
-    except asyncio.CancelledError:
-        raise
-    except Exception as exc:  # aiormq raises many kinds; all of them mean "not reachable now"
-        raise BrokerUnavailable(f"cannot connect to RabbitMQ at {config.safe_url}: {_describe(exc)}") from None
+    """A plain connection to the first of the broker URLs that answers; BrokerUnavailable (the
+    passwords left out) if none does."""
+    return (await connect_any(config, name))[0]
+
+
+async def connect_any(config: BrokerConfig, name: str, first: int = 0) -> tuple[aio_pika.abc.AbstractConnection, int]:
+    """A connection and the index of its URL, trying the URLs in order from index `first`."""
+    errors = []
+    for step in range(len(config.urls)):
+        index = (first + step) % len(config.urls)
+        url = config.urls[index]
+        try:
+            connection = await aio_pika.connect(
+                url, timeout=config.connect_timeout, client_properties={"connection_name": name}
+            )
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # aiormq raises many kinds; all of them mean "not reachable now"
+            errors.append(f"{redact_url(url)}: {_describe(exc)}")
+            continue
+        return connection, index
+    raise BrokerUnavailable("cannot connect to RabbitMQ at " + "; ".join(errors))
 
 
 def is_blocked(connection: aio_pika.abc.AbstractConnection) -> bool:
@@ -99,19 +112,22 @@ class BrokerLink:
 
     async def _run(self) -> None:
         delay = self._config.reconnect_min
+        first = 0  # index of the URL to try first: after a lost connection, the next node's
         while not self._stopping:
             try:
                 self._lost.clear()
-                connection = await connect(self._config, self._name)
+                connection, index = await connect_any(self._config, self._name, first)
+                url = self._config.urls[index]
+                first = (index + 1) % len(self._config.urls)
                 self.connection = connection
                 self.watch(connection)
                 await self._on_connect(connection)
                 self.connected.set()
                 self.on_state(True)
-                log.info("broker_connected", broker=self._config.safe_url)
+                log.info("broker_connected", broker=redact_url(url))
                 delay = self._config.reconnect_min
                 await self._lost.wait()
-                log.warning("broker_connection_lost", broker=self._config.safe_url)
+                log.warning("broker_connection_lost", broker=redact_url(url))
             except asyncio.CancelledError:
                 raise
             except TopologyError as exc:

@@ -39,7 +39,7 @@ DEFAULTS_NAME = "defaults.toml"
 
 @dataclass(frozen=True)
 class BrokerConfig:
-    url: str
+    urls: tuple[str, ...]  # nodes of one cluster (or one node): connect to the first that answers
     exchange: str
     unrouted: str
     publish_timeout: float
@@ -48,8 +48,13 @@ class BrokerConfig:
     reconnect_max: float
 
     @property
+    def url(self) -> str:
+        return self.urls[0]
+
+    @property
     def safe_url(self) -> str:
-        return redact_url(self.url)
+        """Every URL, passwords replaced: for messages about the broker as a whole."""
+        return ", ".join(redact_url(url) for url in self.urls)
 
 
 @dataclass(frozen=True)
@@ -273,10 +278,12 @@ def _cidr(value: Any) -> ipaddress.IPv4Network | ipaddress.IPv6Network:
         raise _Bad('a network such as "10.0.0.0/8" or "203.0.113.7"') from None
 
 
-def _url(value: Any) -> str:
-    if not isinstance(value, str) or urlsplit(value).scheme not in ("amqp", "amqps"):
-        raise _Bad('an AMQP URL such as "amqp://user:password@host:5672/vhost"')
-    return value
+def _urls(value: Any) -> tuple[str, ...]:
+    """One AMQP URL, or a non-empty list of them (the nodes of a cluster)."""
+    urls = value if isinstance(value, list) and value else [value]
+    if not all(isinstance(u, str) and urlsplit(u).scheme in ("amqp", "amqps") for u in urls):
+        raise _Bad('an AMQP URL such as "amqp://user:password@host:5672/vhost", or a list of them')
+    return tuple(urls)
 
 
 def _http_url(value: Any) -> str:
@@ -298,7 +305,7 @@ _DELAY = _duration(0.01)
 
 _SCHEMA: dict[str, dict[str, Callable[[Any], Any]]] = {
     "broker": {
-        "url": _url,
+        "url": _urls,
         "exchange": _nonempty,
         "unrouted": _nonempty,
         "publish_timeout": _TIMEOUT,
@@ -425,6 +432,7 @@ def _build(defaults: dict, user: dict, source: str, env: Mapping[str, str]) -> C
                 raise fail(f"{name}.{key}", str(bad), raw[name][key]) from None
 
     broker = parsed["broker"]
+    broker["urls"] = broker.pop("url")
     if broker["reconnect_max"] < broker["reconnect_min"]:
         raise fail("broker.reconnect_max", f"a duration of at least broker.reconnect_min ({_spell(broker['reconnect_min'])})",
                    raw["broker"]["reconnect_max"])
@@ -531,6 +539,12 @@ def _check_names(exchange: str, unrouted: str, consumers: tuple[ConsumerConfig, 
             claim(queues, dead_letter_queue(consumer.name, event), f"the DLQ of consumer {consumer.name!r} for event {event!r}")
 
 
+def _url_list(value: str) -> Any:
+    """One URL, or several separated by commas (a comma followed by the next amqp:// or amqps://)."""
+    urls = [u.strip() for u in re.split(r",\s*(?=amqps?://)", value.strip()) if u.strip()]
+    return urls[0] if len(urls) == 1 else urls
+
+
 def _tokens(value: str) -> list[str]:
     return [t.strip() for t in value.split(",") if t.strip()]
 
@@ -543,7 +557,7 @@ _SECRET_KEYS = {"auth.tokens", "hipcall.api_key"}
 _ENV_ONLY = {"hipcall.api_key": "HIPCALL_API_KEY"}  # secrets that a file in a repository must not hold
 
 _ENV_OVERRIDES: dict[str, tuple[str, str, Callable[[str], Any]]] = {
-    "HIPCALL_AMQP_URL": ("broker", "url", str),
+    "HIPCALL_AMQP_URL": ("broker", "url", _url_list),
     "HIPCALL_HTTP_PORT": ("http", "port", _port),
     "HIPCALL_TOKENS": ("auth", "tokens", _tokens),
     "HIPCALL_API_KEY": ("hipcall", "api_key", str.strip),

@@ -13,6 +13,7 @@
 
 The tap has no alternate exchange and the events exchange does: a queue bound to the tap sees every
 webhook without giving any event a route, so unsubscribed events still land in the unrouted queue.
+reconcile's ledger queue (EXCHANGE.reconcile) is bound to the tap for this reason.
 Dead letters go to CONSUMER.EVENT.dlq: published there by the worker (retries exhausted or a
 PermanentError) or by the broker itself (the delivery limit: a message that crashed its worker too
 often). Every queue on a broker dead-letter path is a quorum queue with the at-least-once strategy.

@@ -27,6 +27,8 @@ from urllib.parse import quote, urlsplit
 import aio_pika
 import pytest
 
+from ingest.localnode import LocalNode, NodeError
+
 FIXTURES = Path(__file__).parent / "fixtures"
 ROOT = Path(__file__).parent.parent
 DEFAULT_URL = "amqp://guest:guest@127.0.0.1:5672/"
@@ -245,67 +247,22 @@ def broker(vhosts) -> Broker:
 # --- a throwaway RabbitMQ node the tests may stop, kill and restart --------------------------------
 
 
-class RabbitNode:
-    """A private rabbitmq-server next to the machine's own: its own name, ports and data directory."""
+class RabbitNode(LocalNode):
+    """A private rabbitmq-server next to the machine's own (ingest/localnode.py, as `make run` uses it),
+    turning a node that cannot start into a test failure that says how to get one."""
 
     def __init__(self, directory: Path) -> None:
-        if not (RABBIT_BIN / "rabbitmq-server").exists():
-            pytest.fail(f"{RABBIT_BIN / 'rabbitmq-server'} not found: install Debian's rabbitmq-server package. {HOW_TO_GET_A_BROKER}")
-        self.dir = directory
-        self.port = free_port()
-        self.dist_port = free_port()
-        self.name = f"hipcalltest{self.port}@localhost"
-        self.url = f"amqp://guest:guest@127.0.0.1:{self.port}/"
-        self.process: subprocess.Popen | None = None
-        (directory / "enabled_plugins").write_text("[].\n")
-        (directory / "rabbitmq.conf").write_text(f"listeners.tcp.default = 127.0.0.1:{self.port}\nloopback_users = none\n")
-        self.env = dict(
-            os.environ,
-            RABBITMQ_NODENAME=self.name,
-            RABBITMQ_NODE_PORT=str(self.port),
-            RABBITMQ_DIST_PORT=str(self.dist_port),
-            RABBITMQ_MNESIA_BASE=str(directory / "mnesia"),
-            RABBITMQ_LOG_BASE=str(directory / "log"),
-            RABBITMQ_ENABLED_PLUGINS_FILE=str(directory / "enabled_plugins"),
-            RABBITMQ_PID_FILE=str(directory / "pid"),
-            RABBITMQ_CONFIG_FILE=str(directory / "rabbitmq"),
-        )
+        port = free_port()
+        try:
+            super().__init__(directory, f"hipcalltest{port}@localhost", port)
+        except NodeError as exc:
+            pytest.fail(f"{exc}. {HOW_TO_GET_A_BROKER}")
 
     def start(self) -> None:
-        (self.dir / "pid").unlink(missing_ok=True)
-        self.process = subprocess.Popen(
-            [str(RABBIT_BIN / "rabbitmq-server")],
-            env=self.env,
-            stdout=open(self.dir / "server.out", "ab"),
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
-        waited = _ctl("wait", str(self.dir / "pid"), "--timeout", "60", node=self.name, timeout=90)
-        if waited.returncode != 0 or not wait_until(lambda: _reachable(self.url, 0.5), timeout=30, what="node port"):
-            pytest.fail(f"throwaway RabbitMQ node did not start: {waited.stderr.strip()} (see {self.dir}/log)")
-
-    def stop(self) -> None:
-        if self.process and self.process.poll() is None:
-            _ctl("stop", node=self.name, timeout=60)
-            self.process.wait(timeout=60)
-        self.process = None
-
-    def kill(self) -> None:
-        """kill -9, as a crashed machine would."""
-        if self.process and self.process.poll() is None:
-            try:
-                os.killpg(self.process.pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-            pid_file = self.dir / "pid"
-            if pid_file.exists():
-                try:
-                    os.kill(int(pid_file.read_text().strip()), signal.SIGKILL)
-                except (ProcessLookupError, ValueError):
-                    pass
-            self.process.wait(timeout=30)
-        wait_until(lambda: not _reachable(self.url, 0.2), timeout=10, what="node to go away")
-        self.process = None
+        try:
+            super().start()
+        except NodeError as exc:
+            pytest.fail(f"throwaway RabbitMQ node did not start: {exc}")
 
 
 @pytest.fixture(scope="session")

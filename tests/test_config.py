@@ -225,3 +225,16 @@ def test_reconcile_without_an_api_key_exits_2_saying_which_variable(tmp_path):
     done = subprocess.run([sys.executable, "-m", "ingest", "reconcile", "--once", "--since", "yesterday"],
                           capture_output=True, text=True, cwd=tmp_path, env={**env, "PYTHONPATH": str(ROOT), "HIPCALL_API_KEY": "k"})
     assert done.returncode == 2 and "--since: expected a duration" in done.stderr
+
+
+def test_the_broker_url_may_be_a_list_of_nodes_in_the_file_or_the_environment(tmp_path):
+    path = tmp_path / "c.toml"
+    path.write_text('[broker]\nurl = ["amqp://u:pw1@a:5672/", "amqp://u:pw1@b:5672/"]\n')
+    config = load_config(path, {})
+    assert config.broker.urls == ("amqp://u:pw1@a:5672/", "amqp://u:pw1@b:5672/")
+    assert config.broker.safe_url == "amqp://u:***@a:5672/, amqp://u:***@b:5672/"
+    config = load_config(None, {"HIPCALL_AMQP_URL": "amqp://u:p,w@a/, amqps://u:p@b/,amqp://c/"})
+    assert config.broker.urls == ("amqp://u:p,w@a/", "amqps://u:p@b/", "amqp://c/")
+    path.write_text('[broker]\nurl = ["amqp://a/", "http://b/"]\n')
+    with pytest.raises(ConfigError, match="broker.url: expected an AMQP URL"):
+        load_config(path, {})

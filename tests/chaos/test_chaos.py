@@ -26,7 +26,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import wait_until
+from conftest import Broker, RabbitNode, payload, post_webhook, wait_until
 
 SECONDS = float(os.environ.get("HIPCALL_CHAOS_SECONDS", "8"))
 SENDERS = 8
@@ -327,3 +327,56 @@ def test_a_consumer_queue_full_at_its_max_length(launch, node_broker, tmp_path):
 def teardown_module() -> None:
     if ROWS:
         print("\n\nchaos table (" + f"{SECONDS:g} s each, {RATE}/s)\n" + "\n".join(ROWS))
+
+
+# --- a real three-node cluster: the node everyone is connected to is killed -9 ------------------------
+
+
+@pytest.fixture
+def cluster(tmp_path_factory):
+    nodes = [RabbitNode(tmp_path_factory.mktemp(f"cluster-node{i}")) for i in range(3)]
+    try:
+        for node in nodes:
+            node.start()
+        for node in nodes[1:]:
+            node.join(nodes[0])
+        running = nodes[0].rabbitmqctl("cluster_status", "--formatter", "json").stdout
+        assert all(node.name in running for node in nodes), running
+        yield nodes
+    finally:
+        for node in nodes:
+            node.kill()
+
+
+def test_cluster_node_everyone_is_connected_to_killed(launch, cluster, tmp_path):
+    urls = ",".join(node.url for node in cluster)
+    first = Broker(cluster[0].url, cluster[0].name)
+    sink = tmp_path / "sink.jsonl"
+    text = config(sink)
+    env = {"HIPCALL_AMQP_URL": urls}
+    ingress = launch("serve", first, text, env=env, wait="/readyz")
+    worker = launch("work", first, text, env=env)
+    wait_until(lambda: any(l.get("msg") == "consuming" for l in worker.logs()), what="worker consuming")
+    for proc in (ingress, worker):  # both on the first URL that answered: node 0
+        [connected] = [l for l in proc.logs() if l.get("msg") == "broker_connected"]
+        assert f":{cluster[0].port}/" in connected["broker"]
+    members = cluster[1].rabbitmqctl("list_queues", "name", "members", "--formatter", "json").stdout
+    assert all(node.name in members for node in cluster), members  # replicas on all three
+    kept = payload("deal_create")  # an event no consumer subscribes to: it waits in hipcall.unrouted
+    for _ in range(20):
+        assert post_webhook(ingress, kept)[0] == 202
+
+    load = Load(ingress.port)
+    load.run()
+    time.sleep(SECONDS / 3)
+    cluster[0].kill()
+    killed_at = time.monotonic()
+    for proc in (ingress, worker):
+        wait_until(lambda: any(l.get("msg") == "broker_connected" and f":{cluster[0].port}/" not in l["broker"]
+                               for l in proc.logs()), timeout=60, interval=0.1, what="reconnected to another node")
+    failover = time.monotonic() - killed_at
+    time.sleep(max(0.0, SECONDS / 3 - failover))
+    load.finish()
+    judge(f"cluster: node killed, failover {failover:.1f}s", load, sink)
+    survivor = Broker(cluster[1].url, cluster[1].name)
+    wait_until(lambda: survivor.count("hipcall.unrouted") == 20, timeout=30, what="the unrouted queue's 20 messages")
