@@ -14,6 +14,7 @@ import signal
 import subprocess
 import sys
 from collections.abc import Callable, Coroutine, Sequence
+from pathlib import Path
 from typing import Any
 
 from .config import Config, load_config
@@ -85,9 +86,50 @@ def _select_consumers(config: Config, names: Sequence[str] | None) -> tuple:
     return tuple(chosen)
 
 
+LOCAL_NODE_DIR = ".run/rabbitmq"
+
+
+def _local_node(config: Config):
+    """A project-local RabbitMQ node, started when the broker URL is a local guest one on which
+    nothing answers (a bare machine): `make run` then needs nothing running beforehand."""
+    from urllib.parse import urlsplit
+
+    from .localnode import LocalNode, reachable
+
+    if len(config.broker.urls) != 1:
+        return None
+    url = urlsplit(config.broker.url)
+    local = url.hostname in ("127.0.0.1", "localhost") and (url.username or "guest") == "guest" \
+        and (url.password or "guest") == "guest" and url.path in ("", "/")
+    port = url.port or 5672
+    if not local or reachable(url.hostname, port):
+        return None
+    print(f"hipcall-ingest run: nothing answers at {url.hostname}:{port}; starting a project-local RabbitMQ node "
+          f"({LOCAL_NODE_DIR}/, kept between runs)", file=sys.stderr, flush=True)
+    node = LocalNode(Path(LOCAL_NODE_DIR), f"hipcall-ingest-{port}@localhost", port)
+    try:
+        node.start()
+    except BaseException:  # Ctrl-C while it starts: leave nothing behind
+        node.kill()
+        raise
+    print(f"hipcall-ingest run: RabbitMQ node {node.name} is up on 127.0.0.1:{port}", file=sys.stderr, flush=True)
+    return node
+
+
 def cmd_run(config: Config, args: argparse.Namespace) -> int:
     """The ingress, one worker and (with HIPCALL_API_KEY set) reconcile as child processes; all stop
-    on Ctrl-C or SIGTERM."""
+    on Ctrl-C or SIGTERM. On a bare machine, a project-local RabbitMQ node too."""
+    node = _local_node(config)
+    try:
+        return _run_children(config, args)
+    finally:
+        if node is not None:
+            print(f"hipcall-ingest run: stopping RabbitMQ node {node.name} (its data stays in {LOCAL_NODE_DIR}/)",
+                  file=sys.stderr, flush=True)
+            node.stop()
+
+
+def _run_children(config: Config, args: argparse.Namespace) -> int:
     base = [sys.executable, "-m", "ingest"]
     extra = ["--config", args.config] if args.config else []
     children = [subprocess.Popen(base + ["serve"] + extra)]

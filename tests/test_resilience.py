@@ -2,10 +2,13 @@
 
 import json
 import os
+import signal
+import socket
 import subprocess
 import sys
 
-from conftest import ROOT, http, payload, post_webhook, wait_until
+from conftest import ROOT, Broker, free_port, http, payload, post_webhook, wait_until
+from ingest.localnode import LocalNode
 
 
 NO_SPOOL = '[spool]\nenabled = false\n'
@@ -173,3 +176,60 @@ def test_two_ingresses_in_one_spool_directory_each_write_their_own_segment(launc
 
     wait_until(all_arrived, timeout=30, what="both spools drained")
     assert first.stop() == 0 and second.stop() == 0
+
+
+def test_run_on_a_bare_machine_starts_a_project_local_broker_and_stops_it_keeping_its_data(tmp_path):
+    """`make run` where nothing answers at the (local) broker URL: a node under .run/rabbitmq/ of
+    the working directory; Ctrl-C stops it; the next run finds its queues and messages."""
+    port, http_port = free_port(), free_port()
+    sink = tmp_path / "sink.jsonl"
+    (tmp_path / "c.toml").write_text(
+        f'[broker]\nurl = "amqp://guest:guest@127.0.0.1:{port}/"\n[http]\nhost = "127.0.0.1"\nport = {http_port}\n'
+        f'[consumers.hipcall]\nenabled = false\n[consumers.crm]\nevents = ["call_hangup"]\n'
+        f'handler = "workers.builtin:jsonl"\n[consumers.crm.options]\npath = "{sink}"\n')
+    env = {k: v for k, v in os.environ.items() if not k.startswith("HIPCALL_")}
+    env["PYTHONPATH"] = str(ROOT)
+
+    def run() -> subprocess.Popen:
+        return subprocess.Popen([sys.executable, "-m", "ingest", "run", "--config", "c.toml"], cwd=tmp_path, env=env,
+                                stdout=open(tmp_path / "run.log", "ab"), stderr=subprocess.STDOUT)
+
+    proc = run()
+    try:
+        def ready() -> bool:
+            assert proc.poll() is None, (tmp_path / "run.log").read_text()
+            try:
+                return json.loads(http("GET", f"http://127.0.0.1:{http_port}/readyz")[2]).get("broker") == "connected"
+            except OSError:
+                return False
+
+        wait_until(ready, timeout=120, what="the local node up and the ingress connected")
+        status, _, answer = http("POST", f"http://127.0.0.1:{http_port}/webhooks/hipcall", payload("call_hangup"),
+                                 {"Content-Type": "application/json"})
+        assert status == 202, answer
+        wait_until(lambda: sink.exists() and sink.read_text().count("\n") == 1, what="the worker handled it")
+        proc.send_signal(signal.SIGINT)  # Ctrl-C
+        assert proc.wait(timeout=90) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    output = (tmp_path / "run.log").read_text()
+    assert "starting a project-local RabbitMQ node" in output and "Traceback" not in output
+    assert not socket_open(port)  # the node is stopped...
+    assert (tmp_path / ".run" / "rabbitmq" / "mnesia").is_dir()  # ...and its data kept
+
+    # The data survives: a webhook left in the queue by an ingress alone is there on the next start.
+    node = LocalNode(tmp_path / ".run" / "rabbitmq", f"hipcall-ingest-{port}@localhost", port)
+    node.start()
+    try:
+        assert Broker(node.url, node.name).count("crm.call_hangup") == 0  # the queue is back (and empty)
+    finally:
+        node.stop()
+
+
+def socket_open(port: int) -> bool:
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=0.5):
+            return True
+    except OSError:
+        return False
