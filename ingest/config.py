@@ -68,6 +68,7 @@ class HttpConfig:
     body_timeout: float
     max_connections: int
     answer_timeout: float
+    trusted_proxies: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]
 
 
 @dataclass(frozen=True)
@@ -323,6 +324,7 @@ _SCHEMA: dict[str, dict[str, Callable[[Any], Any]]] = {
         "body_timeout": _TIMEOUT,
         "max_connections": _integer(1, 1_000_000),
         "answer_timeout": _duration(0.3, 60),
+        "trusted_proxies": _list(_cidr),
     },
     "spool": {"enabled": _boolean, "dir": _nonempty, "max_bytes": _integer(1 << 20, 1 << 50)},
     "auth": {"tokens": _list(_nonempty), "allow_ips": _list(_cidr)},

@@ -54,6 +54,7 @@ RETRY_AFTER = "5"  # seconds a client is asked to wait after a 503
 LINGER = 1.0  # seconds an answered connection may still drain an unread body before it is closed
 SPOOL_RESERVE = 0.25  # of the answer budget, kept for writing to the spool when the broker is slow
 DRAIN_INTERVAL = 0.5  # seconds between looks at the spool while the broker is away
+REFUSED_RECONNECT = 10.0  # seconds of refused publishes after which the ingress reconnects
 DRAIN_PAUSE_MAX = 30.0  # longest wait after a failed drain (a queue that returns what we publish)
 NOT_CONNECTED = {"down": "no broker connection", "blocked": "the broker blocked the connection (resource alarm)"}
 
@@ -71,6 +72,7 @@ class Ingress:
         self._exchange = entry_exchange(config.broker.exchange)
         self._tokens = tuple(t.encode() for t in config.auth.tokens)
         self._networks = config.auth.allow_ips
+        self._proxies = config.http.trusted_proxies
         self._limited = tuple(c for c in config.enabled_consumers if c.max_length)
         # Metrics get the event as a label only for events some consumer subscribes to (bounded set).
         self._known_events = frozenset(e for c in config.consumers for e in c.events)
@@ -78,7 +80,9 @@ class Ingress:
     # --- the webhook ------------------------------------------------------------------------------
 
     async def webhook(self, request: web.Request) -> web.Response:
-        if self._networks and not self._allowed(request.remote):
+        client = request["client"] = client_address(
+            request.remote, request.headers.getall("X-Forwarded-For", []), self._proxies)
+        if self._networks and not self._allowed(client):
             return self._reject(request, 403, "client address not allowed")
         if self._tokens and not self._authorized(request):
             return self._reject(request, 401, "missing or wrong webhook token")
@@ -113,7 +117,7 @@ class Ingress:
             try:
                 async with asyncio.timeout(self._direct_budget):
                     await self.publisher.publish(body, self._exchange, event,
-                                                 webhook_properties(mid, received, request.remote or ""))
+                                                 webhook_properties(mid, received, client))
             except PublishFailed as exc:  # returned, refused, channel gone: not stored
                 reason = str(exc)
                 if exc.kind == "refused":
@@ -127,7 +131,7 @@ class Ingress:
                 return self._accepted(label, mid)
         if self.spool is not None:  # durable on our disk instead: still a 202, drained later
             try:
-                await self.spool.append(Record(mid, event, received.isoformat(), request.remote or "", body))
+                await self.spool.append(Record(mid, event, received.isoformat(), client, body))
             except SpoolFull as exc:
                 log.error("spool_full", _event=event, message_id=mid, reason=reason, error=str(exc))
             else:
@@ -171,12 +175,8 @@ class Ingress:
             {"error": "the broker is not available; retry later"}, status=503, headers={"Retry-After": RETRY_AFTER}
         )
 
-    def _allowed(self, remote: str | None) -> bool:
-        try:
-            address = ipaddress.ip_address(remote or "")
-        except ValueError:
-            return False
-        return any(address in network for network in self._networks)
+    def _allowed(self, client: str) -> bool:
+        return _within(client, self._networks)
 
     def _authorized(self, request: web.Request) -> bool:
         given = request.headers.get("X-Webhook-Token")
@@ -249,6 +249,30 @@ def _validate(body: bytes) -> tuple[dict, str | None]:
 INGRESS = web.AppKey("ingress", Ingress)
 
 
+def client_address(peer: str | None, forwarded: list[str], trusted: tuple) -> str:
+    """The client's address: the TCP peer, unless the peer is a trusted proxy; then the right-most
+    X-Forwarded-For entry that is not itself a trusted proxy (entries left of it could be forged)."""
+    if not trusted or not forwarded or not _within(peer, trusted):
+        return peer or ""
+    hops = [hop.strip() for value in forwarded for hop in value.split(",")]
+    for hop in reversed(hops):
+        if not _within(hop, trusted):
+            return hop if _address(hop) is not None else peer or ""
+    return hops[0] if hops and _address(hops[0]) is not None else peer or ""
+
+
+def _address(text: str | None) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
+    try:
+        return ipaddress.ip_address(text or "")
+    except ValueError:
+        return None
+
+
+def _within(text: str | None, networks: tuple) -> bool:
+    address = _address(text)
+    return address is not None and any(address in network for network in networks)
+
+
 @web.middleware
 async def access_log(request: web.Request, handler) -> web.StreamResponse:
     started = time.perf_counter()
@@ -259,7 +283,7 @@ async def access_log(request: web.Request, handler) -> web.StreamResponse:
         path=request.path,  # never the query string: it may carry ?token=
         status=response.status,
         latency_ms=round((time.perf_counter() - started) * 1000, 2),
-        remote=request.remote,
+        remote=request.get("client", request.remote),
         **request.get("log", {}),
     )
     return response
@@ -285,6 +309,7 @@ async def broker_context(app: web.Application) -> AsyncIterator[None]:
         """Republish what the spool holds whenever the broker takes webhooks again."""
         spool = ingress.spool
         pause = DRAIN_INTERVAL
+        refused_since: float | None = None
         while True:
             await asyncio.sleep(pause)
             spool.report()
@@ -293,11 +318,23 @@ async def broker_context(app: web.Application) -> AsyncIterator[None]:
                 continue
             try:
                 await spool.drain(ingress.republish)
+                refused_since = None
             except PublishFailed as exc:  # the broker went away, returns or refuses it: the segment stays
                 # A refusal is a full queue: room comes back as its consumer catches up, so look again
                 # soon. Anything else (a deleted queue that returns everything) backs off.
                 pause = DRAIN_INTERVAL if exc.kind == "refused" else min(pause * 2, DRAIN_PAUSE_MAX)
                 log.warning("spool_drain_paused", error=str(exc), retry_in_s=pause)
+                now = time.monotonic()
+                if exc.kind != "refused":
+                    refused_since = None
+                elif refused_since is None:
+                    refused_since = now
+                elif now - refused_since > REFUSED_RECONNECT:
+                    # Seen on a cluster: a channel opened while a quorum queue was electing a new leader
+                    # had every publish nacked for as long as it lived. A new connection does not.
+                    log.warning("broker_reconnect", reason=f"every publish refused for {REFUSED_RECONNECT:g}s")
+                    refused_since = None
+                    link.restart()
             except Exception as exc:  # an unreadable segment, say: never let the drainer die
                 pause = min(pause * 2, DRAIN_PAUSE_MAX)
                 log.error("spool_drain_failed", error=f"{type(exc).__name__}: {exc}", retry_in_s=pause)

@@ -353,3 +353,21 @@ def test_serve_on_a_port_in_use_exits_1_with_one_line_naming_it(launch, broker):
     output = second.output()
     assert "Traceback" not in output and f":{first.port}" in output and "http.port" in output
     assert first.stop() == 0
+
+
+def test_x_forwarded_for_counts_only_from_a_trusted_proxy(launch, broker):
+    allow = '[auth]\nallow_ips = ["203.0.113.7/32"]\n[http]\nhost = "127.0.0.1"\n'
+    behind = launch("serve", broker, allow + 'trusted_proxies = ["127.0.0.1/32"]\n', wait="/readyz")
+    body = payload("call_hangup")
+    # From the trusted proxy: the right-most entry it did not add itself is the client.
+    assert post_webhook(behind, body, {"X-Forwarded-For": "10.9.9.9, 203.0.113.7"})[0] == 202
+    # A client that forges the header gets its forgery on the left: the proxy appends the real address.
+    assert post_webhook(behind, body, {"X-Forwarded-For": "203.0.113.7, 198.51.100.4"})[0] == 403
+    [message] = broker.take("hipcall.call_hangup", expect=1)
+    assert message.headers["x-hipcall-client"] == "203.0.113.7"
+    requests = [l for l in behind.logs() if l.get("msg") == "request"]
+    assert [r["remote"] for r in requests[-2:]] == ["203.0.113.7", "198.51.100.4"]
+    # From a peer that is not a trusted proxy the header is ignored: the peer itself is the client.
+    direct = launch("serve", broker, allow + 'trusted_proxies = ["10.0.0.0/8"]\n', wait="/readyz")
+    assert post_webhook(direct, body, {"X-Forwarded-For": "203.0.113.7"})[0] == 403
+    assert [l["remote"] for l in direct.logs() if l.get("msg") == "request"][-1] == "127.0.0.1"

@@ -187,7 +187,7 @@ def test_status_shows_every_queue_and_exits_1_without_a_broker(broker, tmp_path)
     for queue in ("hipcall.call_hangup", "hipcall.retry.10s", "hipcall.call_hangup.dlq", "hipcall.unrouted"):
         assert queue in done.stdout
     rows = json.loads(cli(broker, path, "status", "--json").stdout)["queues"]
-    assert {r["kind"] for r in rows} == {"consumer", "retry", "dlq", "unrouted"}
+    assert {r["kind"] for r in rows} == {"consumer", "retry", "dlq", "unrouted", "ledger"}
     env = {"HIPCALL_AMQP_URL": "amqp://guest:guest@127.0.0.1:1/", "PATH": "/usr/bin:/bin"}
     down = subprocess.run([sys.executable, "-m", "ingest", "status"], capture_output=True, text=True, cwd=ROOT, env=env)
     assert down.returncode == 1 and "UNREACHABLE" in down.stdout

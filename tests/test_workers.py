@@ -8,6 +8,7 @@ import socket
 import time
 
 import aio_pika
+import pytest
 
 from conftest import children_of, free_port, http, payload, post_webhook, wait_until
 from ingest.message import message_id
@@ -134,9 +135,12 @@ def test_sigterm_lets_the_running_handler_finish_and_ack_then_exits_0(launch, br
     assert broker.count("crm.call_hangup") == 0  # acked, not waiting for a redelivery
 
 
-def test_a_message_that_kills_its_worker_every_time_ends_in_the_dlq(launch, broker, tmp_path):
+@pytest.mark.parametrize("defaults", ["3.10", "4.x"])
+def test_a_message_that_kills_its_worker_every_time_ends_in_the_dlq(launch, broker, tmp_path, defaults):
     record = tmp_path / "record.jsonl"
     config = consumer(record=str(record), mode="crash").replace("retry = { delays", "retry = { delivery_limit = 1, delays")
+    if defaults == "4.x":  # RabbitMQ 4.x gives every quorum queue a delivery limit of 20: emulated by a policy
+        broker.ctl("set_policy", "-p", "{vhost}", "rabbitmq4-defaults", ".*", '{"delivery-limit": 20}', "--apply-to", "queues")
     ingress = launch("serve", broker, config, wait="/readyz")
     post_webhook(ingress, HANGUP)
     for _ in range(4):
@@ -150,6 +154,8 @@ def test_a_message_that_kills_its_worker_every_time_ends_in_the_dlq(launch, brok
     assert letter.body == HANGUP
     assert "x-death" in letter.headers  # dead-lettered by the broker (delivery limit), not by us
     assert len(records(record, "start")) == 2  # limit 1: the first delivery and one redelivery
+    if defaults == "4.x":  # our x-delivery-limit won over the policy's 20
+        assert "rabbitmq4-defaults" in broker.ctl("list_queues", "-p", "{vhost}", "name", "policy")
 
 
 def test_the_worker_resumes_after_a_broker_restart(launch, node_broker, rabbit_node, tmp_path):
