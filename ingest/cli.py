@@ -130,13 +130,13 @@ def cmd_run(config: Config, args: argparse.Namespace) -> int:
 
 
 def _run_children(config: Config, args: argparse.Namespace) -> int:
-    base = [sys.executable, "-m", "ingest"]
+    command = [sys.executable, "-m", "ingest"]
     extra = ["--config", args.config] if args.config else []
-    children = [subprocess.Popen(base + ["serve"] + extra)]
-    if config.enabled_consumers:
-        children.append(subprocess.Popen(base + ["work"] + extra))
-    if config.hipcall.api_key:
-        children.append(subprocess.Popen(base + ["reconcile"] + extra))
+    names = ["serve"] + (["work"] if config.enabled_consumers else []) + (["reconcile"] if config.hipcall.api_key else [])
+    # Each child in its own process group: Ctrl-C in a terminal reaches only us, and each child gets
+    # exactly one SIGTERM from us (a terminal's SIGINT plus our SIGTERM could land after a child's
+    # loop has closed, killing it mid-shutdown).
+    children = [subprocess.Popen(command + [name] + extra, process_group=0) for name in names]
 
     signalled: set[int] = set()
 
