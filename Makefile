@@ -17,6 +17,14 @@ run: $(BIN)/hipcall-ingest
 test: $(BIN)/hipcall-ingest
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
+# Speed, side by side with baselines (bench/README.md). Installs wrk (Debian's package) and the
+# bench extra (FastStream, the baseline worker) if they are missing; about 8 minutes.
+bench: $(BIN)/hipcall-ingest
+	@command -v wrk >/dev/null || { if [ "$$(id -u)" = 0 ]; then apt-get update -q && apt-get install -y -q wrk; \
+	  else echo "make bench needs wrk: sudo apt-get install wrk"; exit 1; fi; }
+	@$(BIN)/python -c "import faststream" 2>/dev/null || $(BIN)/pip install -q -e '.[test,bench]'
+	$(BIN)/python bench/run.py $(BENCH_ARGS)
+
 # The chaos suite at full length (30 s of load per scenario; `make test` runs each for 8 s).
 chaos: $(BIN)/hipcall-ingest
 	HIPCALL_CHAOS_SECONDS=$${HIPCALL_CHAOS_SECONDS:-30} HIPCALL_CHAOS_SLACK=0 $(BIN)/python -m pytest -s -q tests/chaos $(PYTEST_ARGS)

@@ -1,0 +1,23 @@
+"""Baseline: a FastStream no-op subscriber on the same queue (declared passively, as it exists).
+
+    python bench/baselines/faststream_consumer.py AMQP_URL QUEUE
+"""
+
+import sys
+
+from faststream import FastStream
+from faststream.rabbit import RabbitBroker, RabbitQueue
+
+broker = RabbitBroker(sys.argv[1], logger=None)
+app = FastStream(broker, logger=None)
+
+
+@broker.subscriber(RabbitQueue(sys.argv[2], declare=False))
+async def handle(body: bytes) -> None:
+    pass
+
+
+if __name__ == "__main__":
+    import asyncio
+
+    asyncio.run(app.run())

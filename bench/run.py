@@ -1,0 +1,430 @@
+"""`make bench`: hipcall-ingest against what a user would write or pick instead, side by side, in one run.
+
+Everything runs on this machine against a throwaway RabbitMQ node of its own (ingest/localnode.py);
+traffic goes only to 127.0.0.1 and every step is bounded in time. Prints a table and writes
+bench/results/latest.json. bench/README.md says how to read it.
+
+    python bench/run.py [--seconds 8] [--rounds 3] [--messages 30000]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import platform
+import re
+import shutil
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from datetime import datetime, timedelta, timezone
+from pathlib import Path
+
+import aio_pika
+import aiohttp
+import aiormq
+from pamqp.commands import Basic
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
+
+from ingest.localnode import LocalNode, free_port, reachable  # noqa: E402
+
+BODY = ROOT / "tests" / "fixtures" / "call_hangup.json"
+PY = sys.executable
+TARGETS = {
+    "ingress_ratio": ("ingress req/s vs the minimal ingress", ">=", 1.5),
+    "ingress_p99_ms": ("ingress p99 at 50 connections (ms)", "<=", 20.0),
+    "worker_vs_faststream": ("worker msgs/s vs FastStream", ">=", 2.5),
+    "worker_vs_raw": ("worker msgs/s vs raw aiormq", ">=", 0.70),
+    "e2e_p99_ms": ("end-to-end p99 at 1,000/s (ms)", "<=", 10.0),
+    "replay_ratio": ("dlq replay vs a raw publisher", ">=", 0.8),
+    "ingress_rss_mb": ("ingress RSS (MB)", "<=", 60.0),
+}
+
+
+class Bench:
+    def __init__(self, args: argparse.Namespace, work: Path) -> None:
+        self.args = args
+        self.work = work
+        self.node = LocalNode(work / "rabbitmq", f"hipcallbench{free_port()}@localhost", free_port())
+        self.url = self.node.url
+        self.results: dict = {"date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+                              "machine": {"cpus": os.cpu_count(), "python": platform.python_version()},
+                              "settings": vars(args)}
+        self.procs: list[subprocess.Popen] = []
+
+    # --- plumbing ------------------------------------------------------------------------------------
+
+    def start(self, *command: str, name: str, env: dict | None = None, cwd: Path | None = None) -> subprocess.Popen:
+        log = open(self.work / f"{name}.log", "ab")
+        proc = subprocess.Popen(list(command), stdout=log, stderr=subprocess.STDOUT, cwd=cwd or self.work,
+                                env={**os.environ, "PYTHONPATH": f"{ROOT}:{ROOT / 'bench'}", **(env or {})})
+        self.procs.append(proc)
+        return proc
+
+    def stop(self, proc: subprocess.Popen) -> None:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+            try:
+                proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+
+    def config(self, port: int, extra: str = "") -> Path:
+        path = self.work / f"config-{port}.toml"
+        path.write_text(f'[broker]\nurl = "{self.url}"\n[http]\nhost = "127.0.0.1"\nport = {port}\n{extra}')
+        return path
+
+    def ingest(self, command: str, config: Path, name: str) -> subprocess.Popen:
+        return self.start(PY, "-m", "ingest", command, "--config", str(config), name=name)
+
+    def wait_http(self, port: int, proc: subprocess.Popen) -> None:
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            if proc.poll() is not None:
+                raise SystemExit(f"bench: a process exited early; see {self.work}")
+            if reachable("127.0.0.1", port, 0.2):
+                return
+            time.sleep(0.1)
+        raise SystemExit(f"bench: nothing answered on port {port}")
+
+    def ready(self, port: int, proc: subprocess.Popen) -> None:
+        self.wait_http(port, proc)
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            out = subprocess.run(["curl", "-s", f"http://127.0.0.1:{port}/readyz"], capture_output=True, text=True).stdout
+            if '"connected"' in out:
+                return
+            time.sleep(0.2)
+        raise SystemExit("bench: the ingress never connected to the broker")
+
+    async def _queue_depth(self, queue: str) -> int:
+        connection = await aio_pika.connect(self.url)
+        async with connection:
+            channel = await connection.channel()
+            declared = await channel.declare_queue(queue, passive=True)
+            return declared.declaration_result.message_count or 0
+
+    def depth(self, queue: str) -> int:
+        return asyncio.run(self._queue_depth(queue))
+
+    def total(self, queue: str) -> int:
+        """Ready and unacknowledged messages (rabbitmqctl: slower than a passive declare, but complete)."""
+        out = self.node.rabbitmqctl("list_queues", "name", "messages", "--no-table-headers", "-q").stdout
+        return sum(int(parts[1]) for parts in (line.split() for line in out.splitlines()) if parts and parts[0] == queue)
+
+    def purge(self, *queues: str) -> None:
+        for queue in queues:
+            self.node.rabbitmqctl("purge_queue", queue)
+
+    def rss_mb(self, proc: subprocess.Popen) -> float:
+        for line in Path(f"/proc/{proc.pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return round(int(line.split()[1]) / 1024, 1)
+        return float("nan")
+
+    # --- 1. ingress ---------------------------------------------------------------------------------
+
+    def wrk(self, port: int) -> dict:
+        done = subprocess.run(
+            ["wrk", "-t2", "-c50", f"-d{self.args.seconds}s", "--latency", "-s", str(ROOT / "bench" / "post.lua"),
+             f"http://127.0.0.1:{port}/webhooks/hipcall"],
+            capture_output=True, text=True, timeout=self.args.seconds + 60, env={**os.environ, "HIPCALL_BENCH_BODY": str(BODY)})
+        out = done.stdout
+        non2xx = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
+        return {"rps": float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1)),
+                "p50_ms": _ms(re.search(r"\s50%\s+([\d.]+\w+)", out).group(1)),
+                "p99_ms": _ms(re.search(r"\s99%\s+([\d.]+\w+)", out).group(1)),
+                "non_2xx": int(non2xx.group(1)) if non2xx else 0}
+
+    def ingress(self) -> None:
+        ours_port, base_port, bare_port = free_port(), free_port(), free_port()
+        # A: `make run`'s configuration (access log, spool, metrics on), its log to a file.
+        ours = self.ingest("serve", self.config(ours_port), "serve")
+        base = self.start(PY, str(ROOT / "bench/baselines/minimal_ingress.py"), str(base_port), self.url,
+                          "baseline.call_hangup", name="baseline")
+        self.ready(ours_port, ours)
+        self.wait_http(base_port, base)
+        time.sleep(1)
+        rounds = []
+        for _ in range(self.args.rounds):
+            a = self.wrk(ours_port)
+            self.purge("hipcall.call_hangup", "hipcall.events.reconcile")
+            b = self.wrk(base_port)
+            self.purge("baseline.call_hangup")
+            rounds.append({"ours": a, "baseline": b})
+            print(f"  ingress round: ours {a['rps']:.0f} req/s p99 {a['p99_ms']} ms | "
+                  f"baseline {b['rps']:.0f} req/s p99 {b['p99_ms']} ms", flush=True)
+        self.results["ingress_rss_mb"] = self.rss_mb(ours)
+        self.stop(base)
+        bare = self.start(PY, str(ROOT / "bench/baselines/no_publish.py"), str(bare_port), name="no_publish")
+        self.wait_http(bare_port, bare)
+        ceiling = self.wrk(bare_port)
+        self.stop(bare)
+        self.ours_ingress = (ours, ours_port)
+        med = lambda who, key: statistics.median(r[who][key] for r in rounds)  # noqa: E731
+        self.results["ingress"] = {
+            "rounds": rounds,
+            "ours": {k: med("ours", k) for k in ("rps", "p50_ms", "p99_ms")},
+            "baseline": {k: med("baseline", k) for k in ("rps", "p50_ms", "p99_ms")},
+            "no_publish_ceiling": ceiling,
+            "non_2xx": sum(r[w]["non_2xx"] for r in rounds for w in ("ours", "baseline")),
+        }
+        self.results["ingress"]["ratio"] = round(med("ours", "rps") / med("baseline", "rps"), 2)
+
+    async def raw_publish(self, queue: str, n: int, in_flight: int = 500, body: bytes | None = None) -> float:
+        body = body or BODY.read_bytes()
+        connection = await aiormq.connect(self.url)
+        channel = await connection.channel()
+        await channel.confirm_delivery()
+        if queue == "bench.raw_publish":  # the others exist, declared by our topology with its arguments
+            await channel.queue_declare(queue, durable=True, arguments={"x-queue-type": "quorum"})
+        started = time.perf_counter()
+        def properties(i: int) -> Basic.Properties:  # a message id of its own, as every webhook has
+            return Basic.Properties(delivery_mode=2, content_type="application/json", message_id=f"bench-{i}")
+
+        for start in range(0, n, in_flight):
+            await asyncio.gather(*(channel.basic_publish(body, routing_key=queue, properties=properties(i))
+                                   for i in range(start, min(n, start + in_flight))))
+        elapsed = time.perf_counter() - started
+        await connection.close()
+        return elapsed
+
+    def publisher_ceiling(self) -> None:
+        n = self.args.messages
+        seconds = asyncio.run(self.raw_publish("bench.raw_publish", n))
+        self.purge("bench.raw_publish")
+        self.results["raw_publisher_ceiling_msgs_s"] = round(n / seconds)
+
+    # --- 2. worker ----------------------------------------------------------------------------------
+
+    def drain(self, start_consumer, queue: str) -> float:
+        n = self.args.messages
+        self.purge(queue)
+        asyncio.run(self.raw_publish(queue, n))
+        assert self.depth(queue) == n
+        proc = start_consumer()
+        deadline = time.monotonic() + 300
+        began = None
+        while time.monotonic() < deadline:
+            depth = self.depth(queue)
+            if began is None and depth < n:
+                began = time.perf_counter()
+            if depth == 0:
+                break
+            time.sleep(0.05)
+        ended = time.perf_counter()  # the last ones are being handled: at most a prefetch of them
+        while time.monotonic() < deadline and self.total(queue):
+            time.sleep(0.2)
+        rss = self.rss_mb(proc)
+        self.stop(proc)
+        if began is None:
+            raise SystemExit(f"bench: nothing drained {queue}; see {self.work}")
+        return n / (ended - began), rss
+
+    def worker(self) -> None:
+        queue = "bench.call_hangup"
+        config = self.config(0, '[consumers.hipcall]\nenabled = false\n[consumers.bench]\nevents = ["call_hangup"]\n'
+                                'handler = "handlers:noop"\n')
+        subprocess.run([PY, "-m", "ingest", "topology", "--config", str(config)], check=True, capture_output=True,
+                       env={**os.environ, "PYTHONPATH": str(ROOT)})
+        runs = {"ours": [], "faststream": [], "raw": []}
+        for _ in range(self.args.rounds):
+            rate, rss = self.drain(lambda: self.ingest("work", config, "work"), queue)
+            runs["ours"].append(rate)
+            self.results["worker_rss_mb"] = rss
+            runs["faststream"].append(self.drain(lambda: self.start(
+                PY, str(ROOT / "bench/baselines/faststream_consumer.py"), self.url, queue, name="faststream"), queue)[0])
+            runs["raw"].append(self.drain(lambda: self.start(
+                PY, str(ROOT / "bench/baselines/raw_consumer.py"), self.url, queue, name="raw"), queue)[0])
+            print("  worker round: " + ", ".join(f"{k} {v[-1]:.0f} msgs/s" for k, v in runs.items()), flush=True)
+        med = {k: round(statistics.median(v)) for k, v in runs.items()}
+        self.results["worker"] = {"msgs_s": med, "runs": runs, "vs_faststream": round(med["ours"] / med["faststream"], 2),
+                                  "vs_raw": round(med["ours"] / med["raw"], 2)}
+
+    # --- 3. end to end --------------------------------------------------------------------------------
+
+    def end_to_end(self, rate: int = 1000, seconds: int = 20) -> None:
+        sink = self.work / "latency.txt"
+        port = free_port()
+        config = self.config(port, f'[consumers.hipcall]\nenabled = false\n[consumers.e2e]\nevents = ["e2e"]\n'
+                                   f'handler = "handlers:Latency"\n[consumers.e2e.options]\npath = "{sink}"\n')
+        ingress = self.ingest("serve", config, "e2e-serve")
+        worker = self.ingest("work", config, "e2e-work")
+        self.ready(port, ingress)
+        time.sleep(1)
+        statuses = asyncio.run(_send_at_rate(f"http://127.0.0.1:{port}/webhooks/hipcall", rate, seconds))
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline and self.depth("e2e.e2e") > 0:
+            time.sleep(0.2)
+        time.sleep(1)
+        self.stop(worker)
+        self.stop(ingress)
+        latencies = sorted(float(line) * 1000 for line in sink.read_text().split())
+        self.results["end_to_end"] = {
+            "rate": rate, "seconds": seconds, "sent": len(statuses), "accepted": sum(s == 202 for s in statuses),
+            "handled": len(latencies), "p50_ms": round(_pct(latencies, 50), 2), "p99_ms": round(_pct(latencies, 99), 2),
+            "max_ms": round(latencies[-1], 2)}
+
+    # --- 4. replay and reconcile ------------------------------------------------------------------------
+
+    def replay(self) -> None:
+        n = 20_000
+        env = {**os.environ, "HIPCALL_AMQP_URL": self.url, "PYTHONPATH": str(ROOT)}
+        subprocess.run([PY, "-m", "ingest", "topology"], check=True, env=env, capture_output=True, cwd=self.work)
+        self.purge("hipcall.call_hangup", "hipcall.call_hangup.dlq")
+        raw = asyncio.run(self.raw_publish("hipcall.call_hangup.dlq", n))
+        started = time.perf_counter()
+        subprocess.run([PY, "-m", "ingest", "dlq", "replay", "hipcall.call_hangup.dlq"], check=True, env=env,
+                       capture_output=True, cwd=self.work)
+        ours = time.perf_counter() - started
+        moved = self.depth("hipcall.call_hangup")
+        self.purge("hipcall.call_hangup", "hipcall.call_hangup.dlq")
+        self.results["replay"] = {"letters": n, "moved": moved, "raw_publisher_msgs_s": round(n / raw),
+                                  "replay_msgs_s": round(n / ours), "ratio": round(raw / ours, 2)}
+
+    def reconcile(self, calls: int = 5000, missing_every: int = 100) -> None:
+        from hipcall_standin import StandinApi, make_call
+
+        api = StandinApi().start()
+        now = datetime.now(timezone.utc)
+        everything = [make_call(now - timedelta(minutes=10, seconds=i)) for i in range(calls)]
+        api.add(*everything)
+        config = self.config(0, f'[hipcall]\napi_url = "{api.url}"\n[reconcile]\nrate_limit = 100000\n'
+                                f'ledger = "{self.work}/ledger.sqlite3"\nlookback = "3h"\n')
+        from ingest.ledger import Ledger
+
+        ledger = Ledger(self.work / "ledger.sqlite3")
+        for i, call in enumerate(everything):
+            if i % missing_every:
+                ledger.record(call["uuid"], call["ended_at"], "webhook")
+        ledger.close()
+        env = {**os.environ, "HIPCALL_API_KEY": api.key, "PYTHONPATH": str(ROOT)}
+        started = time.perf_counter()
+        done = subprocess.run([PY, "-m", "ingest", "reconcile", "--once", "--json", "--config", str(config)],
+                              env=env, capture_output=True, text=True, cwd=self.work, timeout=600)
+        wall = time.perf_counter() - started
+        api.stop()
+        lines = done.stdout.splitlines()
+        report = json.loads("\n".join(lines[lines.index("{"):]))
+        self.results["reconcile"] = {"calls": calls, "missing": report["missing"], "recovered": report["recovered"],
+                                     "requests": report["requests"], "wall_s": round(wall, 1),
+                                     "at_60_per_minute_s": round(report["requests"] - 5, 0)}  # a burst of 5, then 1/s
+
+    # --- the run ---------------------------------------------------------------------------------------
+
+    def run(self) -> dict:
+        print(f"bench: starting a throwaway RabbitMQ node ({self.node.name}) in {self.work}", flush=True)
+        self.node.start()
+        try:
+            steps = [("ingress (wrk, A/B rounds)", self.ingress), ("raw publisher ceiling", self.publisher_ceiling),
+                     ("worker drain (ours, FastStream, raw aiormq)", self.worker),
+                     ("end to end at 1,000/s", self.end_to_end), ("dlq replay", self.replay),
+                     ("reconcile pass over 5,000 calls", self.reconcile)]
+            for title, step in steps:
+                print(f"bench: {title}", flush=True)
+                step()
+            self.stop(self.ours_ingress[0])
+        finally:
+            for proc in self.procs:
+                if proc.poll() is None:
+                    proc.kill()
+            self.node.kill()
+        return self.results
+
+
+async def _send_at_rate(url: str, rate: int, seconds: int) -> list[int]:
+    statuses: list[int] = []
+    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=100)) as session:
+        async def one() -> None:
+            body = json.dumps({"event": "e2e", "data": {"uuid": uuid.uuid4().hex, "sent_at": time.time()}})
+            async with session.post(url, data=body, headers={"Content-Type": "application/json"}) as response:
+                await response.read()
+                statuses.append(response.status)
+
+        tasks = []
+        started = time.perf_counter()
+        for i in range(rate * seconds):
+            delay = started + i / rate - time.perf_counter()
+            if delay > 0:
+                await asyncio.sleep(delay)
+            tasks.append(asyncio.create_task(one()))
+        await asyncio.gather(*tasks, return_exceptions=True)
+    return statuses
+
+
+def _ms(text: str) -> float:
+    value, unit = re.fullmatch(r"([\d.]+)(\w+)", text).groups()
+    return round(float(value) * {"us": 0.001, "ms": 1.0, "s": 1000.0, "m": 60000.0}[unit], 2)
+
+
+def _pct(values: list[float], q: float) -> float:
+    return values[min(len(values) - 1, int(round(q / 100 * (len(values) - 1))))]
+
+
+def table(r: dict) -> str:
+    i, w = r["ingress"], r["worker"]
+    e, rp, rc = r["end_to_end"], r["replay"], r["reconcile"]
+    lines = [
+        f"hipcall-ingest bench, {r['date']}, {r['machine']['cpus']} cores, Python {r['machine']['python']}",
+        "",
+        f"{'INGRESS (wrk, 50 connections)':<44} {'req/s':>8} {'p50 ms':>8} {'p99 ms':>8}",
+        f"{'  hipcall-ingest serve (defaults)':<44} {i['ours']['rps']:>8.0f} {i['ours']['p50_ms']:>8} {i['ours']['p99_ms']:>8}",
+        f"{'  minimal aiohttp + aio-pika (baseline)':<44} {i['baseline']['rps']:>8.0f} {i['baseline']['p50_ms']:>8} {i['baseline']['p99_ms']:>8}",
+        f"{'  aiohttp answering 202, no publish (ceiling)':<44} {i['no_publish_ceiling']['rps']:>8.0f} {i['no_publish_ceiling']['p50_ms']:>8} {i['no_publish_ceiling']['p99_ms']:>8}",
+        f"{'  raw aiormq publisher, 500 in flight':<44} {r['raw_publisher_ceiling_msgs_s']:>8} msgs/s",
+        f"  ratio ours / baseline: {i['ratio']}x   non-2xx: {i['non_2xx']}",
+        "",
+        f"{'WORKER (drain ' + str(r['settings']['messages']) + ' messages, no-op handler)':<44} {'msgs/s':>8}",
+        f"{'  hipcall-ingest work':<44} {w['msgs_s']['ours']:>8}",
+        f"{'  FastStream subscriber':<44} {w['msgs_s']['faststream']:>8}",
+        f"{'  raw aiormq consumer (ceiling)':<44} {w['msgs_s']['raw']:>8}",
+        f"  ratios: {w['vs_faststream']}x FastStream, {w['vs_raw']:.0%} of raw aiormq",
+        "",
+        f"END TO END at {e['rate']}/s for {e['seconds']} s: POST -> handler start p50 {e['p50_ms']} ms, "
+        f"p99 {e['p99_ms']} ms, max {e['max_ms']} ms ({e['handled']} of {e['sent']} handled)",
+        f"DLQ REPLAY of {rp['letters']}: {rp['replay_msgs_s']} msgs/s vs raw publisher {rp['raw_publisher_msgs_s']} "
+        f"msgs/s: {rp['ratio']}x",
+        f"RECONCILE pass over {rc['calls']} calls ({rc['missing']} missing): {rc['requests']} API requests, "
+        f"{rc['wall_s']} s unthrottled; at Hipcall's 60/min about {rc['at_60_per_minute_s']:.0f} s",
+        f"MEMORY (RSS): ingress {r['ingress_rss_mb']} MB after its runs, worker {r['worker_rss_mb']} MB after a drain",
+        "",
+        "TARGETS (printed, not enforced)",
+    ]
+    values = {"ingress_ratio": i["ratio"], "ingress_p99_ms": i["ours"]["p99_ms"], "worker_vs_faststream": w["vs_faststream"],
+              "worker_vs_raw": w["vs_raw"], "e2e_p99_ms": e["p99_ms"], "replay_ratio": rp["ratio"],
+              "ingress_rss_mb": r["ingress_rss_mb"]}
+    for key, (what, op, goal) in TARGETS.items():
+        met = values[key] >= goal if op == ">=" else values[key] <= goal
+        lines.append(f"  {what:<44} {values[key]:>8} {op} {goal:<6} {'met' if met else 'MISSED'}")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--seconds", type=int, default=8, help="length of each wrk run")
+    parser.add_argument("--rounds", type=int, default=3, help="A/B rounds (medians are reported)")
+    parser.add_argument("--messages", type=int, default=30_000, help="messages per worker drain")
+    args = parser.parse_args()
+    if shutil.which("wrk") is None:
+        raise SystemExit("bench: wrk is not installed; `make bench` installs it (apt-get install wrk)")
+    work = Path(tempfile.mkdtemp(prefix="hipcall-bench-"))
+    results = bench_results = Bench(args, work).run()
+    out = ROOT / "bench" / "results"
+    out.mkdir(exist_ok=True)
+    (out / "latest.json").write_text(json.dumps(bench_results, indent=2) + "\n")
+    print()
+    print(table(results))
+    print(f"\nresults: {out / 'latest.json'}; logs: {work}")
+
+
+if __name__ == "__main__":
+    main()
