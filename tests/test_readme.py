@@ -57,3 +57,12 @@ def test_every_configuration_key_and_its_default_is_in_the_readme():
                 assert f"`{_spelled(value)}`" in row, f"{table}.{key}: default {_spelled(value)!r} not in: {row}"
     for key in ("events", "handler", "concurrency", "enabled", "retry", "options", "max_length"):
         _row(f"consumers.NAME.{key}")
+
+
+def test_the_grafana_dashboard_uses_only_documented_metrics():
+    dashboard = json.loads((ROOT / "deploy" / "grafana-dashboard.json").read_text())
+    expressions = [target["expr"] for panel in dashboard["panels"] for target in panel["targets"]]
+    assert len(expressions) >= 15
+    for name in {m for e in expressions for m in re.findall(r"\b(hipcall_[a-z_]+?)(?:_bucket)?\b", e)}:
+        assert name in README, f"{name} is on the dashboard but not in the README"
+    assert any("rabbitmq_queue_messages_ready" in e for e in expressions)
