@@ -8,7 +8,7 @@ from datetime import datetime, timedelta, timezone
 
 import pytest
 
-from conftest import free_port, http, post_webhook, wait_until
+from conftest import children_of, free_port, http, post_webhook, wait_until
 from hipcall_standin import StandinApi, make_call, webhook_body
 from ingest.message import call_event_id
 
@@ -220,3 +220,13 @@ def test_a_reconcile_killed_mid_pass_loses_nothing_and_recovers_nothing_twice(la
     assert code == 0 and report_of(output)["recovered"] == 30, output
     wait_until(lambda: len(lines(sink)) == 60, what="the second recovery handled")
     assert all(first_ids[l["data"]["uuid"]] == l["id"] for l in lines(sink))
+
+
+def test_run_starts_reconcile_as_a_third_process_when_an_api_key_is_set(launch, broker, hipcall_api, tmp_path):
+    config = config_for(hipcall_api, extra='interval = "1s"')
+    run = launch("run", broker, config, env=key_env(hipcall_api), wait="/readyz")
+    wait_until(lambda: sorted(cmd.split(" -m ingest ")[1].split()[0] for _, cmd in children_of(run.process.pid))
+               == ["reconcile", "serve", "work"], what="serve, work and reconcile under run")
+    wait_until(lambda: any(l.get("msg") == "reconcile_pass" for l in run.logs()), what="a reconcile pass")
+    assert run.stop() == 0
+    assert hipcall_api.key not in run.output()
