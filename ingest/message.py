@@ -28,9 +28,10 @@ def message_id(body: bytes) -> str:
 
 
 def webhook_id(event: str, payload: Any, body: bytes) -> str:
-    """The id of a webhook. A call event's id is derived from its event and call uuid, not its bytes:
-    the call_hangup that reconcile rebuilds from Hipcall's API then has the id the real webhook has."""
-    uuid = call_uuid(payload)
+    """The id of a webhook: a hash of its body, except for a call_hangup (one per call), whose id is
+    derived from the call's uuid, so that the call_hangup reconcile rebuilds from Hipcall's API has the
+    id of the real webhook. (Not for other call events: a call might be bridged more than once.)"""
+    uuid = call_uuid(payload) if event == "call_hangup" else None
     return call_event_id(event, uuid) if uuid else message_id(body)
 
 

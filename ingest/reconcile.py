@@ -33,7 +33,7 @@ from prometheus_client import Counter, Gauge, start_http_server
 from .broker import BrokerLink
 from .config import Config
 from .errors import HipcallError, PublishFailed, StartupError
-from .hipcall_api import ApiError, HipcallApi, as_webhook_data, iso, parse_time
+from .hipcall_api import HipcallApi, as_webhook_data, iso, parse_time
 from .ledger import Ledger
 from .message import SOURCE, call_event_id, call_uuid, webhook_properties
 from .names import entry_exchange, ledger_queue, reconcile_lock

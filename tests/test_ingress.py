@@ -371,3 +371,14 @@ def test_x_forwarded_for_counts_only_from_a_trusted_proxy(launch, broker):
     direct = launch("serve", broker, allow + 'trusted_proxies = ["10.0.0.0/8"]\n', wait="/readyz")
     assert post_webhook(direct, body, {"X-Forwarded-For": "203.0.113.7"})[0] == 403
     assert [l["remote"] for l in direct.logs() if l.get("msg") == "request"][-1] == "127.0.0.1"
+
+
+def test_a_call_hangup_id_comes_from_its_call_uuid_and_other_ids_from_the_body(ingress):
+    def answer_id(event: str, **data) -> str:
+        body = json.dumps({"event": event, "data": {"uuid": "call-1", **data}}).encode()
+        return post_webhook(ingress, body)[2]["id"]
+
+    # One call has one call_hangup: rebuilt by reconcile with other field spellings, it keeps the id.
+    assert answer_id("call_hangup", record_url=None) == answer_id("call_hangup", record_url="https://x/r.mp3")
+    # A call may be bridged more than once: each call_bridged is its own message.
+    assert answer_id("call_bridged", user_id=1) != answer_id("call_bridged", user_id=2)
