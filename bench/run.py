@@ -22,6 +22,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import urllib.request
 import uuid
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
@@ -100,9 +101,12 @@ class Bench:
         self.wait_http(port, proc)
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline:
-            out = subprocess.run(["curl", "-s", f"http://127.0.0.1:{port}/readyz"], capture_output=True, text=True).stdout
-            if '"connected"' in out:
-                return
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/readyz", timeout=5) as response:
+                    if json.loads(response.read()).get("broker") == "connected":
+                        return
+            except OSError:  # 503 (urllib raises it) while the broker is not connected yet
+                pass
             time.sleep(0.2)
         raise SystemExit("bench: the ingress never connected to the broker")
 
@@ -417,10 +421,10 @@ def main() -> None:
     if shutil.which("wrk") is None:
         raise SystemExit("bench: wrk is not installed; `make bench` installs it (apt-get install wrk)")
     work = Path(tempfile.mkdtemp(prefix="hipcall-bench-"))
-    results = bench_results = Bench(args, work).run()
+    results = Bench(args, work).run()
     out = ROOT / "bench" / "results"
     out.mkdir(exist_ok=True)
-    (out / "latest.json").write_text(json.dumps(bench_results, indent=2) + "\n")
+    (out / "latest.json").write_text(json.dumps(results, indent=2) + "\n")
     print()
     print(table(results))
     print(f"\nresults: {out / 'latest.json'}; logs: {work}")

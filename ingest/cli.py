@@ -186,8 +186,10 @@ def cmd_reconcile(config: Config, args: argparse.Namespace) -> int:
               f"calls that arrived before that are recovered again, under their first message ids", file=sys.stderr)
     report = run_async(reconcile_once(config, since, args.dry_run))
 
+    summary = report.as_dict()
+
     def render() -> None:
-        print(f"window: calls that ended from {report.as_dict()['since']} to {report.as_dict()['until']}")
+        print(f"window: calls that ended from {summary['since']} to {summary['until']}")
         print(f"  ended: {report.ended}   by webhook: {report.by_webhook}   recovered earlier: {report.recovered_before}"
               f"   missing: {len(report.missing)}")
         if args.dry_run:
@@ -200,7 +202,7 @@ def cmd_reconcile(config: Config, args: argparse.Namespace) -> int:
                 print(f"    {uuid}")
         print(f"  {report.requests} API requests in {report.seconds:.1f}s")
 
-    _emit(args, {**report.as_dict(), "missing_uuids": report.missing, "recovered_uuids": report.recovered}, render)
+    _emit(args, {**summary, "missing_uuids": report.missing, "recovered_uuids": report.recovered}, render)
     if report.error:
         print(f"hipcall-ingest: reconcile stopped before the end: {report.error}", file=sys.stderr)
         return 1

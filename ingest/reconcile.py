@@ -19,7 +19,6 @@ import asyncio
 import math
 import signal
 import time
-from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
 from typing import Any
@@ -35,7 +34,7 @@ from .config import Config
 from .errors import HipcallError, PublishFailed, StartupError
 from .hipcall_api import HipcallApi, as_webhook_data, iso, parse_time
 from .ledger import Ledger
-from .message import SOURCE, call_event_id, call_uuid, webhook_properties
+from .message import SOURCE, call_uuid, webhook_id, webhook_properties
 from .names import entry_exchange, ledger_queue, reconcile_lock
 from .publish import Publisher
 from .topology import declare, plan
@@ -95,7 +94,6 @@ class Reconciler:
         self._wait_for_lock = wait_for_lock
         self._publisher: Publisher | None = None
         self._unsettled = 0  # ledger deliveries received and not yet acked
-        self._queue: aio_pika.abc.AbstractQueue | None = None
         self._silent = False
         self._previous_until: datetime | None = None
         self._standby_logged = False
@@ -118,8 +116,8 @@ class Reconciler:
         self.link.watch(consumer)
         await consumer.set_qos(prefetch_count=256)
         self._unsettled = 0
-        self._queue = await consumer.get_queue(ledger_queue(self.config.broker.exchange), ensure=False)
-        await self._queue.consume(self._on_ledger_message)
+        queue = await consumer.get_queue(ledger_queue(self.config.broker.exchange), ensure=False)
+        await queue.consume(self._on_ledger_message)
         self.active.set()
         ACTIVE.set(1)
         self._standby_logged = False
@@ -195,18 +193,18 @@ class Reconciler:
         listed_from = since - timedelta(seconds=self.config.reconcile.longest_call)
         slice_from = self._previous_until or since
         try:
-            ended: dict[str, Mapping[str, Any]] = {}
+            ended: dict[str, datetime] = {}  # uuid -> when the call ended, for the calls of the window
             async for call in self.api.calls(listed_from, until):
                 end = parse_time(call.get("ended_at"))
                 if end is not None and since <= end <= until:
-                    ended[call["uuid"]] = call
+                    ended[call["uuid"]] = end
             known = self.ledger.sources(ended)
             report.ended = len(ended)
             report.by_webhook = sum(1 for s in known.values() if s == "webhook")
             report.recovered_before = len(known) - report.by_webhook
             report.missing = [uuid for uuid in ended if uuid not in known]
-            for uuid, call in ended.items():
-                if parse_time(call.get("ended_at")) > slice_from:
+            for uuid, end in ended.items():
+                if end > slice_from:
                     report.slice_ended += 1
                     report.slice_by_webhook += known.get(uuid) == "webhook"
             if not dry_run:
@@ -229,8 +227,9 @@ class Reconciler:
             return
         data = as_webhook_data(call)
         data["uuid"] = uuid
-        body = orjson.dumps({"event": EVENT, "data": data})
-        mid = call_event_id(EVENT, uuid)
+        payload = {"event": EVENT, "data": data}
+        body = orjson.dumps(payload)
+        mid = webhook_id(EVENT, payload, body)  # as the ingress names the real webhook
         properties = webhook_properties(mid, datetime.now(timezone.utc), "reconcile")
         properties.headers[SOURCE] = "reconcile"
         if self._publisher is None:

@@ -27,7 +27,7 @@ from urllib.parse import quote, urlsplit
 import aio_pika
 import pytest
 
-from ingest.localnode import LocalNode, NodeError
+from ingest.localnode import LocalNode, NodeError, free_port, reachable
 
 FIXTURES = Path(__file__).parent / "fixtures"
 ROOT = Path(__file__).parent.parent
@@ -43,12 +43,6 @@ HOW_TO_GET_A_BROKER = (
 def payload(name: str) -> bytes:
     """One of Hipcall's example payloads, byte for byte."""
     return (FIXTURES / f"{name}.json").read_bytes()
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def wait_until(check, timeout: float = 20.0, interval: float = 0.05, what: str = "condition"):
@@ -177,11 +171,7 @@ class Broker:
 
 def _reachable(url: str, timeout: float = 2.0) -> bool:
     parts = urlsplit(url)
-    try:
-        with socket.create_connection((parts.hostname or "127.0.0.1", parts.port or 5672), timeout=timeout):
-            return True
-    except OSError:
-        return False
+    return reachable(parts.hostname or "127.0.0.1", parts.port or 5672, timeout)
 
 
 def _ctl(*args: str, node: str | None = None, timeout: float = 60) -> subprocess.CompletedProcess:

@@ -3,12 +3,11 @@
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 
 from conftest import ROOT, Broker, free_port, http, payload, post_webhook, wait_until
-from ingest.localnode import LocalNode
+from ingest.localnode import LocalNode, reachable
 
 
 NO_SPOOL = '[spool]\nenabled = false\n'
@@ -215,7 +214,7 @@ def test_run_on_a_bare_machine_starts_a_project_local_broker_and_stops_it_keepin
             proc.kill()
     output = (tmp_path / "run.log").read_text()
     assert "starting a project-local RabbitMQ node" in output and "Traceback" not in output
-    assert not socket_open(port)  # the node is stopped...
+    assert not reachable("127.0.0.1", port, 0.5)  # the node is stopped...
     assert (tmp_path / ".run" / "rabbitmq" / "mnesia").is_dir()  # ...and its data kept
 
     # The data survives: a webhook left in the queue by an ingress alone is there on the next start.
@@ -226,10 +225,3 @@ def test_run_on_a_bare_machine_starts_a_project_local_broker_and_stops_it_keepin
     finally:
         node.stop()
 
-
-def socket_open(port: int) -> bool:
-    try:
-        with socket.create_connection(("127.0.0.1", port), timeout=0.5):
-            return True
-    except OSError:
-        return False
