@@ -120,11 +120,6 @@ class Bench:
     def depth(self, queue: str) -> int:
         return asyncio.run(self._queue_depth(queue))
 
-    def total(self, queue: str) -> int:
-        """Ready and unacknowledged messages (rabbitmqctl: slower than a passive declare, but complete)."""
-        out = self.node.rabbitmqctl("list_queues", "name", "messages", "--no-table-headers", "-q").stdout
-        return sum(int(parts[1]) for parts in (line.split() for line in out.splitlines()) if parts and parts[0] == queue)
-
     def purge(self, *queues: str) -> None:
         for queue in queues:
             self.node.rabbitmqctl("purge_queue", queue)
@@ -173,7 +168,7 @@ class Bench:
         self.wait_http(bare_port, bare)
         ceiling = self.wrk(bare_port)
         self.stop(bare)
-        self.ours_ingress = (ours, ours_port)
+        self.stop(ours)
         med = lambda who, key: statistics.median(r[who][key] for r in rounds)  # noqa: E731
         self.results["ingress"] = {
             "rounds": rounds,
@@ -210,28 +205,30 @@ class Bench:
 
     # --- 2. worker ----------------------------------------------------------------------------------
 
-    def drain(self, start_consumer, queue: str) -> float:
+    def drain(self, start_consumer, queue: str) -> tuple[float, float]:
+        """msgs/s from the last look at a still-full queue to the consumer's own mark after its
+        n-th message (bench/handlers.py), and the consumer's RSS."""
         n = self.args.messages
         self.purge(queue)
         asyncio.run(self.raw_publish(queue, n))
         assert self.depth(queue) == n
+        done = self.work / "drained"
+        done.unlink(missing_ok=True)
+        os.environ.update(HIPCALL_BENCH_DONE=str(done), HIPCALL_BENCH_N=str(n))  # read by every consumer
         proc = start_consumer()
         deadline = time.monotonic() + 300
-        began = None
-        while time.monotonic() < deadline:
-            depth = self.depth(queue)
-            if began is None and depth < n:
-                began = time.perf_counter()
-            if depth == 0:
-                break
+        began = time.time()
+        while time.monotonic() < deadline and self.depth(queue) >= n:
+            began = time.time()
             time.sleep(0.05)
-        ended = time.perf_counter()  # the last ones are being handled: at most a prefetch of them
-        while time.monotonic() < deadline and self.total(queue):
-            time.sleep(0.2)
+        while time.monotonic() < deadline and not done.exists():
+            time.sleep(0.05)
+        if not done.exists():
+            raise SystemExit(f"bench: {queue} was not drained within 300 s; see {self.work}")
+        time.sleep(0.1)  # the mark is there; the last acks follow it
+        ended = float(done.read_text())
         rss = self.rss_mb(proc)
         self.stop(proc)
-        if began is None:
-            raise SystemExit(f"bench: nothing drained {queue}; see {self.work}")
         return n / (ended - began), rss
 
     def worker(self) -> None:
@@ -329,14 +326,16 @@ class Bench:
         print(f"bench: starting a throwaway RabbitMQ node ({self.node.name}) in {self.work}", flush=True)
         self.node.start()
         try:
-            steps = [("ingress (wrk, A/B rounds)", self.ingress), ("raw publisher ceiling", self.publisher_ceiling),
-                     ("worker drain (ours, FastStream, raw aiormq)", self.worker),
-                     ("end to end at 1,000/s", self.end_to_end), ("dlq replay", self.replay),
-                     ("reconcile pass over 5,000 calls", self.reconcile)]
-            for title, step in steps:
+            steps = [("ingress", "ingress (wrk, A/B rounds)", self.ingress),
+                     ("ingress", "raw publisher ceiling", self.publisher_ceiling),
+                     ("worker", "worker drain (ours, FastStream, raw aiormq)", self.worker),
+                     ("e2e", "end to end at 1,000/s", self.end_to_end), ("replay", "dlq replay", self.replay),
+                     ("reconcile", "reconcile pass over 5,000 calls", self.reconcile)]
+            for part, title, step in steps:
+                if self.args.only and part not in self.args.only:
+                    continue
                 print(f"bench: {title}", flush=True)
                 step()
-            self.stop(self.ours_ingress[0])
         finally:
             for proc in self.procs:
                 if proc.poll() is None:
@@ -417,6 +416,8 @@ def main() -> None:
     parser.add_argument("--seconds", type=int, default=8, help="length of each wrk run")
     parser.add_argument("--rounds", type=int, default=3, help="A/B rounds (medians are reported)")
     parser.add_argument("--messages", type=int, default=30_000, help="messages per worker drain")
+    parser.add_argument("--only", action="append", choices=["ingress", "worker", "e2e", "replay", "reconcile"],
+                        help="run only this part (repeatable); the table then shows only it")
     args = parser.parse_args()
     if shutil.which("wrk") is None:
         raise SystemExit("bench: wrk is not installed; `make bench` installs it (apt-get install wrk)")
@@ -426,7 +427,7 @@ def main() -> None:
     out.mkdir(exist_ok=True)
     (out / "latest.json").write_text(json.dumps(results, indent=2) + "\n")
     print()
-    print(table(results))
+    print(table(results) if not args.only else json.dumps({k: v for k, v in results.items() if k != "settings"}, indent=2))
     print(f"\nresults: {out / 'latest.json'}; logs: {work}")
 
 

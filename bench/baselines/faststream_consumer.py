@@ -5,6 +5,7 @@
 
 import sys
 
+from handlers import count  # bench/handlers.py: marks the end of the drain
 from faststream import FastStream
 from faststream.rabbit import RabbitBroker, RabbitQueue
 
@@ -13,8 +14,8 @@ app = FastStream(broker, logger=None)
 
 
 @broker.subscriber(RabbitQueue(sys.argv[2], declare=False))
-async def handle(body: bytes) -> None:
-    pass
+async def handle(body: dict) -> None:  # the JSON body, parsed by FastStream (bytes would fail validation)
+    count()
 
 
 if __name__ == "__main__":

@@ -8,6 +8,8 @@ import sys
 
 import aiormq
 
+from handlers import count  # bench/handlers.py: marks the end of the drain
+
 
 async def main(url: str, queue: str) -> None:
     connection = await aiormq.connect(url)
@@ -15,6 +17,7 @@ async def main(url: str, queue: str) -> None:
     await channel.basic_qos(prefetch_count=200)
 
     async def on_message(message: aiormq.abc.DeliveredMessage) -> None:
+        count()
         await channel.basic_ack(message.delivery.delivery_tag)
 
     await channel.basic_consume(queue, on_message)
