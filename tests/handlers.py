@@ -17,8 +17,9 @@ def _record(path: str, event, **extra) -> None:
 
 
 class Scripted:
-    """options: record (file), mode ("fail" | "permanent" | "sleep" | "sleep_fail" | "together" | "crash"),
-    fail_times, sleep, together (mode "together": fail once that many deliveries are in flight at once)."""
+    """options: record (file), mode ("fail" | "permanent" | "sleep" | "sleep_fail" | "together" | "crash" |
+    "slow_one"), fail_times, sleep, together (mode "together": fail once that many deliveries are in flight
+    at once), slow_uuid (mode "slow_one": only the call with this uuid sleeps)."""
 
     async def start(self, options):
         self.options = options
@@ -32,7 +33,7 @@ class Scripted:
             raise RuntimeError(f"boom on attempt {event.attempt}")
         if mode == "permanent":
             raise PermanentError("this record can never be stored")
-        if mode in ("sleep", "sleep_fail"):
+        if mode in ("sleep", "sleep_fail") or mode == "slow_one" and event.call_uuid == o["slow_uuid"]:
             await asyncio.sleep(o["sleep"])
         if mode == "sleep_fail" and event.attempt <= o.get("fail_times", 0):
             _record(o["record"], event, phase="failed")

@@ -48,7 +48,9 @@ def test_a_handler_that_fails_twice_then_succeeds_runs_attempts_1_2_3_after_the_
     assert 0.3 <= gaps[0] < 5 and 0.6 <= gaps[1] < 5, gaps
     assert worker.stop() == 0
     outcomes = [l["msg"] for l in worker.logs() if l.get("consumer") == "crm"]
-    assert outcomes == ["retry_scheduled", "retry_scheduled", "handled"]
+    assert outcomes == ["retry_scheduled", "retry_scheduled", "handled_summary"]  # the summary at shutdown
+    [summary] = [l for l in worker.logs() if l.get("msg") == "handled_summary" and l["consumer"] == "crm"]
+    assert summary["handled"] == 1 and summary["event"] == "call_hangup"
     assert broker.count("crm.call_hangup.dlq") == 0 and broker.count("crm.call_hangup") == 0
 
 
@@ -122,6 +124,32 @@ def test_a_worker_killed_mid_handler_leaves_the_message_to_the_next_worker(launc
     assert done["pid"] == second.process.pid
     assert second.stop() == 0
     assert broker.count("crm.call_hangup") == 0 and broker.count("crm.call_hangup.dlq") == 0
+
+
+def test_a_slow_handler_is_never_acked_by_the_acks_of_the_messages_after_it_nor_holds_them_back(
+        launch, broker, tmp_path):
+    """Acks are batched (one basic.ack multiple=True for a run of finished deliveries): the messages
+    behind a slow one still get acked, so they free the prefetch, and the slow one is not acked with them."""
+    record = tmp_path / "record.jsonl"
+    config = consumer(record=str(record), mode="slow_one", slow_uuid="slow-call", sleep=120) + "[worker]\nconcurrency = 4\n"
+    ingress, worker = start(launch, broker, config)
+    seed = HANGUP.decode()
+    uuid = json.loads(seed)["data"]["uuid"]
+    post_webhook(ingress, seed.replace(uuid, "slow-call").encode())
+    wait_until(lambda: records(record, "start"), what="the slow handler started")
+    for i in range(20):
+        post_webhook(ingress, seed.replace(uuid, f"fast-{i}").encode())
+    # With a prefetch of 4 and one slot held by the slow handler, 20 more only get through if their
+    # acks reach the broker while it runs.
+    wait_until(lambda: len(records(record, "done")) == 20, what="the 20 messages behind the slow one handled")
+    unacked = lambda: broker.ctl("list_queues", "-p", "{vhost}", "--no-table-headers", "-q", "name",  # noqa: E731
+                                 "messages_unacknowledged")
+    wait_until(lambda: "crm.call_hangup\t1\n" in unacked(), what="every ack but the slow one's")
+    worker.signal(signal.SIGKILL)
+    worker.wait()
+    [back] = broker.take("crm.call_hangup", expect=1)
+    assert json.loads(back.body)["data"]["uuid"] == "slow-call"
+    assert broker.count("crm.call_hangup") == 0
 
 
 def test_sigterm_lets_the_running_handler_finish_and_ack_then_exits_0(launch, broker, tmp_path):

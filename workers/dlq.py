@@ -232,7 +232,7 @@ async def sweep(connection: AbstractConnection, config: Config, dlq: Queue, choo
                 headers = {**fresh_headers(letter.headers), "x-hipcall-replayed-at": datetime.now(timezone.utc).isoformat()}
             try:
                 await publisher.publish(letter.message.body, "", target or dlq.name,
-                                        republish_properties(letter.message, headers))
+                                        republish_properties(letter.message.properties, letter.message.body, headers))
                 return True
             except Exception as exc:
                 failures.append(exc)

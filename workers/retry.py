@@ -10,7 +10,6 @@ from collections.abc import Mapping
 from datetime import datetime, timezone
 from typing import Any
 
-from aio_pika.abc import AbstractIncomingMessage
 from pamqp.commands import Basic
 
 from ingest.config import RetryConfig
@@ -60,19 +59,19 @@ def fresh_headers(headers: Mapping[str, Any] | None) -> dict[str, Any]:
     return {k: v for k, v in own_headers(headers).items() if k not in dropped}
 
 
-def republish_properties(message: AbstractIncomingMessage, headers: dict[str, Any]) -> Basic.Properties:
+def republish_properties(delivered: Basic.Properties, body: bytes, headers: dict[str, Any]) -> Basic.Properties:
     """A delivered message's properties, persistent, with new headers: for retries, DLQs, replays.
 
     A foreign message without an id gets the one derived from its body, kept from then on."""
     return Basic.Properties(
-        content_type=message.content_type,
-        content_encoding=message.content_encoding,
+        content_type=delivered.content_type,
+        content_encoding=delivered.content_encoding,
         delivery_mode=2,
-        message_id=id_of(message.message_id, message.body),
-        timestamp=message.timestamp,
-        app_id=message.app_id,
-        message_type=message.type,
-        correlation_id=message.correlation_id,
+        message_id=id_of(delivered.message_id, body),
+        timestamp=delivered.timestamp,
+        app_id=delivered.app_id,
+        message_type=delivered.message_type,
+        correlation_id=delivered.correlation_id,
         headers=encodable(headers),
     )
 

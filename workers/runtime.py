@@ -16,12 +16,14 @@ import asyncio
 import signal
 import time
 from collections.abc import Sequence
+from dataclasses import dataclass
 from datetime import datetime
 
 import aio_pika
+import aiormq
 import orjson
 import structlog
-from aio_pika.abc import AbstractIncomingMessage
+from aiormq.abc import DeliveredMessage
 from prometheus_client import Counter, Gauge, Histogram, start_http_server
 
 from ingest.broker import BrokerLink
@@ -32,6 +34,7 @@ from ingest.names import consumer_queue, dead_letter_queue, delay_exchange, retr
 from ingest.publish import Publisher
 from ingest.topology import declare, plan
 
+from .acks import Acks
 from .handler import Event, Handler, PermanentError, load_handler
 from .retry import attempt_of, dead_letter_headers, describe_error, next_delay, republish_properties, retry_headers
 
@@ -44,6 +47,8 @@ DURATION = Histogram("hipcall_worker_handler_seconds", "Handler run time.", ["co
 IN_FLIGHT = Gauge("hipcall_worker_in_flight", "Handlers running now.", ["consumer"])
 
 CANCEL_TIMEOUT = 2.0  # seconds for the broker to confirm our consumer cancels at shutdown
+PREFETCH_PER_HANDLER = 4  # deliveries a queue may have in the worker per handler slot (see _on_connect)
+SUMMARY_EVERY = 10.0  # seconds between `handled_summary` lines (one `handled` line per message is debug)
 
 
 class Worker:
@@ -58,6 +63,7 @@ class Worker:
         self._subscriptions: list[tuple[aio_pika.abc.AbstractQueue, str]] = []
         self._tasks: set[asyncio.Task] = set()
         self._limits = {c.name: asyncio.Semaphore(c.concurrency) for c in consumers}
+        self._meters = {(c.name, e): _Meters(c.name, e) for c in consumers for e in c.events}
         self._stopping = False
 
     async def _on_connect(self, connection: aio_pika.abc.AbstractConnection) -> None:
@@ -69,15 +75,19 @@ class Worker:
         for consumer in self.consumers:
             channel = await connection.channel()
             self.link.watch(channel)
+            # aiormq's channel directly: its deliveries, without aio-pika's per-message wrapper.
             underlay = await channel.get_underlay_channel()
             underlay.on_consumer_cancel_callbacks.add(self._on_cancel)
-            # Quorum queues have no channel-wide (global) prefetch: each queue gets `concurrency`,
-            # and the semaphore keeps the handlers of the consumer to `concurrency` in all.
-            await channel.set_qos(prefetch_count=consumer.concurrency)
+            # Quorum queues have no channel-wide (global) prefetch: each queue gets its own, and the
+            # semaphore keeps the handlers of the consumer to `concurrency` in all. A prefetch of
+            # several deliveries per handler slot keeps the next ones here while the acks of the last
+            # ones travel (a prefetch of `concurrency` left the handlers idle for every round trip).
+            await underlay.basic_qos(prefetch_count=consumer.concurrency * PREFETCH_PER_HANDLER)
+            acks = Acks(underlay)
             for event in consumer.events:
-                queue = await channel.get_queue(consumer_queue(consumer.name, event), ensure=False)
-                tag = await queue.consume(self._callback(consumer, event))
-                self._subscriptions.append((queue, tag))
+                queue = consumer_queue(consumer.name, event)
+                ok = await underlay.basic_consume(queue, self._callback(consumer, event, acks))
+                self._subscriptions.append(_Subscription(queue, underlay, ok.consumer_tag, acks))
         log.info("consuming", consumers=[c.name for c in self.consumers])
 
     def _on_cancel(self, frame) -> None:
@@ -85,33 +95,41 @@ class Worker:
         The reconnect declares the topology again and consumes every queue anew."""
         if self._stopping:
             return
-        queue = next((q.name for q, tag in self._subscriptions if tag == frame.consumer_tag), None)
+        queue = next((s.queue for s in self._subscriptions if s.tag == frame.consumer_tag), None)
         log.warning("consumer_cancelled_by_broker", queue=queue, action="reconnecting")
         self.link.restart()
 
-    def _callback(self, consumer: ConsumerConfig, event: str):
-        async def on_message(message: AbstractIncomingMessage) -> None:
+    def _callback(self, consumer: ConsumerConfig, event: str, acks: Acks):
+        meters = self._meters[(consumer.name, event)]
+
+        async def on_message(message: DeliveredMessage) -> None:
+            acks.received(message.delivery.delivery_tag)  # before anything else: see Acks
             if self._stopping:  # shutting down: leave it unacked, the broker gives it to another worker
                 return
-            task = asyncio.create_task(self._process(consumer, event, message))
+            # A task of our own: aiormq cancels its per-delivery tasks when the channel closes, and a
+            # handler is never cancelled halfway for that (it finishes; its delivery is redelivered).
+            task = asyncio.create_task(self._process(consumer, event, message, acks, meters))
             self._tasks.add(task)
             task.add_done_callback(self._tasks.discard)
 
         return on_message
 
-    async def _process(self, consumer: ConsumerConfig, name: str, message: AbstractIncomingMessage) -> None:
+    async def _process(self, consumer: ConsumerConfig, name: str, message: DeliveredMessage, acks: Acks,
+                       meters: _Meters) -> None:
         async with self._limits[consumer.name]:
-            IN_FLIGHT.labels(consumer.name).inc()
+            meters.in_flight.inc()
             try:
-                await self._handle(consumer, name, message)
+                await self._handle(consumer, name, message, acks, meters)
             except Exception as exc:  # a bug of ours: say so; the message stays unacked and comes back
                 log.error("worker_error", consumer=consumer.name, _event=name, error=describe_error(exc), exc_info=exc)
             finally:
-                IN_FLIGHT.labels(consumer.name).dec()
+                meters.in_flight.dec()
 
-    async def _handle(self, consumer: ConsumerConfig, name: str, message: AbstractIncomingMessage) -> None:
-        attempt = attempt_of(message.headers)
-        fields = {"consumer": consumer.name, "_event": name, "message_id": id_of(message.message_id, message.body),
+    async def _handle(self, consumer: ConsumerConfig, name: str, message: DeliveredMessage, acks: Acks,
+                      meters: _Meters) -> None:
+        properties = message.header.properties
+        attempt = attempt_of(properties.headers)
+        fields = {"consumer": consumer.name, "_event": name, "message_id": id_of(properties.message_id, message.body),
                   "attempt": attempt}
         started = time.perf_counter()
         try:
@@ -120,60 +138,75 @@ class Worker:
             await self.handlers[consumer.name](event)
         except Exception as exc:
             duration = time.perf_counter() - started
-            DURATION.labels(consumer.name, name).observe(duration)
-            FAILED.labels(consumer.name, name).inc()
+            meters.duration.observe(duration)
+            meters.failed.inc()
             fields.update(duration_ms=round(duration * 1000, 2), error=describe_error(exc))
-            await self._fail(consumer, name, message, attempt, exc, fields)
+            await self._fail(consumer, name, message, acks, meters, attempt, exc, fields)
             return
         duration = time.perf_counter() - started
-        DURATION.labels(consumer.name, name).observe(duration)
-        fields["duration_ms"] = round(duration * 1000, 2)
-        if await self._ack(message, fields):
-            HANDLED.labels(consumer.name, name).inc()
-            log.info("handled", **fields)
+        meters.duration.observe(duration)
+        if self._ack(message, acks, fields):
+            meters.count_handled(duration)
+            log.debug("handled", duration_ms=round(duration * 1000, 2), **fields)
 
-    async def _fail(self, consumer, name, message, attempt, exc, fields) -> None:
-        if _channel_gone(message):  # nothing to replace: the broker has put the message back already
+    async def summarize(self) -> None:
+        """One `handled_summary` line per consumer and event every SUMMARY_EVERY seconds in which it
+        handled anything: at thousands of messages a second a line per message costs a sixth of the
+        worker's time and floods the log. Failures keep their line each."""
+        try:
+            while True:
+                await asyncio.sleep(SUMMARY_EVERY)
+                self.log_summary()
+        finally:
+            self.log_summary()
+
+    def log_summary(self) -> None:
+        for meters in self._meters.values():
+            if meters.summary_count:
+                log.info("handled_summary", consumer=meters.consumer, _event=meters.event,
+                         handled=meters.summary_count, seconds=round(time.monotonic() - meters.summary_since, 1),
+                         duration_ms_max=round(meters.summary_max * 1000, 2))
+                meters.reset_summary()
+
+    async def _fail(self, consumer, name, message, acks, meters, attempt, exc, fields) -> None:
+        if acks.channel.is_closed:  # nothing to replace: the broker has put the message back already
             log.warning("delivery_channel_gone", outcome="failed", action="redelivered by the broker", **fields)
             return
         delay = None if isinstance(exc, PermanentError) else next_delay(consumer.retry, attempt)
         if delay is not None:
             exchange, key = delay_exchange(self.config.broker.exchange), retry_routing_key(consumer.name, delay, name)
-            headers = retry_headers(message.headers, attempt)
+            headers = retry_headers(message.header.properties.headers, attempt)
         else:
             exchange, key = "", dead_letter_queue(consumer.name, name)
-            headers = dead_letter_headers(message.headers, attempt=attempt, exc=exc,
+            headers = dead_letter_headers(message.header.properties.headers, attempt=attempt, exc=exc,
                                           queue=consumer_queue(consumer.name, name), consumer=consumer.name)
         try:
             publisher = self._publisher
             if publisher is None:
                 raise PublishFailed("no publish channel (broker connection lost)")
-            await publisher.publish(message.body, exchange, key, republish_properties(message, headers))
+            await publisher.publish(message.body, exchange, key,
+                                    republish_properties(message.header.properties, message.body, headers))
         except PublishFailed as publish_error:
             # Not stored: keep the original. Requeue it now if its channel still works; if it does
             # not, the broker requeues it when the channel closes.
             log.error("replacement_publish_failed", publish_error=str(publish_error), **fields)
             try:
-                await message.nack(requeue=True)
+                await acks.requeue(message.delivery.delivery_tag)
             except Exception:
                 pass
             return
-        if not await self._ack(message, fields):  # stored twice now; the handler sees it again (dedupe on id)
+        if not self._ack(message, acks, fields):  # stored twice now; the handler sees it again (dedupe on id)
             return
         if delay is not None:
             log.warning("retry_scheduled", retry_in_ms=round(delay * 1000), **fields)
         else:
-            DEAD_LETTERED.labels(consumer.name, name).inc()
+            meters.dead_lettered.inc()
             log.error("dead_lettered", queue=key, **fields)
 
-    async def _ack(self, message: AbstractIncomingMessage, fields: dict) -> bool:
+    def _ack(self, message: DeliveredMessage, acks: Acks, fields: dict) -> bool:
         """Ack on the delivery's own channel; False (logged) when that channel is gone."""
-        if not _channel_gone(message):
-            try:
-                await message.ack()
-                return True
-            except Exception:
-                pass
+        if acks.ack(message.delivery.delivery_tag):
+            return True
         log.warning("delivery_channel_gone", outcome="not acked", action="redelivered by the broker", **fields)
         return False
 
@@ -181,7 +214,7 @@ class Worker:
         """Stop taking new messages; let in-flight handlers finish (acked) for up to `grace` seconds.
         Every wait is bounded: a broker that does not answer (a resource alarm) cannot hold SIGTERM."""
         self._stopping = True
-        cancels = [asyncio.ensure_future(queue.cancel(tag)) for queue, tag in self._subscriptions]
+        cancels = [asyncio.ensure_future(s.channel.basic_cancel(s.tag)) for s in self._subscriptions]
         for cancel in cancels:  # a channel may be gone already, or blocked: nothing more is taken from it either way
             cancel.add_done_callback(_retrieve)
         if cancels:
@@ -194,13 +227,38 @@ class Worker:
             if pending:
                 await asyncio.wait(pending, timeout=1)
                 log.warning("grace_period_over", abandoned=len(pending))
+        for acks in {s.acks for s in self._subscriptions}:
+            await acks.settle()
 
 
-def _channel_gone(message: AbstractIncomingMessage) -> bool:
-    try:
-        return message.channel.is_closed
-    except aio_pika.exceptions.ChannelInvalidStateError:  # aio-pika raises for a closed channel
-        return True
+@dataclass(frozen=True)
+class _Subscription:
+    queue: str
+    channel: aiormq.abc.AbstractChannel
+    tag: str
+    acks: Acks
+
+
+class _Meters:
+    """A consumer's and event's metric children (looked up once, not with labels() per message) and
+    its counts since the last summary line."""
+
+    def __init__(self, consumer: str, event: str) -> None:
+        self.consumer, self.event = consumer, event
+        self.handled = HANDLED.labels(consumer, event)
+        self.failed = FAILED.labels(consumer, event)
+        self.dead_lettered = DEAD_LETTERED.labels(consumer, event)
+        self.duration = DURATION.labels(consumer, event)
+        self.in_flight = IN_FLIGHT.labels(consumer)
+        self.reset_summary()
+
+    def count_handled(self, duration: float) -> None:
+        self.handled.inc()
+        self.summary_count += 1
+        self.summary_max = max(self.summary_max, duration)
+
+    def reset_summary(self) -> None:
+        self.summary_count, self.summary_max, self.summary_since = 0, 0.0, time.monotonic()
 
 
 def _retrieve(future: asyncio.Future) -> None:
@@ -209,7 +267,7 @@ def _retrieve(future: asyncio.Future) -> None:
         future.exception()
 
 
-def _event(name: str, message: AbstractIncomingMessage, attempt: int, mid: str) -> Event:
+def _event(name: str, message: DeliveredMessage, attempt: int, mid: str) -> Event:
     try:
         payload = orjson.loads(message.body)
         data = payload["data"]
@@ -217,12 +275,13 @@ def _event(name: str, message: AbstractIncomingMessage, attempt: int, mid: str) 
             raise TypeError("data is not an object")
     except Exception as exc:
         raise PermanentError(f"body is not a webhook object with a data object: {exc}") from None
-    headers = dict(message.headers or {})
+    properties = message.header.properties
+    headers = dict(properties.headers or {})
     received = headers.get(RECEIVED_AT)
     try:
-        received_at = datetime.fromisoformat(received) if isinstance(received, str) else message.timestamp
+        received_at = datetime.fromisoformat(received) if isinstance(received, str) else properties.timestamp
     except ValueError:
-        received_at = message.timestamp
+        received_at = properties.timestamp
     return Event(name=name, data=data, id=mid, attempt=attempt, received_at=received_at, body=message.body,
                  headers=headers)
 
@@ -244,12 +303,15 @@ async def work(config: Config, consumers: Sequence[ConsumerConfig], metrics_port
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     worker = Worker(config, consumers, handlers)
+    summaries = asyncio.create_task(worker.summarize())
     try:
         async with worker.link:
             await stop.wait()
             log.info("stopping", reason="signal")
             await worker.drain(config.worker.grace_period)
     finally:
+        summaries.cancel()
+        await asyncio.gather(summaries, return_exceptions=True)
         for handler in handlers.values():
             if handler.busy:  # its thread still runs the handler: closing under it could break it mid-write
                 log.warning("handler_not_closed", consumer=handler.consumer.name, still_running=handler.busy)
