@@ -29,13 +29,15 @@ async def noop(event) -> None:
 
 
 class Latency:
-    """Appends (handler start - the webhook's sent_at) in seconds per event to options.path."""
+    """Appends, per event, (handler start - the webhook's sent_at) and (handler start - the ingress's
+    received_at) in seconds to options.path: the whole way, and the part after the ingress took it."""
 
     async def start(self, options: dict) -> None:
         self._file = open(options["path"], "a")
 
     async def handle(self, event) -> None:
-        self._file.write(f"{time.time() - event.data['sent_at']:.6f}\n")
+        now = time.time()
+        self._file.write(f"{now - event.data['sent_at']:.6f} {now - event.received_at.timestamp():.6f}\n")
 
     async def close(self) -> None:
         self._file.close()
