@@ -241,7 +241,7 @@ def _validate(body: bytes) -> tuple[dict, str | None]:
         return {}, "\"event\" must match ^[a-z][a-z0-9_.-]{0,63}$"
     if not isinstance(payload.get("data"), dict):
         return {}, "\"data\" must be a JSON object"
-    if too_deep(payload):
+    if too_deep(payload, body=body):
         return {}, f"body nests deeper than {MAX_DEPTH} levels"
     return payload, None
 

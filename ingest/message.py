@@ -63,8 +63,13 @@ def call_uuid(payload: Any) -> str | None:
     return uuid if isinstance(uuid, str) else None
 
 
-def too_deep(value: Any, limit: int = MAX_DEPTH) -> bool:
-    """True if objects and arrays nest more than `limit` levels (no recursion: safe on any input)."""
+def too_deep(value: Any, limit: int = MAX_DEPTH, body: bytes | None = None) -> bool:
+    """True if objects and arrays nest more than `limit` levels (no recursion: safe on any input).
+
+    Given the body it was parsed from, a body with at most `limit` opening brackets in all cannot
+    nest deeper, and is let through without the walk (a few microseconds per webhook)."""
+    if body is not None and body.count(b"{") + body.count(b"[") <= limit:
+        return False
     stack = [(value, 1)]
     while stack:
         item, depth = stack.pop()
