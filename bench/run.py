@@ -383,7 +383,9 @@ def table(r: dict) -> str:
         f"  ratios: {w['vs_faststream']}x FastStream, {w['vs_raw']:.0%} of raw aiormq",
         "",
         f"END TO END at {e['rate']}/s for {e['seconds']} s: POST -> handler start p50 {e['p50_ms']} ms, "
-        f"p99 {e['p99_ms']} ms, max {e['max_ms']} ms ({e['handled']} of {e['sent']} handled)",
+        f"p99 {e['p99_ms']} ms, max {e['max_ms']} ms ({e['handled']} handled, {e['sent']} answered)",
+        f"  of which from the ingress's receipt on: p50 {e['from_ingress']['p50_ms']} ms, "
+        f"p99 {e['from_ingress']['p99_ms']} ms, max {e['from_ingress']['max_ms']} ms",
         f"DLQ REPLAY of {rp['letters']}: {rp['replay_msgs_s']} msgs/s vs raw publisher {rp['raw_publisher_msgs_s']} "
         f"msgs/s: {rp['ratio']}x",
         f"RECONCILE pass over {rc['calls']} calls ({rc['missing']} missing): {rc['requests']} API requests, "

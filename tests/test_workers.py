@@ -229,11 +229,17 @@ def test_jsonl_builtin_appends_each_event(launch, broker, tmp_path):
 def test_worker_metrics(launch, broker, tmp_path):
     port = free_port()
     record = tmp_path / "r.jsonl"
-    ingress, worker = start(launch, broker, consumer(record=str(record)), "--metrics-port", str(port))
+    ingress, worker = start(launch, broker, consumer(record=str(record), mode="sleep", sleep=1.5),
+                            "--metrics-port", str(port))
+    metrics = lambda: http("GET", f"http://127.0.0.1:{port}/metrics")[2].decode()  # noqa: E731
     post_webhook(ingress, HANGUP)
+    wait_until(lambda: records(record, "start"), what="handler running")
+    assert 'hipcall_worker_in_flight{consumer="crm"} 1.0' in metrics()
     wait_until(lambda: records(record, "done"), what="handled")
-    text = http("GET", f"http://127.0.0.1:{port}/metrics")[2].decode()
-    assert 'hipcall_worker_handled_total{consumer="crm",event="call_hangup"} 1.0' in text
+    wait_until(lambda: 'hipcall_worker_handled_total{consumer="crm",event="call_hangup"} 1.0' in metrics(),
+               what="handled counted")
+    text = metrics()
+    assert 'hipcall_worker_in_flight{consumer="crm"} 0.0' in text
     assert "hipcall_worker_handler_seconds_count" in text
 
 

@@ -64,6 +64,9 @@ class Worker:
         self._tasks: set[asyncio.Task] = set()
         self._limits = {c.name: asyncio.Semaphore(c.concurrency) for c in consumers}
         self._meters = {(c.name, e): _Meters(c.name, e) for c in consumers for e in c.events}
+        self._running = {c.name: 0 for c in consumers}  # handlers in flight, read by the gauge when scraped
+        for c in consumers:
+            IN_FLIGHT.labels(c.name).set_function(lambda name=c.name: self._running[name])
         self._stopping = False
 
     async def _on_connect(self, connection: aio_pika.abc.AbstractConnection) -> None:
@@ -117,13 +120,13 @@ class Worker:
     async def _process(self, consumer: ConsumerConfig, name: str, message: DeliveredMessage, acks: Acks,
                        meters: _Meters) -> None:
         async with self._limits[consumer.name]:
-            meters.in_flight.inc()
+            self._running[consumer.name] += 1
             try:
                 await self._handle(consumer, name, message, acks, meters)
             except Exception as exc:  # a bug of ours: say so; the message stays unacked and comes back
                 log.error("worker_error", consumer=consumer.name, _event=name, error=describe_error(exc), exc_info=exc)
             finally:
-                meters.in_flight.dec()
+                self._running[consumer.name] -= 1
 
     async def _handle(self, consumer: ConsumerConfig, name: str, message: DeliveredMessage, acks: Acks,
                       meters: _Meters) -> None:
@@ -249,7 +252,6 @@ class _Meters:
         self.failed = FAILED.labels(consumer, event)
         self.dead_lettered = DEAD_LETTERED.labels(consumer, event)
         self.duration = DURATION.labels(consumer, event)
-        self.in_flight = IN_FLIGHT.labels(consumer)
         self.reset_summary()
 
     def count_handled(self, duration: float) -> None:
