@@ -60,7 +60,7 @@ class Worker:
         self.handlers = handlers
         self.link = BrokerLink(config.broker, "hipcall-ingest work", self._on_connect)
         self._publisher: Publisher | None = None  # retries and dead letters
-        self._subscriptions: list[tuple[aio_pika.abc.AbstractQueue, str]] = []
+        self._subscriptions: list[_Subscription] = []
         self._tasks: set[asyncio.Task] = set()
         self._limits = {c.name: asyncio.Semaphore(c.concurrency) for c in consumers}
         self._meters = {(c.name, e): _Meters(c.name, e) for c in consumers for e in c.events}
