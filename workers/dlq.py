@@ -31,7 +31,8 @@ from typing import Any
 
 import aiormq
 import orjson
-from aio_pika.abc import AbstractConnection, AbstractIncomingMessage
+from aio_pika.abc import AbstractConnection
+from aiormq.abc import DeliveredMessage
 from pamqp.commands import Basic
 
 from ingest.config import Config
@@ -83,16 +84,24 @@ _BROKER_REASONS = {
 class Letter:
     """One dead letter, either kind: ours (x-hipcall-* headers) or the broker's (x-death)."""
 
-    message: AbstractIncomingMessage
+    message: DeliveredMessage  # aiormq's, as delivered: no wrapper per letter
     limit: int | None = None  # the source queue's delivery limit, for the broker's delivery_limit letters
+
+    @property
+    def properties(self) -> Basic.Properties:
+        return self.message.header.properties
+
+    @property
+    def tag(self) -> int:
+        return self.message.delivery.delivery_tag
 
     @cached_property
     def headers(self) -> dict[str, Any]:
-        return dict(self.message.headers or {})
+        return dict(self.properties.headers or {})
 
     @property
     def id(self) -> str:
-        return id_of(self.message.message_id, self.message.body)
+        return id_of(self.properties.message_id, self.message.body)
 
     @property
     def kind(self) -> str:
@@ -223,16 +232,17 @@ async def sweep(connection: AbstractConnection, config: Config, dlq: Queue, choo
     try:
         declared = await _passive(channel, dlq.name)
         result = Swept(dlq.name, declared.declaration_result.message_count or 0)
+        letters = await channel.get_underlay_channel()  # aiormq's channel: consume, qos, acks
 
-        async def replace(letter: Letter, target: str | None) -> bool:
+        async def replace(letter: Letter, target: str | None, now: str) -> bool:
             """Publish what replaces the letter: True once the broker stored it."""
             if target is None:
                 headers = {**own_headers(letter.headers), SWEEP_HEADER: mark}
             else:
-                headers = {**fresh_headers(letter.headers), "x-hipcall-replayed-at": datetime.now(timezone.utc).isoformat()}
+                headers = {**fresh_headers(letter.headers), "x-hipcall-replayed-at": now}
             try:
                 await publisher.publish(letter.message.body, "", target or dlq.name,
-                                        republish_properties(letter.message.properties, letter.message.body, headers))
+                                        republish_properties(letter.properties, letter.message.body, headers))
                 return True
             except Exception as exc:
                 failures.append(exc)
@@ -244,30 +254,38 @@ async def sweep(connection: AbstractConnection, config: Config, dlq: Queue, choo
             One ack with multiple=True for a whole window: RabbitMQ 3.10's quorum-queue client holds
             back settles past a few dozen in flight and drops them if the channel closes first, which
             returned (and counted a delivery for) the tail of the last window when a command exited."""
-            stored = await asyncio.gather(*(replace(letter, target) for letter, target in window))
+            now = datetime.now(timezone.utc).isoformat()
+            stored = await asyncio.gather(*(replace(letter, target, now) for letter, target in window))
             if window and all(stored):
-                await max((letter.message for letter, _ in window), key=lambda m: m.delivery_tag).ack(multiple=True)
+                await letters.basic_ack(max(letter.tag for letter, _ in window), multiple=True)
             else:
                 for (letter, _), ok in zip(window, stored):
                     if ok:
-                        await letter.message.ack()
+                        await letters.basic_ack(letter.tag)
             for (letter, target), ok in zip(window, stored):
                 if ok and target is not None:
                     result.moved += 1
                     if result.moved % 1000 == 0:
                         progress(result.moved)
 
-        inbox: asyncio.Queue[AbstractIncomingMessage] = asyncio.Queue()
+        inbox: asyncio.Queue[DeliveredMessage] = asyncio.Queue()
 
-        async def deliver(message: AbstractIncomingMessage) -> None:
+        async def deliver(message: DeliveredMessage) -> None:
             inbox.put_nowait(message)
 
-        async def take(window: int) -> list[AbstractIncomingMessage]:
+        async def consume(window: int) -> str:
+            await letters.basic_qos(prefetch_count=window)
+            return (await letters.basic_consume(dlq.name, deliver)).consumer_tag
+
+        async def take(window: int) -> list[DeliveredMessage]:
             """The next `window` letters, or fewer if nothing more comes for IDLE seconds."""
             taken = []
             try:
                 while len(taken) < window:
-                    taken.append(await asyncio.wait_for(inbox.get(), IDLE))
+                    if inbox.empty():  # a timed wait only when there is nothing to take at once
+                        taken.append(await asyncio.wait_for(inbox.get(), IDLE))
+                    else:
+                        taken.append(inbox.get_nowait())
             except TimeoutError:
                 pass
             return taken
@@ -280,8 +298,7 @@ async def sweep(connection: AbstractConnection, config: Config, dlq: Queue, choo
         tag = None
         try:
             if result.total:
-                await channel.set_qos(prefetch_count=window)
-                tag = await declared.consume(deliver)
+                tag = await consume(window)
             while tag is not None:
                 taken = await take(window)
                 settling: list[tuple[Letter, str | None]] = []
@@ -297,7 +314,7 @@ async def sweep(connection: AbstractConnection, config: Config, dlq: Queue, choo
                 following = min(prefetch, result.total - result.seen)
                 done = len(taken) < window or result.met_own_copy or not following or enough()
                 if done or following != window:
-                    await asyncio.wait_for(declared.cancel(tag), config.broker.publish_timeout)
+                    await asyncio.wait_for(letters.basic_cancel(tag), config.broker.publish_timeout)
                     tag = None
                 if done:
                     result.stopped = result.seen < result.total and enough()
@@ -307,8 +324,7 @@ async def sweep(connection: AbstractConnection, config: Config, dlq: Queue, choo
                         settling.append((Letter(inbox.get_nowait(), limit), None))
                 elif tag is None:
                     window = following
-                    await channel.set_qos(prefetch_count=window)
-                    tag = await declared.consume(deliver)
+                    tag = await consume(window)
                 await settle(settling)  # acked only now; the broker then sends the next window
                 if failures:
                     break
@@ -417,14 +433,14 @@ def _from_json(value: Any) -> Any:
 
 
 def export_line(letter: Letter) -> bytes:
-    m = letter.message
+    p = letter.properties
     return orjson.dumps({
-        "body_base64": base64.b64encode(m.body).decode(),
+        "body_base64": base64.b64encode(letter.message.body).decode(),
         # x-delivery-count is the broker's bookkeeping of this queue, not the letter's
         "headers": _to_json(own_headers(letter.headers)),
-        "properties": _to_json({"message_id": letter.id, "content_type": m.content_type,
-                                "content_encoding": m.content_encoding, "timestamp": m.timestamp,
-                                "app_id": m.app_id, "type": m.type, "correlation_id": m.correlation_id}),
+        "properties": _to_json({"message_id": letter.id, "content_type": p.content_type,
+                                "content_encoding": p.content_encoding, "timestamp": p.timestamp,
+                                "app_id": p.app_id, "type": p.message_type, "correlation_id": p.correlation_id}),
     }) + b"\n"
 
 
