@@ -54,6 +54,19 @@ def test_a_handler_that_fails_twice_then_succeeds_runs_attempts_1_2_3_after_the_
     assert broker.count("crm.call_hangup.dlq") == 0 and broker.count("crm.call_hangup") == 0
 
 
+def test_at_debug_level_each_handled_message_has_a_line_of_its_own(launch, broker, tmp_path):
+    record = tmp_path / "record.jsonl"
+    ingress, worker = start(launch, broker, consumer(record=str(record)) + '[logging]\nlevel = "debug"\n')
+    seed = HANGUP.decode()
+    uuid = json.loads(seed)["data"]["uuid"]
+    ids = [post_webhook(ingress, seed.replace(uuid, f"call-{i}").encode())[2]["id"] for i in range(3)]
+    handled = lambda: [l for l in worker.logs() if l.get("msg") == "handled" and l["consumer"] == "crm"]  # noqa: E731
+    wait_until(lambda: len(handled()) == 3, what="three handled lines")
+    assert sorted(l["message_id"] for l in handled()) == sorted(ids)
+    assert all(l["level"] == "debug" and l["event"] == "call_hangup" and l["attempt"] == 1 for l in handled())
+    assert worker.stop() == 0
+
+
 def test_exhausted_retries_land_in_the_dlq_with_the_original_body_and_our_headers(launch, broker, tmp_path):
     record = tmp_path / "record.jsonl"
     ingress, worker = start(launch, broker, consumer(delays='["200ms"]', record=str(record), fail_times=99))
