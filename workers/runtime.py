@@ -159,11 +159,11 @@ class Worker:
         try:
             while True:
                 await asyncio.sleep(SUMMARY_EVERY)
-                self.log_summary()
+                self._log_summary()
         finally:
-            self.log_summary()
+            self._log_summary()
 
-    def log_summary(self) -> None:
+    def _log_summary(self) -> None:
         for meters in self._meters.values():
             if meters.summary_count:
                 log.info("handled_summary", consumer=meters.consumer, _event=meters.event,
