@@ -25,7 +25,7 @@ bench: $(BIN)/hipcall-ingest
 	@$(BIN)/python -c "import faststream" 2>/dev/null || $(BIN)/pip install -q -e '.[test,bench]'
 	$(BIN)/python bench/run.py $(BENCH_ARGS)
 
-# The chaos suite at full length (30 s of load per scenario; `make test` runs each for 8 s).
+# The chaos suite at full length (30 s of load per scenario; `make test` runs each for 5 s).
 chaos: $(BIN)/hipcall-ingest
 	HIPCALL_CHAOS_SECONDS=$${HIPCALL_CHAOS_SECONDS:-30} HIPCALL_CHAOS_SLACK=0 $(BIN)/python -m pytest -s -q tests/chaos $(PYTEST_ARGS)
 
