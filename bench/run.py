@@ -131,16 +131,11 @@ class Bench:
     # --- 1. ingress ---------------------------------------------------------------------------------
 
     def wrk(self, port: int) -> dict:
-        done = subprocess.run(
-            ["wrk", "-t2", "-c50", f"-d{self.args.seconds}s", "--latency", "-s", str(ROOT / "bench" / "post.lua"),
-             f"http://127.0.0.1:{port}/webhooks/hipcall"],
-            capture_output=True, text=True, timeout=self.args.seconds + 60, env={**os.environ, "HIPCALL_BENCH_BODY": str(BODY)})
-        out = done.stdout
-        non2xx = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
+        out = _wrk(port, "post.lua", self.args.seconds, HIPCALL_BENCH_BODY=str(BODY))
         return {"rps": float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1)),
                 "p50_ms": _ms(re.search(r"\s50%\s+([\d.]+\w+)", out).group(1)),
                 "p99_ms": _ms(re.search(r"\s99%\s+([\d.]+\w+)", out).group(1)),
-                "non_2xx": int(non2xx.group(1)) if non2xx else 0}
+                "non_2xx": _non2xx(out)}
 
     def ingress(self) -> None:
         ours_port, base_port, bare_port = free_port(), free_port(), free_port()
@@ -262,13 +257,9 @@ class Bench:
         time.sleep(1)
         # wrk (C) sends at the fixed rate: a Python client doing it took a third of a core from the
         # processes it measured, and sent in bursts when it fell behind.
-        done = subprocess.run(
-            ["wrk", "-t2", "-c50", f"-d{seconds}s", "-s", str(ROOT / "bench" / "e2e.lua"),
-             f"http://127.0.0.1:{port}/webhooks/hipcall"], capture_output=True, text=True, timeout=seconds + 60,
-            env={**os.environ, "HIPCALL_BENCH_THREADS": "2", "HIPCALL_BENCH_RATE": str(rate)})
-        sent = int(re.search(r"(\d+) requests in", done.stdout).group(1))
-        non2xx = re.search(r"Non-2xx or 3xx responses: (\d+)", done.stdout)
-        accepted = sent - (int(non2xx.group(1)) if non2xx else 0)
+        out = _wrk(port, "e2e.lua", seconds, HIPCALL_BENCH_THREADS="2", HIPCALL_BENCH_RATE=str(rate))
+        sent = int(re.search(r"(\d+) requests in", out).group(1))
+        accepted = sent - _non2xx(out)
         deadline = time.monotonic() + 30
         while time.monotonic() < deadline and self.depth("e2e.e2e") > 0:
             time.sleep(0.2)
@@ -359,6 +350,19 @@ class Bench:
                     proc.kill()
             self.node.kill()
         return self.results
+
+
+def _wrk(port: int, script: str, seconds: int, **env: str) -> str:
+    """wrk's report: 2 threads, 50 connections, `seconds` long, the Lua script from bench/."""
+    return subprocess.run(
+        ["wrk", "-t2", "-c50", f"-d{seconds}s", "--latency", "-s", str(ROOT / "bench" / script),
+         f"http://127.0.0.1:{port}/webhooks/hipcall"],
+        capture_output=True, text=True, timeout=seconds + 60, env={**os.environ, **env}).stdout
+
+
+def _non2xx(report: str) -> int:
+    found = re.search(r"Non-2xx or 3xx responses: (\d+)", report)
+    return int(found.group(1)) if found else 0
 
 
 def _ms(text: str) -> float:

@@ -20,7 +20,6 @@ from dataclasses import dataclass
 from datetime import datetime
 
 import aio_pika
-import aiormq
 import orjson
 import structlog
 from aiormq.abc import DeliveredMessage
@@ -90,7 +89,7 @@ class Worker:
             for event in consumer.events:
                 queue = consumer_queue(consumer.name, event)
                 ok = await underlay.basic_consume(queue, self._callback(consumer, event, acks))
-                self._subscriptions.append(_Subscription(queue, underlay, ok.consumer_tag, acks))
+                self._subscriptions.append(_Subscription(queue, ok.consumer_tag, acks))
         log.info("consuming", consumers=[c.name for c in self.consumers])
 
     def _on_cancel(self, frame) -> None:
@@ -217,7 +216,7 @@ class Worker:
         """Stop taking new messages; let in-flight handlers finish (acked) for up to `grace` seconds.
         Every wait is bounded: a broker that does not answer (a resource alarm) cannot hold SIGTERM."""
         self._stopping = True
-        cancels = [asyncio.ensure_future(s.channel.basic_cancel(s.tag)) for s in self._subscriptions]
+        cancels = [asyncio.ensure_future(s.acks.channel.basic_cancel(s.tag)) for s in self._subscriptions]
         for cancel in cancels:  # a channel may be gone already, or blocked: nothing more is taken from it either way
             cancel.add_done_callback(_retrieve)
         if cancels:
@@ -237,9 +236,8 @@ class Worker:
 @dataclass(frozen=True)
 class _Subscription:
     queue: str
-    channel: aiormq.abc.AbstractChannel
     tag: str
-    acks: Acks
+    acks: Acks  # and through it, the channel the consumer is on
 
 
 class _Meters:
