@@ -41,8 +41,10 @@ log = structlog.get_logger("ingest.spool")
 SPOOLED = Counter("hipcall_ingest_spooled_total", "Webhooks written to the disk spool (answered 202 from disk).")
 DRAINED = Counter("hipcall_ingest_spool_drained_total", "Spooled webhooks republished to the broker and confirmed.")
 SPOOL_FULL = Counter("hipcall_ingest_spool_full_total", "Webhooks refused (503) because the spool was full or unwritable.")
-SPOOL_BYTES = Gauge("hipcall_ingest_spool_bytes", "Bytes in this process's spool segments.")
-SPOOL_OLDEST = Gauge("hipcall_ingest_spool_oldest_seconds", "Age of the oldest webhook still in the spool (0 if empty).")
+# With several ingress processes (http.processes), /metrics adds up their spools.
+SPOOL_BYTES = Gauge("hipcall_ingest_spool_bytes", "Bytes in the ingress's spool segments.", multiprocess_mode="livesum")
+SPOOL_OLDEST = Gauge("hipcall_ingest_spool_oldest_seconds", "Age of the oldest webhook still in the spool (0 if empty).",
+                     multiprocess_mode="livemax")
 
 _HEAD = struct.Struct(">II")  # payload length, crc32 of the payload
 _META = struct.Struct(">H")
@@ -300,9 +302,14 @@ class Spool:
 
     def _new_segment(self) -> Segment:
         self._sequence += 1
-        segment = Segment.claim(self._dir / f"{self._prefix}{self._sequence}{SUFFIX}")
+        path = self._dir / f"{self._prefix}{self._sequence}{SUFFIX}"
+        # Made under another name and renamed once locked: a process starting at the same moment
+        # (`http.processes`) would otherwise lock the fresh, empty file first and delete it as a leftover.
+        segment = Segment.claim(path.with_name(path.name + ".new"))
         if segment is None:  # the name has our pid in it: only a leftover of a reused pid, held by a live process
-            raise OSError(f"spool segment {self._prefix}{self._sequence} is locked by another process")
+            raise OSError(f"spool segment {path.name} is locked by another process")
+        os.rename(segment.path, path)
+        segment.path = path
         directory = os.open(self._dir, os.O_RDONLY)  # the new file's name is durable before a record goes in
         try:
             os.fsync(directory)
