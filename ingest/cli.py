@@ -17,6 +17,8 @@ from collections.abc import Callable, Coroutine, Sequence
 from pathlib import Path
 from typing import Any
 
+import structlog
+
 from .config import Config, load_config
 from .errors import ConfigError, HandlerImportError, HipcallError, UsageError
 from .logs import configure_logging
@@ -36,10 +38,22 @@ def run_async(main: Coroutine[Any, Any, Any]) -> Any:
 
 
 def cmd_serve(config: Config, args: argparse.Namespace) -> int:
+    configure_logging(config.logging, "serve")
+    if args.lifeline is None and config.http.processes > 1:
+        from .processes import serve_processes
+
+        return serve_processes(config, args.config)
+    metrics_dir = None
+    if args.lifeline is not None:  # one of several: its supervisor stops it (ingest/processes.py)
+        from .processes import METRICS_DIR_ENV
+
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, signal.SIG_IGN)
+        metrics_dir = os.environ[METRICS_DIR_ENV]
+        structlog.contextvars.bind_contextvars(pid=os.getpid())  # which of them wrote a line
     from .http import serve
 
-    configure_logging(config.logging, "serve")
-    run_async(serve(config))
+    run_async(serve(config, args.lifeline, metrics_dir))
     return 0
 
 
@@ -426,6 +440,8 @@ def build_parser() -> argparse.ArgumentParser:
             sub.add_argument("--once", action="store_true", help="one pass, print what it found, exit")
             sub.add_argument("--since", metavar="DURATION", help='with --once: the window reaches back this far (e.g. "24h")')
             sub.add_argument("--dry-run", action="store_true", help="with --once: list the missing calls, publish nothing")
+        if name == "serve":  # set by the supervisor of several ingress processes, for each of them
+            sub.add_argument("--lifeline", type=int, metavar="FD", help=argparse.SUPPRESS)
         if name == "work":
             sub.add_argument("--consumer", action="append", metavar="NAME", help="run only this consumer (repeatable)")
             sub.add_argument("--metrics-port", type=int, metavar="PORT", help="serve Prometheus /metrics on this port")

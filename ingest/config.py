@@ -68,6 +68,7 @@ class HttpConfig:
     body_timeout: float
     max_connections: int
     answer_timeout: float
+    processes: int
     trusted_proxies: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]
 
 
@@ -324,6 +325,7 @@ _SCHEMA: dict[str, dict[str, Callable[[Any], Any]]] = {
         "body_timeout": _TIMEOUT,
         "max_connections": _integer(1, 1_000_000),
         "answer_timeout": _duration(0.3, 60),
+        "processes": _integer(1, 64),
         "trusted_proxies": _list(_cidr),
     },
     "spool": {"enabled": _boolean, "dir": _nonempty, "max_bytes": _integer(1 << 20, 1 << 50)},
@@ -438,6 +440,9 @@ def _build(defaults: dict, user: dict, source: str, env: Mapping[str, str]) -> C
     if broker["reconnect_max"] < broker["reconnect_min"]:
         raise fail("broker.reconnect_max", f"a duration of at least broker.reconnect_min ({_spell(broker['reconnect_min'])})",
                    raw["broker"]["reconnect_max"])
+    if parsed["http"]["processes"] > 1 and parsed["http"]["port"] == 0:
+        raise fail("http.processes", "1 while http.port is 0 (each process would listen on a port of its own)",
+                   raw["http"]["processes"])
     rec = parsed["reconcile"]
     if rec["grace"] >= rec["lookback"]:
         raise fail("reconcile.grace", f"a duration shorter than reconcile.lookback ({_spell(rec['lookback'])})",

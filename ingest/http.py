@@ -26,7 +26,8 @@ import structlog
 from aiohttp import web
 from aiohttp.http_exceptions import DecompressSizeError, HttpProcessingError
 from aiohttp.web_protocol import RequestPayloadError
-from prometheus_client import CONTENT_TYPE_LATEST, Counter, Gauge, Histogram, generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.multiprocess import MultiProcessCollector
 
 from .broker import BrokerLink, is_blocked
 from .config import Config
@@ -45,7 +46,8 @@ PUBLISH_SECONDS = Histogram(
     "Time from publish to the broker's confirm.",
     buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10),
 )
-BROKER_CONNECTED = Gauge("hipcall_ingest_broker_connected", "1 while the ingress has a broker connection and channel.")
+BROKER_CONNECTED = Gauge("hipcall_ingest_broker_connected", "1 while the ingress has a broker connection and channel "
+                         "(with several processes: while every one of them has).", multiprocess_mode="livemin")
 REFUSED = Counter("hipcall_ingest_publish_refused_total",
                   "Publishes the broker refused (nack), e.g. a consumer queue full at its max_length; spooled.", ["event"])
 CONNECTIONS_REFUSED = Counter("hipcall_ingest_connections_refused_total", "Connections closed at once: http.max_connections reached.")
@@ -62,8 +64,9 @@ NOT_CONNECTED = {"down": "no broker connection", "blocked": "the broker blocked 
 class Ingress:
     """The request handlers and the one thing they share: the publisher (None while down)."""
 
-    def __init__(self, config: Config) -> None:
+    def __init__(self, config: Config, registry: CollectorRegistry = REGISTRY) -> None:
         self.config = config
+        self.registry = registry
         self.publisher: Publisher | None = None
         self.link: BrokerLink | None = None
         self.spool: Spool | None = None
@@ -215,7 +218,7 @@ class Ingress:
                                  status=200 if ready else 503)
 
     async def metrics(self, request: web.Request) -> web.Response:
-        response = web.Response(body=generate_latest())
+        response = web.Response(body=generate_latest(self.registry))
         response.content_type = CONTENT_TYPE_LATEST.split(";")[0]
         return response
 
@@ -342,7 +345,7 @@ async def broker_context(app: web.Application) -> AsyncIterator[None]:
     link = BrokerLink(config.broker, "hipcall-ingest serve", on_connect, on_state)
     ingress.link = link
     if config.spool.enabled:
-        ingress.spool = Spool(config.spool.dir, config.spool.max_bytes)
+        ingress.spool = Spool(config.spool.dir, config.spool.max_bytes // config.http.processes)
         ingress.spool.open()
     drainer = asyncio.create_task(drain_spool()) if ingress.spool else None
     try:
@@ -356,11 +359,16 @@ async def broker_context(app: web.Application) -> AsyncIterator[None]:
             ingress.spool.close()
 
 
-def build_app(config: Config) -> web.Application:
+def build_app(config: Config, metrics_dir: str | None = None) -> web.Application:
+    """The ingress app; with `metrics_dir` (one of several processes), /metrics adds up every process's."""
     middlewares = [access_log] if config.logging.access else []
     # client_max_size is a backstop; the handler answers 413 itself with a JSON error first.
     app = web.Application(client_max_size=config.http.max_body_bytes, middlewares=middlewares)
-    ingress = Ingress(config)
+    registry = REGISTRY
+    if metrics_dir is not None:
+        registry = CollectorRegistry()
+        MultiProcessCollector(registry, path=metrics_dir)
+    ingress = Ingress(config, registry)
     app[INGRESS] = ingress
     app.cleanup_ctx.append(broker_context)
     app.router.add_post(config.http.path, ingress.webhook)
@@ -432,28 +440,40 @@ class Site(web.BaseSite):
 
         try:
             self._server = await loop.create_server(connection, self._config.host, self._config.port,
-                                                    reuse_address=True, backlog=self._config.max_connections)
+                                                    reuse_address=True, reuse_port=self._config.processes > 1,
+                                                    backlog=self._config.max_connections)
         except OSError as exc:
             raise StartupError(
                 f"cannot listen on {self._config.host}:{self._config.port} (http.host, http.port): {exc.strerror}"
             ) from None
 
 
-async def serve(config: Config) -> None:
-    """Serve until SIGTERM or SIGINT, then stop accepting, finish in-flight requests, close, return."""
-    runner = web.AppRunner(build_app(config), handle_signals=False, shutdown_timeout=config.http.shutdown_timeout)
+async def serve(config: Config, lifeline: int | None = None, metrics_dir: str | None = None) -> None:
+    """Serve until SIGTERM or SIGINT, then stop accepting, finish in-flight requests, close, return.
+
+    One of several processes (ingest/processes.py) stops instead when `lifeline`, the read end of a
+    pipe its supervisor holds open, reaches its end: the supervisor asked, or was killed."""
+    runner = web.AppRunner(build_app(config, metrics_dir), handle_signals=False,
+                           shutdown_timeout=config.http.shutdown_timeout)
     await runner.setup()
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
+    if lifeline is None:
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
+    else:
+        def supervisor_gone() -> None:
+            loop.remove_reader(lifeline)
+            stop.set()
+
+        loop.add_reader(lifeline, supervisor_gone)
     try:
         await Site(runner, config).start()
         log.info("serving", host=config.http.host, port=config.http.port, path=config.http.path,
                  auth="on" if config.auth.tokens else "off", tokens=len(config.auth.tokens),
                  allow_ips=len(config.auth.allow_ips))
         await stop.wait()
-        log.info("stopping", reason="signal")
+        log.info("stopping", reason="signal" if lifeline is None else "supervisor")
     finally:
         await runner.cleanup()
     log.info("stopped")

@@ -293,6 +293,7 @@ class Proc:
             cwd=self.env.get("HIPCALL_TEST_CWD", str(ROOT)),
             stdout=open(self.log_path, "ab"),
             stderr=subprocess.STDOUT,
+            process_group=0,  # signal() reaches the processes it starts too (serve's http.processes)
         )
         return self
 
@@ -314,7 +315,8 @@ class Proc:
         return lines
 
     def signal(self, sig: int) -> None:
-        self.process.send_signal(sig)
+        """`sig` to the process and every process it started: kill -9 of an ingress kills all of it."""
+        os.killpg(self.process.pid, sig)
 
     def wait(self, timeout: float = 30) -> int:
         return self.process.wait(timeout=timeout)
@@ -326,7 +328,7 @@ class Proc:
 
     def wait_http(self, path: str, status: int = 200, timeout: float = 20) -> None:
         """Until GET path answers `status`; for /readyz 200 also until the broker is connected (the
-        ingress is ready earlier, with the spool taking webhooks)."""
+        ingress is ready earlier, with the spool taking webhooks), in every ingress process."""
         def check():
             assert self.process.poll() is None, f"process exited:\n{self.output()}"
             try:
@@ -334,10 +336,22 @@ class Proc:
             except OSError:
                 return False
             if path == "/readyz" and status == 200:
-                return answer == 200 and json.loads(body).get("broker") == "connected"
-            return answer == status
+                return answer == 200 and json.loads(body).get("broker") == "connected" and self._every_process("broker_connected")
+            return answer == status and self._every_process("serving")
 
         wait_until(check, timeout=timeout, what=f"GET {path} -> {status}")
+
+
+    def _every_process(self, msg: str) -> bool:
+        """Every process of a multi-process ingress has logged `msg` (a request reaches only one)."""
+        logs = self.logs()
+        started = [l for l in logs if l.get("msg") == "ingress_processes"]
+        if not started:
+            return True
+        pids = set(started[-1]["pids"])
+        for replaced in (l for l in logs if l.get("msg") == "ingress_process_killed"):
+            pids = pids - {replaced["pid"]} | {replaced["replaced_by"]}
+        return pids <= {l.get("pid") for l in logs if l.get("msg") == msg}
 
 
 def http(method: str, url: str, body: bytes | None = None, headers: dict | None = None) -> tuple[int, dict, bytes]:
@@ -408,7 +422,7 @@ def launch(tmp_path):
     yield start
     for proc in started:
         if proc.process and proc.process.poll() is None:
-            proc.process.kill()
+            proc.signal(signal.SIGKILL)
             proc.process.wait()
 
 

@@ -50,7 +50,8 @@ def test_without_a_broker_webhooks_are_spooled_answered_202_and_drained_when_it_
                           cwd=proc.log_path.parent, env={**env, "PYTHONPATH": str(ROOT)})  # where the ingress runs
     assert seen.returncode == 1  # the broker is unreachable...
     spool = json.loads(seen.stdout)["spool"]  # ...and the spool holds the webhooks meanwhile
-    assert spool["segments"] == 1 and spool["bytes"] > sum(map(len, bodies)) and spool["oldest_age_s"] is not None
+    # one segment per ingress process (http.processes = 2 by default)
+    assert spool["segments"] == 2 and spool["bytes"] > sum(map(len, bodies)) and spool["oldest_age_s"] is not None
     metrics = http("GET", proc.url + "/metrics")[2].decode()
     assert "hipcall_ingest_spooled_total 20.0" in metrics
 
@@ -114,7 +115,8 @@ def test_a_corrupt_spool_never_stops_the_ingress_from_starting(launch, node_brok
 
 def test_a_full_spool_means_503(launch, node_broker, rabbit_node):
     rabbit_node.stop()
-    proc = launch("serve", node_broker, '[spool]\nmax_bytes = 1048576\n', wait="/healthz")
+    # One process: with several, each has its share of max_bytes (test_processes.py).
+    proc = launch("serve", node_broker, '[spool]\nmax_bytes = 1048576\n[http]\nprocesses = 1\n', wait="/healthz")
     big = b'{"event": "call_hangup", "data": {"pad": "' + b"x" * 300_000 + b'"}}'
     statuses = [post_webhook(proc, big)[0] for _ in range(5)]
     assert statuses[:3] == [202, 202, 202] and statuses[3:] == [503, 503]
@@ -154,8 +156,9 @@ def test_topology_without_a_broker_exits_1_without_the_password(tmp_path):
 
 def test_two_ingresses_in_one_spool_directory_each_write_their_own_segment(launch, node_broker, rabbit_node):
     rabbit_node.stop()
-    first = launch("serve", node_broker, "", wait="/healthz")
-    second = launch("serve", node_broker, "", wait="/healthz")  # same working directory, same .spool
+    one = "[http]\nprocesses = 1\n"  # two ingresses of one process each
+    first = launch("serve", node_broker, one, wait="/healthz")
+    second = launch("serve", node_broker, one, wait="/healthz")  # same working directory, same .spool
     ids = set()
     for n in range(10):
         for proc in (first, second):
