@@ -51,7 +51,8 @@ def main() -> None:
     url = sys.argv[3] if len(sys.argv) > 3 else "amqp://guest:guest@127.0.0.1:5672/"
     rate, seconds = (int(sys.argv[4]) if len(sys.argv) > 4 else 800), (int(sys.argv[5]) if len(sys.argv) > 5 else 10)
     work = Path(tempfile.mkdtemp(prefix="hipcall-cpu-"))
-    (work / "c.toml").write_text(f'[broker]\nurl = "{url}"\n[http]\nhost = "127.0.0.1"\nport = 18080\n')
+    # One process: this measures CPU per webhook, which one process's /proc/PID/stat shows whole.
+    (work / "c.toml").write_text(f'[broker]\nurl = "{url}"\n[http]\nhost = "127.0.0.1"\nport = 18080\nprocesses = 1\n')
     proc = subprocess.Popen([sys.executable, "-m", "ingest", "serve", "--config", "c.toml"], cwd=work,
                             stdout=open(work / "serve.log", "w"), stderr=subprocess.STDOUT,
                             env={**os.environ, "PYTHONPATH": checkout})
