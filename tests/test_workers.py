@@ -374,6 +374,9 @@ def test_sigterm_finishes_within_the_grace_period_during_a_resource_alarm_and_re
     record = tmp_path / "record.jsonl"
     config = consumer(delays='["300ms"]', record=str(record), mode="sleep_fail", sleep=1, fail_times=9)
     config += '[worker]\ngrace_period = "2s"\n[broker]\npublish_timeout = "1s"\n'
+    # One ingress process: RabbitMQ blocks a connection when it publishes, and /readyz answers for the
+    # process that takes it, so with two the check below could reach the one that has not published.
+    config += '[http]\nprocesses = 1\n'
     ingress, worker = start(launch, node_broker, config)
     post_webhook(ingress, HANGUP)
     wait_until(lambda: records(record, "start"), what="handler started")
