@@ -140,26 +140,32 @@ class Bench:
                 "non_2xx": _non2xx(out)}
 
     def ingress(self) -> None:
-        ours_port, base_port, bare_port = free_port(), free_port(), free_port()
-        # A: `make run`'s configuration (access log, spool, metrics on), its log to a file.
+        ours_port, one_port, base_port, bare_port = free_port(), free_port(), free_port(), free_port()
+        # A: `make run`'s configuration (access log, spool, metrics on, 2 processes), its log to a file;
+        # and the same with one process, to show what the second one gives in the same run.
         ours = self.ingest("serve", self.config(ours_port), "serve")
+        one = self.ingest("serve", self.config(one_port, "processes = 1\n"), "serve-1")
         base = self.start(PY, str(ROOT / "bench/baselines/minimal_ingress.py"), str(base_port), self.url,
                           "baseline.call_hangup", name="baseline")
         self.ready(ours_port, ours)
+        self.ready(one_port, one)
         self.wait_http(base_port, base)
         time.sleep(1)
         rounds = []
         for _ in range(self.args.rounds):
             a = self.wrk(ours_port)
             self.purge("hipcall.call_hangup", "hipcall.events.reconcile")
+            a1 = self.wrk(one_port)
+            self.purge("hipcall.call_hangup", "hipcall.events.reconcile")
             b = self.wrk(base_port)
             self.purge("baseline.call_hangup")
-            rounds.append({"ours": a, "baseline": b})
-            print(f"  ingress round: ours {a['rps']:.0f} req/s p99 {a['p99_ms']} ms | "
-                  f"baseline {b['rps']:.0f} req/s p99 {b['p99_ms']} ms", flush=True)
+            rounds.append({"ours": a, "ours_one_process": a1, "baseline": b})
+            print(f"  ingress round: ours {a['rps']:.0f} req/s p99 {a['p99_ms']} ms | one process {a1['rps']:.0f} "
+                  f"req/s p99 {a1['p99_ms']} ms | baseline {b['rps']:.0f} req/s p99 {b['p99_ms']} ms", flush=True)
         self.results["ingress_rss_processes_mb"] = self.tree_rss_mb(ours)
         self.results["ingress_rss_mb"] = round(sum(self.results["ingress_rss_processes_mb"]), 1)
         self.stop(base)
+        self.stop(one)
         bare = self.start(PY, str(ROOT / "bench/baselines/no_publish.py"), str(bare_port), name="no_publish")
         self.wait_http(bare_port, bare)
         ceiling = self.wrk(bare_port)
@@ -169,9 +175,10 @@ class Bench:
         self.results["ingress"] = {
             "rounds": rounds,
             "ours": {k: med("ours", k) for k in ("rps", "p50_ms", "p99_ms")},
+            "ours_one_process": {k: med("ours_one_process", k) for k in ("rps", "p50_ms", "p99_ms")},
             "baseline": {k: med("baseline", k) for k in ("rps", "p50_ms", "p99_ms")},
             "no_publish_ceiling": ceiling,
-            "non_2xx": sum(r[w]["non_2xx"] for r in rounds for w in ("ours", "baseline")),
+            "non_2xx": sum(r[w]["non_2xx"] for r in rounds for w in ("ours", "ours_one_process", "baseline")),
         }
         self.results["ingress"]["ratio"] = round(med("ours", "rps") / med("baseline", "rps"), 2)
 
@@ -392,10 +399,13 @@ def table(r: dict) -> str:
         "",
         f"{'INGRESS (wrk, 50 connections)':<44} {'req/s':>8} {'p50 ms':>8} {'p99 ms':>8}",
         f"{'  hipcall-ingest serve (defaults)':<44} {i['ours']['rps']:>8.0f} {i['ours']['p50_ms']:>8} {i['ours']['p99_ms']:>8}",
+        f"{'  the same with http.processes = 1':<44} {i['ours_one_process']['rps']:>8.0f} "
+        f"{i['ours_one_process']['p50_ms']:>8} {i['ours_one_process']['p99_ms']:>8}",
         f"{'  minimal aiohttp + aio-pika (baseline)':<44} {i['baseline']['rps']:>8.0f} {i['baseline']['p50_ms']:>8} {i['baseline']['p99_ms']:>8}",
         f"{'  aiohttp answering 202, no publish (ceiling)':<44} {i['no_publish_ceiling']['rps']:>8.0f} {i['no_publish_ceiling']['p50_ms']:>8} {i['no_publish_ceiling']['p99_ms']:>8}",
         f"{'  raw aiormq publisher, 500 in flight':<44} {r['raw_publisher_ceiling_msgs_s']:>8} msgs/s",
-        f"  ratio ours / baseline: {i['ratio']}x   non-2xx: {i['non_2xx']}",
+        f"  ratio ours / baseline: {i['ratio']}x   defaults / one process: "
+        f"{i['ours']['rps'] / i['ours_one_process']['rps']:.2f}x   non-2xx: {i['non_2xx']}",
         "",
         f"{'WORKER (drain ' + str(r['settings']['messages']) + ' messages, no-op handler)':<44} {'msgs/s':>8}",
         f"{'  hipcall-ingest work':<44} {w['msgs_s']['ours']:>8}",

@@ -47,9 +47,11 @@ def cmd_serve(config: Config, args: argparse.Namespace) -> int:
     if args.lifeline is not None:  # one of several: its supervisor stops it (ingest/processes.py)
         from .processes import METRICS_DIR_ENV
 
+        metrics_dir = os.environ.get(METRICS_DIR_ENV)
+        if not metrics_dir:
+            raise UsageError("--lifeline is for the processes `serve` starts itself (http.processes)")
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, signal.SIG_IGN)
-        metrics_dir = os.environ[METRICS_DIR_ENV]
         structlog.contextvars.bind_contextvars(pid=os.getpid())  # which of them wrote a line
     from .http import serve
 
