@@ -440,9 +440,6 @@ def _build(defaults: dict, user: dict, source: str, env: Mapping[str, str]) -> C
     if broker["reconnect_max"] < broker["reconnect_min"]:
         raise fail("broker.reconnect_max", f"a duration of at least broker.reconnect_min ({_spell(broker['reconnect_min'])})",
                    raw["broker"]["reconnect_max"])
-    if parsed["http"]["processes"] > 1 and parsed["http"]["port"] == 0:
-        raise fail("http.processes", "1 while http.port is 0 (each process would listen on a port of its own)",
-                   raw["http"]["processes"])
     rec = parsed["reconcile"]
     if rec["grace"] >= rec["lookback"]:
         raise fail("reconcile.grace", f"a duration shorter than reconcile.lookback ({_spell(rec['lookback'])})",

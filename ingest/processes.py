@@ -32,7 +32,7 @@ import time
 import structlog
 
 from .config import Config, HttpConfig
-from .errors import StartupError
+from .errors import ConfigError, StartupError
 
 log = structlog.get_logger("ingest.processes")
 
@@ -43,6 +43,10 @@ POLL = 0.2
 
 def serve_processes(config: Config, config_file: str | None) -> int:
     """Run `config.http.processes` ingress processes until SIGTERM or SIGINT; the exit code."""
+    if config.http.port == 0:
+        raise ConfigError(f"config error: {config.source}: http.port is 0 (any free port), so each of the "
+                          f"http.processes = {config.http.processes} processes would listen on a port of its own; "
+                          f"set a port, or http.processes = 1")
     check_port(config.http)
     metrics_dir = tempfile.mkdtemp(prefix="hipcall-ingest-metrics-")
     lifeline, cut = os.pipe()

@@ -57,7 +57,6 @@ def test_hipcall_config_names_the_file(tmp_path):
         ('[http]\nport = "80"\n', "http.port", "a whole number"),
         ("[http]\nport = 70000\n", "http.port", "a whole number from 0 to 65535"),
         ("[http]\nprocesses = 0\n", "http.processes", "a whole number from 1 to 64"),
-        ("[http]\nport = 0\n", "http.processes", "1 while http.port is 0"),
         ('[broker]\npublish_timeout = "5 seconds"\n', "broker.publish_timeout", "a duration"),
         ("[broker]\npublish_timeout = 5\n", "broker.publish_timeout", "a duration"),
         ('[retry]\ndelays = ["1s", "soon"]\n', "retry.delays", "a list of a duration"),

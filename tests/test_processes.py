@@ -101,13 +101,29 @@ def test_ctrl_c_reaches_each_process_once_and_every_one_exits_cleanly(ingress):
     assert "Traceback" not in ingress.output()
 
 
+def _serve(tmp_path, port: int) -> subprocess.CompletedProcess:
+    config = tmp_path / "c.toml"
+    config.write_text(f'[http]\nhost = "127.0.0.1"\nport = {port}\n')
+    return subprocess.run([sys.executable, "-m", "ingest", "serve", "--config", str(config)], capture_output=True,
+                          text=True, cwd=tmp_path, env={**os.environ, "PYTHONPATH": str(ROOT)}, timeout=30)
+
+
 def test_a_port_in_use_stops_start_up_with_exit_1(tmp_path):
     port = free_port()
     with socket.create_server(("127.0.0.1", port)):
-        config = tmp_path / "c.toml"
-        config.write_text(f'[http]\nhost = "127.0.0.1"\nport = {port}\n')
-        done = subprocess.run([sys.executable, "-m", "ingest", "serve", "--config", str(config)], capture_output=True,
-                              text=True, cwd=tmp_path, env={**os.environ, "PYTHONPATH": str(ROOT)}, timeout=30)
+        done = _serve(tmp_path, port)
     assert done.returncode == 1
     assert f"cannot listen on 127.0.0.1:{port} (http.host, http.port)" in done.stderr
     assert "Traceback" not in done.stderr + done.stdout
+
+
+def test_port_0_with_several_processes_is_a_config_error_of_serve_only(tmp_path):
+    done = _serve(tmp_path, 0)
+    assert done.returncode == 2
+    assert "http.port is 0" in done.stderr and "http.processes = 1" in done.stderr
+    assert "Traceback" not in done.stderr + done.stdout
+    # the other commands take the same file: they listen on no HTTP port (here: no broker, exit 1, not 2)
+    topology = subprocess.run([sys.executable, "-m", "ingest", "topology", "--config", str(tmp_path / "c.toml")],
+                              capture_output=True, text=True, cwd=tmp_path, timeout=30,
+                              env={**os.environ, "PYTHONPATH": str(ROOT), "HIPCALL_AMQP_URL": "amqp://guest:guest@127.0.0.1:1/"})
+    assert topology.returncode == 1 and "http.port" not in topology.stderr
