@@ -38,7 +38,7 @@ log = structlog.get_logger("ingest.processes")
 
 METRICS_DIR_ENV = "PROMETHEUS_MULTIPROC_DIR"  # prometheus-client reads it when it is imported
 RESTART_PAUSE = 1.0  # seconds at least between two starts of a replacement: a crash loop is not a busy loop
-POLL = 0.2
+POLL = 0.05  # seconds between looks at the processes: how soon serve exits once they have
 
 
 def serve_processes(config: Config, config_file: str | None) -> int:
