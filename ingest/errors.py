@@ -29,6 +29,13 @@ class StartupError(HipcallError):
     """The process cannot start as configured (a port in use): exit 1 with one line."""
 
 
+class CannotListen(StartupError):
+    """The ingress cannot listen on http.host:http.port (in use, or not an address of this machine)."""
+
+    def __init__(self, host: str, port: int, reason: str) -> None:
+        super().__init__(f"cannot listen on {host}:{port} (http.host, http.port): {reason}")
+
+
 class HandlerImportError(HipcallError):
     """A consumer's handler cannot be imported or is not callable."""
 

@@ -31,7 +31,7 @@ from prometheus_client.multiprocess import MultiProcessCollector
 
 from .broker import BrokerLink, is_blocked
 from .config import Config
-from .errors import PublishFailed, StartupError
+from .errors import CannotListen, PublishFailed
 from .message import MAX_DEPTH, SPOOLED, call_uuid, too_deep, webhook_id, webhook_properties
 from .names import EVENT_RE, consumer_queue, entry_exchange
 from .publish import Publisher
@@ -443,9 +443,7 @@ class Site(web.BaseSite):
                                                     reuse_address=True, reuse_port=self._config.processes > 1,
                                                     backlog=self._config.max_connections)
         except OSError as exc:
-            raise StartupError(
-                f"cannot listen on {self._config.host}:{self._config.port} (http.host, http.port): {exc.strerror}"
-            ) from None
+            raise CannotListen(self._config.host, self._config.port, exc.strerror) from None
 
 
 async def serve(config: Config, lifeline: int | None = None, metrics_dir: str | None = None) -> None:

@@ -32,7 +32,7 @@ import time
 import structlog
 
 from .config import Config, HttpConfig
-from .errors import ConfigError, StartupError
+from .errors import CannotListen, ConfigError
 
 log = structlog.get_logger("ingest.processes")
 
@@ -77,7 +77,7 @@ def serve_processes(config: Config, config_file: str | None) -> int:
                 children.remove(child)
                 _forget(child.pid, metrics_dir)
                 if stopping:
-                    code = code or (1 if child.returncode else 0)
+                    code = 1 if child.returncode else code
                 elif child.returncode < 0:  # killed: the others keep answering while a new one starts
                     time.sleep(max(0.0, last_start + RESTART_PAUSE - time.monotonic()))
                     if not stopping:
@@ -97,7 +97,7 @@ def serve_processes(config: Config, config_file: str | None) -> int:
 
 
 def check_port(http: HttpConfig) -> None:
-    """A StartupError if something already listens on the port (with SO_REUSEPORT the processes
+    """CannotListen if something already listens on the port (with SO_REUSEPORT the processes
     would otherwise share it silently with another ingress of the same user)."""
     async def bind() -> None:
         server = await asyncio.get_running_loop().create_server(
@@ -107,7 +107,7 @@ def check_port(http: HttpConfig) -> None:
     try:
         asyncio.run(bind())
     except OSError as exc:
-        raise StartupError(f"cannot listen on {http.host}:{http.port} (http.host, http.port): {exc.strerror}") from None
+        raise CannotListen(http.host, http.port, exc.strerror) from None
 
 
 def _forget(pid: int, metrics_dir: str) -> None:
