@@ -8,6 +8,7 @@ import socket
 import subprocess
 import sys
 
+import pytest
 from conftest import ROOT, free_port, http, payload, post_webhook, wait_until
 
 
@@ -101,17 +102,18 @@ def test_ctrl_c_reaches_each_process_once_and_every_one_exits_cleanly(ingress):
     assert "Traceback" not in ingress.output()
 
 
-def _serve(tmp_path, port: int) -> subprocess.CompletedProcess:
+def _serve(tmp_path, port: int, processes: int = 2) -> subprocess.CompletedProcess:
     config = tmp_path / "c.toml"
-    config.write_text(f'[http]\nhost = "127.0.0.1"\nport = {port}\n')
+    config.write_text(f'[http]\nhost = "127.0.0.1"\nport = {port}\nprocesses = {processes}\n')
     return subprocess.run([sys.executable, "-m", "ingest", "serve", "--config", str(config)], capture_output=True,
                           text=True, cwd=tmp_path, env={**os.environ, "PYTHONPATH": str(ROOT)}, timeout=30)
 
 
-def test_a_port_in_use_stops_start_up_with_exit_1(tmp_path):
+@pytest.mark.parametrize("processes", [1, 2])
+def test_a_port_in_use_stops_start_up_with_exit_1(tmp_path, processes):
     port = free_port()
     with socket.create_server(("127.0.0.1", port)):
-        done = _serve(tmp_path, port)
+        done = _serve(tmp_path, port, processes)
     assert done.returncode == 1
     assert f"cannot listen on 127.0.0.1:{port} (http.host, http.port)" in done.stderr
     assert "Traceback" not in done.stderr + done.stdout
