@@ -28,6 +28,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from pathlib import Path
 
 import structlog
 
@@ -37,6 +38,7 @@ from .errors import CannotListen, ConfigError
 log = structlog.get_logger("ingest.processes")
 
 METRICS_DIR_ENV = "PROMETHEUS_MULTIPROC_DIR"  # prometheus-client reads it when it is imported
+METRICS_DIR_PREFIX = "hipcall-ingest-metrics-"  # then serve's pid
 RESTART_PAUSE = 1.0  # seconds at least between two starts of a replacement: a crash loop is not a busy loop
 POLL = 0.05  # seconds between looks at the processes: how soon serve exits once they have
 
@@ -48,7 +50,7 @@ def serve_processes(config: Config, config_file: str | None) -> int:
                           f"http.processes = {config.http.processes} processes would listen on a port of its own; "
                           f"set a port, or http.processes = 1")
     check_port(config.http)
-    metrics_dir = tempfile.mkdtemp(prefix="hipcall-ingest-metrics-")
+    metrics_dir = _metrics_dir()
     lifeline, cut = os.pipe()
     command = [sys.executable, "-m", "ingest", "serve", *(["--config", config_file] if config_file else []),
                "--lifeline", str(lifeline)]
@@ -68,7 +70,7 @@ def serve_processes(config: Config, config_file: str | None) -> int:
     signal.signal(signal.SIGTERM, stop)
     signal.signal(signal.SIGINT, stop)
     children = [start() for _ in range(config.http.processes)]
-    log.info("ingress_processes", processes=len(children), pids=[c.pid for c in children])
+    log.info("ingress_processes", processes=len(children), pids=[c.pid for c in children], metrics_dir=metrics_dir)
     code, last_start = 0, 0.0
     try:
         while children:
@@ -108,6 +110,27 @@ def check_port(http: HttpConfig) -> None:
         asyncio.run(bind())
     except OSError as exc:
         raise CannotListen(http.host, http.port, exc.strerror) from None
+
+
+def _metrics_dir() -> str:
+    """A new directory for this serve's metrics files, in the temporary directory. Those of a serve
+    that is gone (killed with -9, so it could not remove its own) are removed first."""
+    base = Path(tempfile.gettempdir())
+    for old in base.glob(f"{METRICS_DIR_PREFIX}*"):
+        pid = old.name.removeprefix(METRICS_DIR_PREFIX).split("-")[0]
+        if pid.isdigit() and not _alive(int(pid)):
+            shutil.rmtree(old, ignore_errors=True)
+    return tempfile.mkdtemp(prefix=f"{METRICS_DIR_PREFIX}{os.getpid()}-")
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
 
 
 def _forget(pid: int, metrics_dir: str) -> None:

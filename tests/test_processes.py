@@ -7,6 +7,7 @@ import signal
 import socket
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 from conftest import ROOT, free_port, http, payload, post_webhook, wait_until
@@ -84,14 +85,23 @@ def test_each_process_has_its_share_of_the_spool(launch, node_broker, rabbit_nod
     assert proc.stop() == 0
 
 
-def test_a_killed_supervisor_takes_its_processes_with_it(ingress):
+def test_a_killed_supervisor_takes_its_processes_with_it_and_the_next_removes_its_metrics(ingress, launch, broker):
     children = _pids(ingress, "serving")
+    [started] = [l for l in ingress.logs() if l.get("msg") == "ingress_processes"]
     os.kill(ingress.process.pid, signal.SIGKILL)  # the supervisor alone, not its process group
     ingress.process.wait()
     wait_until(lambda: not any(_alive(pid) for pid in children), what="the processes to stop")
     assert len([l for l in ingress.logs() if l.get("msg") == "stopping" and l.get("reason") == "supervisor"]) == 2
     with socket.socket() as s:
         assert s.connect_ex(("127.0.0.1", ingress.port)) != 0  # nobody listens any more
+    left = Path(started["metrics_dir"])
+    assert left.is_dir()  # a serve killed with -9 could not remove it
+    after = launch("serve", broker, "", wait="/healthz")
+    assert not left.exists()
+    [metrics] = [l["metrics_dir"] for l in after.logs() if l.get("msg") == "ingress_processes"]
+    assert Path(metrics).is_dir()
+    assert after.stop() == 0
+    assert not Path(metrics).exists()  # a serve that stops removes its own
 
 
 def test_ctrl_c_reaches_each_process_once_and_every_one_exits_cleanly(ingress):
