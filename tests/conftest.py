@@ -360,11 +360,11 @@ class Proc:
             except OSError:
                 return False
             if path == "/readyz" and status == 200:
-                return answer == 200 and json.loads(body).get("broker") == "connected" and self._every_process("broker_connected")
+                connected = answer == 200 and json.loads(body).get("broker") == "connected"
+                return connected and self._every_process("broker_connected")
             return answer == status and self._every_process("serving")
 
         wait_until(check, timeout=timeout, what=f"GET {path} -> {status}")
-
 
     def _every_process(self, msg: str) -> bool:
         """Every process of a multi-process ingress has logged `msg` (a request reaches only one)."""
