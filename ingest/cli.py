@@ -17,8 +17,6 @@ from collections.abc import Callable, Coroutine, Sequence
 from pathlib import Path
 from typing import Any
 
-import structlog
-
 from .config import Config, load_config
 from .errors import ConfigError, HandlerImportError, HipcallError, UsageError
 from .logs import configure_logging
@@ -45,14 +43,9 @@ def cmd_serve(config: Config, args: argparse.Namespace) -> int:
         return serve_processes(config, args.config)
     metrics_dir = None
     if args.lifeline is not None:  # one of several: its supervisor stops it (ingest/processes.py)
-        from .processes import METRICS_DIR_ENV
+        from .processes import become_one_of_several
 
-        metrics_dir = os.environ.get(METRICS_DIR_ENV)
-        if not metrics_dir:
-            raise UsageError("--lifeline is for the processes `serve` starts itself (http.processes)")
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            signal.signal(sig, signal.SIG_IGN)
-        structlog.contextvars.bind_contextvars(pid=os.getpid())  # which of them wrote a line
+        metrics_dir = become_one_of_several()
     from .http import serve
 
     run_async(serve(config, args.lifeline, metrics_dir))

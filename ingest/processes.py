@@ -33,7 +33,7 @@ from pathlib import Path
 import structlog
 
 from .config import Config, HttpConfig
-from .errors import CannotListen, ConfigError
+from .errors import CannotListen, ConfigError, UsageError
 
 log = structlog.get_logger("ingest.processes")
 
@@ -98,6 +98,18 @@ def serve_processes(config: Config, config_file: str | None) -> int:
     return code
 
 
+def become_one_of_several() -> str:
+    """Set up a process `serve_processes` started (`serve --lifeline FD`): it leaves SIGTERM and
+    SIGINT to its supervisor and tags its log lines with its pid. Returns the metrics directory."""
+    metrics_dir = os.environ.get(METRICS_DIR_ENV)
+    if not metrics_dir:
+        raise UsageError("--lifeline is for the processes `serve` starts itself (http.processes)")
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, signal.SIG_IGN)
+    structlog.contextvars.bind_contextvars(pid=os.getpid())  # which of them wrote a line
+    return metrics_dir
+
+
 def check_port(http: HttpConfig) -> None:
     """CannotListen if something already listens on the port (with SO_REUSEPORT the processes
     would otherwise share it silently with another ingress of the same user)."""
@@ -129,7 +141,7 @@ def _alive(pid: int) -> bool:
     except ProcessLookupError:
         return False
     except PermissionError:  # another user's process
-        return True
+        pass
     return True
 
 
