@@ -212,10 +212,19 @@ class Ingress:
         """Ready while webhooks get 202: the broker takes them, or the spool has room for them (a load
         balancer must not drop every replica when the broker goes away)."""
         broker = self.broker_state()
-        spool = "off" if self.spool is None else "full" if not self.spool.has_room else "empty" if self.spool.empty else "active"
+        spool = self.spool_state()
         ready = broker == "connected" or spool in ("empty", "active")
         return web.json_response({"status": "ready" if ready else "unavailable", "broker": broker, "spool": spool},
                                  status=200 if ready else 503)
+
+    def spool_state(self) -> str:
+        """off, unwritable (its disk is full, read-only or missing), full (spool.max_bytes), empty or active."""
+        spool = self.spool
+        if spool is None:
+            return "off"
+        if spool.unwritable:
+            return "unwritable"
+        return "full" if not spool.has_room else "empty" if spool.empty else "active"
 
     async def metrics(self, request: web.Request) -> web.Response:
         response = web.Response(body=generate_latest(self.registry))
@@ -315,7 +324,7 @@ async def broker_context(app: web.Application) -> AsyncIterator[None]:
         refused_since: float | None = None
         while True:
             await asyncio.sleep(pause)
-            spool.report()
+            await spool.check()
             if spool.empty or ingress.broker_state() != "connected":
                 pause = DRAIN_INTERVAL
                 continue

@@ -10,6 +10,14 @@ share a file) and adopts the segments of processes that died.
   whatever follows it in that segment are dropped with a log line; every record before it survives.
 - Group commit: concurrent appends share one write and one fsync; each caller returns once its
   record is on disk. A failed write is cut back off the file, so no torn record sits mid-segment.
+- Files are found by what the process holds open, never by name alone. A segment's name is unique
+  to one start of one process (host, pid, a random part, a sequence number: in a container every
+  start has the same host name and pids), a new one is made under a temporary name, locked, then
+  linked to its own name (never renamed over an existing file), and a segment is read through its
+  descriptor and unlinked only while its name still points at the file that process holds.
+- A record counts only while it is reachable on disk: after each group commit the segment's name
+  is checked; if it is gone (an operator's `rm -rf`, a volume unmounted) the directory is made again
+  and what the lost files hold is copied into a new segment before anyone gets a 202.
 - Draining: the current segment is closed and a new one started, then the closed segments are
   republished oldest first through the confirmed publish, and a segment is deleted only after every
   record in it was confirmed. A drain that fails half way skips the confirmed records when it tries
@@ -22,12 +30,14 @@ from __future__ import annotations
 import asyncio
 import fcntl
 import os
+import secrets
 import socket
 import struct
 import time
 import zlib
 from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass
+from datetime import datetime
 from pathlib import Path
 
 import orjson
@@ -49,8 +59,12 @@ SPOOL_OLDEST = Gauge("hipcall_ingest_spool_oldest_seconds", "Age of the oldest w
 _HEAD = struct.Struct(">II")  # payload length, crc32 of the payload
 _META = struct.Struct(">H")
 SUFFIX = ".spool"
+NEW = ".new"  # a segment being made: locked, then linked to its name
 SEGMENT_BYTES = 64 << 20  # a segment past this size is closed and a new one started: drains read whole segments
 DRAIN_BATCH = 500  # republishes in flight at once while draining
+RETRY_OPEN = 2.0  # seconds between tries to open a spool directory that could not be used
+MIN_FREE = 1 << 20  # free bytes a file system needs before a spool that failed to write there is tried again
+STALE_NEW = 60.0  # seconds after which a half-made segment (a crash between create and link) is removed
 
 
 class SpoolFull(HipcallError):
@@ -74,65 +88,144 @@ class Record:
         return _HEAD.pack(len(payload), zlib.crc32(payload)) + payload
 
 
-def read_segment(path: Path) -> Iterator[Record]:
-    """The records of a segment in order; stops (with a log line) at the first torn or corrupt one."""
-    data = path.read_bytes()
+def parse_records(data: bytes, name: str, quiet: bool = False) -> Iterator[Record]:
+    """The records in a segment's bytes, in order; stops (with a log line) at the first torn or corrupt one."""
     offset = 0
     while offset < len(data):
         if len(data) - offset < _HEAD.size:
-            _torn(path, offset, len(data))
-            return
+            break
         length, crc = _HEAD.unpack_from(data, offset)
         payload = data[offset + _HEAD.size: offset + _HEAD.size + length]
         if len(payload) < length or zlib.crc32(payload) != crc:
-            _torn(path, offset, len(data))
-            return
+            break
         try:
             (meta_length,) = _META.unpack_from(payload)
             meta = orjson.loads(payload[_META.size: _META.size + meta_length])
-            yield Record(meta["id"], meta["event"], meta["received_at"], meta["client"],
-                         payload[_META.size + meta_length:])
-        except (ValueError, KeyError, struct.error):
-            _torn(path, offset, len(data))
-            return
+            record = Record(meta["id"], meta["event"], meta["received_at"], meta["client"],
+                            payload[_META.size + meta_length:])
+        except (ValueError, KeyError, TypeError, struct.error):
+            break
+        yield record
         offset += _HEAD.size + length
+    if offset < len(data) and not quiet:
+        log.error("spool_record_torn", segment=name, offset=offset, dropped_bytes=len(data) - offset,
+                  note="a crash cut this record short; the records before it are kept")
 
 
-def _torn(path: Path, offset: int, size: int) -> None:
-    log.error("spool_record_torn", segment=path.name, offset=offset, dropped_bytes=size - offset,
-              note="a crash cut this record short; the records before it are kept")
+def oldest_record(fd: int) -> float | None:
+    """When the first (oldest) record of an open segment was received, as a unix time; None if it has none.
+
+    The one definition of the spool's age, for the metric and for `status` alike."""
+    head = os.pread(fd, _HEAD.size, 0)
+    if len(head) < _HEAD.size:
+        return None
+    length, _ = _HEAD.unpack(head)
+    first = next(parse_records(head + os.pread(fd, length, _HEAD.size), "", quiet=True), None)
+    if first is None:
+        return None
+    try:
+        return datetime.fromisoformat(first.received_at).timestamp()
+    except ValueError:
+        return None
 
 
 def summary(directory: str) -> dict:
     """What a spool directory on this machine holds, for `status` (read only: no locks taken)."""
     path = Path(directory)
-    segments = [p for p in path.glob(f"*{SUFFIX}") if p.is_file()] if path.is_dir() else []
-    sizes = [p.stat().st_size for p in segments]
-    oldest = min((p.stat().st_mtime for p, size in zip(segments, sizes) if size), default=None)
+    sizes, oldest = [], []
+    for entry in _segment_entries(path):
+        try:
+            fd = os.open(entry, os.O_RDONLY)
+        except OSError:
+            continue  # drained and removed since it was listed, or not a file
+        try:
+            sizes.append(os.fstat(fd).st_size)
+            oldest.append(oldest_record(fd))
+        except OSError:
+            continue
+        finally:
+            os.close(fd)
+    first = min((t for t in oldest if t is not None), default=None)
     return {"dir": str(path.resolve()), "exists": path.is_dir(), "segments": sum(1 for size in sizes if size),
-            "bytes": sum(sizes), "oldest_age_s": round(time.time() - oldest, 1) if oldest else None}
+            "bytes": sum(sizes), "oldest_age_s": round(max(0.0, time.time() - first), 1) if first else None}
+
+
+def _segment_entries(directory: Path) -> list[Path]:
+    """The names that look like segments (whatever they turn out to be when opened)."""
+    try:
+        return [directory / name for name in os.listdir(directory) if name.endswith(SUFFIX)]
+    except OSError:
+        return []
 
 
 class Segment:
-    """One spool file, locked by this process for as long as it holds it."""
+    """One spool file, locked by this process for as long as it holds it, and known by its inode."""
 
     def __init__(self, path: Path, fd: int) -> None:
         self.path = path
         self.fd = fd
-        self.size = os.fstat(fd).st_size
-        self.oldest: float | None = None  # when its first record was written (this process's clock)
+        stat = os.fstat(fd)
+        self.size = stat.st_size
+        self._identity = (stat.st_dev, stat.st_ino)
+        self.oldest: float | None = oldest_record(fd) if self.size else None
         self.confirmed: set[int] = set()  # records already drained: a retried drain skips them
 
     @classmethod
     def claim(cls, path: Path) -> Segment | None:
-        """The segment, locked, or None if a live process holds it."""
-        fd = os.open(path, os.O_RDWR | os.O_APPEND | os.O_CREAT, 0o600)
+        """An existing segment, locked; None if a live process holds it or it is gone. Raises OSError for
+        an entry that cannot be a segment (a directory, say)."""
+        try:
+            fd = os.open(path, os.O_RDWR | os.O_APPEND)
+        except FileNotFoundError:
+            return None  # drained and removed since it was listed
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            segment = cls(path, fd)
         except BlockingIOError:
             os.close(fd)
             return None
+        except BaseException:
+            os.close(fd)
+            raise
+        if not segment.reachable():  # its owner drained and removed it between our open and our lock
+            segment.close()
+            return None
+        return segment
+
+    @classmethod
+    def create(cls, path: Path) -> Segment:
+        """A new, empty segment, locked before its name appears (a process starting at the same moment
+        would otherwise take the fresh file for a leftover); an existing file is never replaced."""
+        temporary = path.with_name(path.name + NEW)
+        fd = os.open(temporary, os.O_RDWR | os.O_APPEND | os.O_CREAT | os.O_EXCL, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            os.link(temporary, path)  # FileExistsError instead of replacing what is there
+        except BaseException:
+            os.close(fd)
+            _unlink(temporary)
+            raise
+        _unlink(temporary)
+        _fsync_dir(path.parent)  # the new file's name is durable before a record goes in
         return cls(path, fd)
+
+    def reachable(self) -> bool:
+        """True while the segment's name still points at the file this process holds."""
+        try:
+            stat = os.stat(self.path)
+        except OSError:
+            return False
+        return (stat.st_dev, stat.st_ino) == self._identity
+
+    def records(self) -> list[Record]:
+        """Read through the descriptor: the name may be gone, or (in another process) mean another file."""
+        data = b""
+        while len(data) < self.size:
+            chunk = os.pread(self.fd, self.size - len(data), len(data))
+            if not chunk:
+                break
+            data += chunk
+        return list(parse_records(data, self.path.name))
 
     def append(self, data: bytes) -> None:
         """Write and fsync; on failure cut the file back, so a later record never follows a torn one."""
@@ -149,13 +242,32 @@ class Segment:
                 pass
             raise
         self.size += len(data)
+        if self.oldest is None:
+            self.oldest = oldest_record(self.fd)
 
     def close(self) -> None:
         os.close(self.fd)  # releases the lock
 
     def remove(self) -> None:
-        self.path.unlink(missing_ok=True)
+        """Unlink the segment's name, only if it is still this file's name, and let it go."""
+        if self.reachable():
+            _unlink(self.path)
         self.close()
+
+
+def _unlink(path: Path) -> None:
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass
+
+
+def _fsync_dir(directory: Path) -> None:
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 class Spool:
@@ -164,7 +276,8 @@ class Spool:
     def __init__(self, directory: str, max_bytes: int) -> None:
         self._dir = Path(directory)
         self._max_bytes = max_bytes
-        self._prefix = f"{socket.gethostname()}-{os.getpid()}-"
+        # Unique to this start: in a container the host name and the pids are the same on every start.
+        self._prefix = f"{socket.gethostname()}-{os.getpid()}-{secrets.token_hex(4)}-"
         self._sequence = 0
         self._active: Segment | None = None
         self._closed: list[Segment] = []  # oldest first
@@ -172,26 +285,57 @@ class Spool:
         self._flushing: asyncio.Task | None = None
         self._lock = asyncio.Lock()  # one writer at a time; rotation waits for the write in progress
         self._refused = False  # a record did not fit; cleared when a drain frees room
+        self.unwritable: str | None = None  # why the spool cannot take a record now; None while it can
+        self._opened_at = 0.0
 
     def open(self) -> None:
-        """Create the directory, start a segment, adopt the segments of processes that are gone."""
+        """Create the directory, start a segment, adopt the segments of processes that are gone.
+
+        A spool that cannot be opened (a volume not mounted yet) is tried again by `recover`; one entry
+        that is not a segment is logged and skipped."""
+        self._opened_at = time.monotonic()
         try:
             self._dir.mkdir(parents=True, exist_ok=True)
-            for path in sorted(self._dir.glob(f"*{SUFFIX}"), key=lambda p: p.stat().st_mtime):
-                segment = Segment.claim(path)
-                if segment is None:
-                    continue  # another live ingress owns it
-                if segment.size:
-                    segment.oldest = path.stat().st_mtime
-                    self._closed.append(segment)
-                    log.warning("spool_adopted", segment=path.name, bytes=segment.size)
-                else:
-                    segment.remove()
+            self._adopt()
             self._active = self._new_segment()
         except OSError as exc:  # the ingress still starts: without a spool, it answers 503 as before
-            log.error("spool_unavailable", dir=str(self._dir), error=f"{type(exc).__name__}: {exc.strerror}")
+            if not self.unwritable:  # one line when it fails, not one per retry
+                log.error("spool_unavailable", dir=str(self._dir), error=f"{type(exc).__name__}: {exc.strerror}",
+                          retry_every_s=RETRY_OPEN)
+            self.unwritable = f"the spool directory cannot be used ({type(exc).__name__}: {exc.strerror})"
             self._active = None
+        else:
+            if self.unwritable:
+                log.warning("spool_available", dir=str(self._dir))
+            self.unwritable = None
         self._report()
+
+    def _adopt(self) -> None:
+        found = []
+        for path in _segment_entries(self._dir):
+            try:
+                segment = Segment.claim(path)
+            except OSError as exc:
+                log.error("spool_entry_skipped", entry=path.name, error=f"{type(exc).__name__}: {exc.strerror}")
+                continue
+            if segment is None:
+                continue  # another live ingress owns it, or it is gone
+            if segment.size:
+                found.append(segment)
+                log.warning("spool_adopted", segment=path.name, bytes=segment.size)
+            else:
+                segment.remove()
+        found.sort(key=lambda s: s.oldest if s.oldest is not None else 0.0)
+        self._closed.extend(found)
+        for name in os.listdir(self._dir):  # half-made segments of a crash; never ones being made now
+            path = self._dir / name
+            try:
+                if name.endswith(SUFFIX + NEW) and time.time() - path.lstat().st_mtime > STALE_NEW:
+                    held = Segment.claim(path)
+                    if held is not None:
+                        held.remove()
+            except OSError:
+                continue
 
     def close(self) -> None:
         for segment in [self._active, *self._closed]:
@@ -209,8 +353,9 @@ class Spool:
 
     @property
     def has_room(self) -> bool:
-        """False once a webhook was refused for lack of room, until a drain frees some."""
-        return self._active is not None and not self._refused and self.bytes < self._max_bytes
+        """False while a webhook would get 503 from the spool: no room (until a drain frees some), or
+        the spool cannot be written (until `recover` finds it can)."""
+        return self._active is not None and not self.unwritable and not self._refused and self.bytes < self._max_bytes
 
     @property
     def empty(self) -> bool:
@@ -223,7 +368,7 @@ class Spool:
             self._refused = self._active is not None
             SPOOL_FULL.inc()
             raise SpoolFull(f"the spool has no room (spool.max_bytes = {self._max_bytes})"
-                            if self._active is not None else "the spool directory cannot be written")
+                            if self._active is not None else self.unwritable or "the spool cannot be written")
         done = asyncio.get_running_loop().create_future()
         self._pending.append((data, done))
         if self._flushing is None or self._flushing.done():
@@ -235,26 +380,74 @@ class Spool:
         while self._pending:
             batch, self._pending = self._pending, []
             async with self._lock:
-                segment = self._active
                 try:
-                    if segment is None:
+                    if self._active is None:
                         raise OSError("no spool segment")
-                    await asyncio.to_thread(segment.append, b"".join(data for data, _ in batch))
+                    await asyncio.to_thread(self._write, b"".join(data for data, _ in batch))
                 except OSError as exc:
+                    self.unwritable = f"the spool cannot be written ({type(exc).__name__}: {exc.strerror or exc})"
                     log.error("spool_write_failed", error=f"{type(exc).__name__}: {exc}")
                     SPOOL_FULL.inc(len(batch))
                     for _, done in batch:
                         if not done.done():
-                            done.set_exception(SpoolFull(f"the spool cannot be written ({type(exc).__name__})"))
+                            done.set_exception(SpoolFull(self.unwritable))
                     continue
-                if segment.oldest is None:
-                    segment.oldest = time.time()
-                if segment.size > SEGMENT_BYTES:
+                self.unwritable = None
+                if self._active.size > SEGMENT_BYTES:
                     self._rotate()
             for _, done in batch:
                 if not done.done():
                     done.set_result(None)
             self._report()
+
+    def _write(self, data: bytes) -> None:
+        """Append to the active segment; if its name is gone, the records reach the disk again first."""
+        self._active.append(data)
+        if not self._active.reachable():
+            self._relink(active=True)
+
+    def _relink(self, active: bool) -> None:
+        """Copy the records of segments whose names are gone (spool.dir deleted, a volume unmounted)
+        into a new segment in the directory made again. `active`: the active segment's (called under
+        the write lock); else the closed ones' (called by the drainer, which alone reads those)."""
+        lost = ([self._active] if active else [s for s in self._closed if not s.reachable()])
+        if not lost:
+            return
+        log.error("spool_dir_lost", dir=str(self._dir), segments=[s.path.name for s in lost],
+                  note="the spool's files were removed; their records are written again")
+        self._dir.mkdir(parents=True, exist_ok=True)
+        fresh = self._new_segment()
+        try:
+            fresh.append(b"".join(r.encode() for s in lost for r in s.records()))
+        except OSError:
+            fresh.remove()
+            raise
+        for segment in lost:
+            segment.close()
+        if active:
+            self._active = fresh
+        else:
+            self._closed = [s for s in self._closed if s not in lost] + [fresh]
+
+    async def check(self) -> None:
+        """The drainer's look (every DRAIN_INTERVAL): put lost segments back on disk, open a spool that
+        could not be opened, clear `unwritable` once the file system has room again."""
+        if self._active is None and time.monotonic() - self._opened_at >= RETRY_OPEN:
+            async with self._lock:
+                await asyncio.to_thread(self.open)
+        async with self._lock:
+            try:
+                if self._active is not None and not self._active.reachable():
+                    await asyncio.to_thread(self._relink, True)
+                if any(not s.reachable() for s in self._closed):
+                    await asyncio.to_thread(self._relink, False)
+            except OSError as exc:
+                self.unwritable = f"the spool cannot be written ({type(exc).__name__}: {exc.strerror or exc})"
+                log.error("spool_write_failed", error=f"{type(exc).__name__}: {exc}")
+        if self.unwritable and self._active is not None and _has_free_space(self._dir):
+            self.unwritable = None
+            log.warning("spool_writable_again", dir=str(self._dir))
+        self._report()
 
     async def drain(self, publish: Callable[[Record], Awaitable[None]]) -> int:
         """Republish everything spooled so far, oldest segment first; returns how many were confirmed.
@@ -267,7 +460,7 @@ class Spool:
         drained = 0
         while self._closed:
             segment = self._closed[0]
-            records = await asyncio.to_thread(lambda: list(read_segment(segment.path)))
+            records = await asyncio.to_thread(segment.records)
 
             async def send(index: int, record: Record) -> None:
                 await publish(record)
@@ -302,20 +495,7 @@ class Spool:
 
     def _new_segment(self) -> Segment:
         self._sequence += 1
-        path = self._dir / f"{self._prefix}{self._sequence}{SUFFIX}"
-        # Made under another name and renamed once locked: a process starting at the same moment
-        # (`http.processes`) would otherwise lock the fresh, empty file first and delete it as a leftover.
-        segment = Segment.claim(path.with_name(path.name + ".new"))
-        if segment is None:  # the name has our pid in it: only a leftover of a reused pid, held by a live process
-            raise OSError(f"spool segment {path.name} is locked by another process")
-        os.rename(segment.path, path)
-        segment.path = path
-        directory = os.open(self._dir, os.O_RDONLY)  # the new file's name is durable before a record goes in
-        try:
-            os.fsync(directory)
-        finally:
-            os.close(directory)
-        return segment
+        return Segment.create(self._dir / f"{self._prefix}{self._sequence}{SUFFIX}")
 
     def report(self) -> None:
         self._report()
@@ -323,4 +503,13 @@ class Spool:
     def _report(self) -> None:
         SPOOL_BYTES.set(self.bytes)
         times = [s.oldest for s in [*self._closed, self._active] if s is not None and s.size and s.oldest]
-        SPOOL_OLDEST.set(time.time() - min(times) if times else 0)
+        SPOOL_OLDEST.set(max(0.0, time.time() - min(times)) if times else 0)
+
+
+def _has_free_space(directory: Path) -> bool:
+    """Whether a file system that refused a write has room and is writable again."""
+    try:
+        stat = os.statvfs(directory)
+    except OSError:
+        return False
+    return not stat.f_flag & os.ST_RDONLY and stat.f_bavail * stat.f_frsize >= MIN_FREE

@@ -308,11 +308,12 @@ class Proc:
     env: dict
     log_path: Path
     port: int | None = None
+    wrap: tuple[str, ...] = ()  # a command that runs it, e.g. unshare for a fresh pid namespace
     process: subprocess.Popen | None = field(default=None, repr=False)
 
     def start(self) -> "Proc":
         self.process = subprocess.Popen(
-            [sys.executable, "-m", "ingest", *self.args],
+            [*self.wrap, sys.executable, "-m", "ingest", *self.args],
             env=self.env,
             cwd=self.env.get("HIPCALL_TEST_CWD", str(ROOT)),
             stdout=open(self.log_path, "ab"),
@@ -425,7 +426,8 @@ def launch(tmp_path):
     started: list[Proc] = []
     counter = itertools.count()
 
-    def start(command: str, broker: Broker, config_text: str = "", *args: str, env: dict | None = None, wait: str | None = None) -> Proc:
+    def start(command: str, broker: Broker, config_text: str = "", *args: str, env: dict | None = None,
+              wait: str | None = None, wrap: tuple[str, ...] = ()) -> Proc:
         n = next(counter)
         config = tmp_path / f"config-{n}.toml"
         config.write_text(config_text)
@@ -436,7 +438,7 @@ def launch(tmp_path):
         proc_env["PYTHONPATH"] = os.pathsep.join(
             filter(None, [str(tmp_path), str(ROOT), str(ROOT / "tests"), proc_env.get("PYTHONPATH")])
         )
-        proc = Proc([command, "--config", str(config), *args], proc_env, tmp_path / f"{command}-{n}.log", port)
+        proc = Proc([command, "--config", str(config), *args], proc_env, tmp_path / f"{command}-{n}.log", port, wrap)
         proc.start()
         started.append(proc)
         if wait:
