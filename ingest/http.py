@@ -36,7 +36,7 @@ from .message import MAX_DEPTH, SPOOLED, call_uuid, too_deep, webhook_id, webhoo
 from .names import EVENT_RE, consumer_queue, entry_exchange
 from .publish import Publisher
 from .spool import Record, Spool, SpoolFull
-from .topology import declare, plan
+from .topology import Topology, declare, inspect, plan
 
 log = structlog.get_logger("ingest.http")
 
@@ -77,6 +77,10 @@ class Ingress:
         self._networks = config.auth.allow_ips
         self._proxies = config.http.trusted_proxies
         self._limited = tuple(c for c in config.enabled_consumers if c.max_length)
+        self.topology = plan(config.broker, config.enabled_consumers, config.reconcile)
+        # Spooled webhooks a queue refused: the queues that have confirmed them since (message id -> names).
+        self._partly_stored: dict[str, set[str]] = {}
+        self.refusing: set[str] = set()  # queues that refused a republish in the current drain
         # Metrics get the event as a label only for events some consumer subscribes to (bounded set).
         self._known_events = frozenset(e for c in config.consumers for e in c.events)
 
@@ -115,6 +119,7 @@ class Ingress:
         received = datetime.now(timezone.utc)
         state = self.broker_state()
         reason = NOT_CONNECTED.get(state)
+        refused = False
         if state == "connected":
             started = time.perf_counter()
             try:
@@ -124,6 +129,7 @@ class Ingress:
             except PublishFailed as exc:  # returned, refused, channel gone: not stored
                 reason = str(exc)
                 if exc.kind == "refused":
+                    refused = True
                     REFUSED.labels(label).inc()
                     log.warning("publish_refused", _event=event, message_id=mid, queues_with_max_length=[
                         consumer_queue(c.name, event) for c in self._limited if event in c.events])
@@ -134,7 +140,7 @@ class Ingress:
                 return self._accepted(label, mid)
         if self.spool is not None:  # durable on our disk instead: still a 202, drained later
             try:
-                await self.spool.append(Record(mid, event, received.isoformat(), client, body))
+                await self.spool.append(Record(mid, event, received.isoformat(), client, body, refused))
             except SpoolFull as exc:
                 log.error("spool_full", _event=event, message_id=mid, reason=reason, error=str(exc))
             else:
@@ -153,13 +159,56 @@ class Ingress:
         return "blocked" if is_blocked(connection) else "connected"
 
     async def republish(self, record: Record) -> None:
-        """A spooled webhook to the broker, as the direct publish would have sent it, marked spooled."""
+        """A spooled webhook to the broker, as the direct publish would have sent it, marked spooled.
+
+        A refusal (a queue full at its max_length) means every other queue took it: from then on the
+        record goes to each of its event's queues on its own, and only those that have not confirmed
+        it get it again, so a full queue does not put a copy into the others on every try."""
         publisher = self.publisher
         if publisher is None:
             raise PublishFailed("not stored: no broker connection", "closed")
         properties = webhook_properties(record.message_id, datetime.fromisoformat(record.received_at), record.client)
         properties.headers[SPOOLED] = "true"
-        await publisher.publish(record.body, self._exchange, record.event, properties)
+        targets = self._queues_of(record.event)
+        stored = self._partly_stored.get(record.message_id)
+        if not targets or (stored is None and not record.refused):
+            try:
+                return await publisher.publish(record.body, self._exchange, record.event, properties)
+            except PublishFailed as exc:
+                if exc.kind == "refused" and targets:
+                    self._partly_stored[record.message_id] = set()
+                raise
+        stored = self._partly_stored.setdefault(record.message_id, set())
+        todo = [queue for queue in targets if queue not in stored]
+        results = await asyncio.gather(*(publisher.publish(record.body, "", queue, properties) for queue in todo),
+                                       return_exceptions=True)
+        for queue, result in zip(todo, results):
+            if result is None:
+                stored.add(queue)
+            elif isinstance(result, PublishFailed) and result.kind == "refused":
+                self.refusing.add(queue)
+        failed = next((r for r in results if isinstance(r, BaseException)), None)
+        if failed is not None:
+            raise failed
+        del self._partly_stored[record.message_id]
+
+    def _queues_of(self, event: str) -> tuple[str, ...]:
+        """The queues of this config that a webhook of `event` is routed to (its consumers', the ledger)."""
+        return tuple(q.name for q in self.topology.queues if q.kind in ("consumer", "ledger")
+                     and any(key == event for _, key in q.bindings))
+
+    async def refusing_queues_full(self, connection) -> bool:
+        """Whether every queue that refused a republish is at its max_length: the ordinary reason,
+        which a new connection would not change."""
+        limits = {q.name: q.arguments.get("x-max-length") for q in self.topology.queues}
+        refusing, self.refusing = self.refusing, set()
+        if not refusing or connection is None or not all(limits.get(name) for name in refusing):
+            return False
+        try:
+            states = await inspect(connection, Topology((), tuple(q for q in self.topology.queues if q.name in refusing)))
+        except Exception:  # the connection went away meanwhile: the next drain finds out
+            return False
+        return all(state is not None and state.messages >= limits[state.queue.name] for state in states)
 
     def _accepted(self, label: str, mid: str) -> web.Response:
         REQUESTS.labels("202", label).inc()
@@ -307,7 +356,7 @@ async def broker_context(app: web.Application) -> AsyncIterator[None]:
     config = ingress.config
 
     async def on_connect(connection) -> None:
-        await declare(connection, plan(config.broker, config.enabled_consumers, config.reconcile))
+        await declare(connection, ingress.topology)
         channel = await connection.channel(publisher_confirms=True)
         link.watch(channel)
         ingress.publisher = Publisher(await channel.get_underlay_channel(), config.broker.publish_timeout)
@@ -337,8 +386,8 @@ async def broker_context(app: web.Application) -> AsyncIterator[None]:
                 pause = DRAIN_INTERVAL if exc.kind == "refused" else min(pause * 2, DRAIN_PAUSE_MAX)
                 log.warning("spool_drain_paused", error=str(exc), retry_in_s=pause)
                 now = time.monotonic()
-                if exc.kind != "refused":
-                    refused_since = None
+                if exc.kind != "refused" or await ingress.refusing_queues_full(link.connection):
+                    refused_since = None  # a queue at its max_length: wait for room, not for a new connection
                 elif refused_since is None:
                     refused_since = now
                 elif now - refused_since > REFUSED_RECONNECT:

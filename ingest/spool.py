@@ -80,10 +80,13 @@ class Record:
     received_at: str  # ISO 8601 UTC
     client: str
     body: bytes
+    refused: bool = False  # a queue refused it (full at its max_length); the others had taken it
 
     def encode(self) -> bytes:
-        meta = orjson.dumps({"id": self.message_id, "event": self.event, "received_at": self.received_at,
-                             "client": self.client})
+        meta = {"id": self.message_id, "event": self.event, "received_at": self.received_at, "client": self.client}
+        if self.refused:
+            meta["refused"] = True
+        meta = orjson.dumps(meta)
         payload = _META.pack(len(meta)) + meta + self.body
         return _HEAD.pack(len(payload), zlib.crc32(payload)) + payload
 
@@ -102,7 +105,7 @@ def parse_records(data: bytes, name: str, quiet: bool = False) -> Iterator[Recor
             (meta_length,) = _META.unpack_from(payload)
             meta = orjson.loads(payload[_META.size: _META.size + meta_length])
             record = Record(meta["id"], meta["event"], meta["received_at"], meta["client"],
-                            payload[_META.size + meta_length:])
+                            payload[_META.size + meta_length:], meta.get("refused") is True)
         except (ValueError, KeyError, TypeError, struct.error):
             break
         yield record

@@ -228,3 +228,29 @@ def test_run_on_a_bare_machine_starts_a_project_local_broker_and_stops_it_keepin
     finally:
         node.stop()
 
+
+
+def test_a_full_queue_gets_its_webhooks_once_it_has_room_and_the_other_queues_no_copy_per_try(launch, broker):
+    """One consumer's queue at its max_length refuses; the other consumer's queue took every webhook.
+    The spool must not put a copy into the other queue on every try while it waits for room."""
+    config = ('[consumers.hipcall]\nenabled = false\n'
+              '[consumers.small]\nevents = ["task_create"]\nhandler = "workers.builtin:log"\nmax_length = 2\n'
+              '[consumers.big]\nevents = ["task_create"]\nhandler = "workers.builtin:log"\n'
+              '[http]\nprocesses = 1\n')
+    proc = launch("serve", broker, config, wait="/readyz")
+    bodies = [json.dumps({"event": "task_create", "data": {"id": n}}).encode() for n in range(5)]
+    ids = [post_webhook(proc, body)[2]["id"] for body in bodies]  # what does not fit in small is spooled
+    refused = sum(l.get("msg") == "publish_refused" for l in proc.logs())
+    assert refused >= 2
+    wait_until(lambda: sum(l.get("msg") == "spool_drain_paused" for l in proc.logs()) >= 8, timeout=20,
+               what="the drain trying again and again while the queue is full")
+    big = broker.take("big.task_create")
+    assert {m.message_id for m in big} == set(ids)
+    assert len(big) <= len(ids) + refused  # each refused webhook at most once more, however many tries
+    assert not any(l.get("msg") == "broker_reconnect" for l in proc.logs())  # a full queue is no reason
+
+    small = []  # room again: the rest comes
+    wait_until(lambda: small.extend(broker.take("small.task_create")) or {m.message_id for m in small} == set(ids),
+               what="every webhook in the queue that was full")
+    wait_until(lambda: json.loads(http("GET", proc.url + "/readyz")[2])["spool"] == "empty", what="spool drained")
+    assert broker.take("big.task_create") == []
