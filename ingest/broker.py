@@ -9,6 +9,7 @@ asks `link.connection` for the live connection, or None while there is none.
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections.abc import Awaitable, Callable
 
 import aio_pika
@@ -18,6 +19,10 @@ from .config import BrokerConfig, redact_url
 from .errors import BrokerUnavailable, TopologyError
 
 log = structlog.get_logger("ingest.broker")
+
+# aiormq logs every failed connect itself ("error when creating transport"); connect_any says the
+# same in its own error, with the password left out, so aiormq's line is only noise.
+logging.getLogger("aiormq.connection").addFilter(lambda record: record.msg != "error when creating transport: %r")
 
 OnConnect = Callable[[aio_pika.abc.AbstractConnection], Awaitable[None]]
 

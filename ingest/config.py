@@ -167,13 +167,15 @@ class Config:
         return next((c for c in self.consumers if c.name == name), None)
 
 
+RESERVED_PATHS = ("/healthz", "/readyz", "/metrics")  # served by the ingress itself; http.path cannot be one
 _USERINFO_RE = re.compile(r"(//[^/@:]*):.*@")  # greedy: a password may hold "@" or "/"
+_BARE_USERINFO_RE = re.compile(r"^(\s*[^/@:\s]*):.*@")  # no scheme: "user:password@host"
 
 
 def redact_url(url: str) -> str:
     """The URL with its password replaced, for logs and error messages: any scheme, even a URL that
-    does not parse (`amqp://u:p@h:notaport/`)."""
-    return _USERINFO_RE.sub(r"\1:***@", url)
+    does not parse (`amqp://u:p@h:notaport/`) or has no scheme at all (`u:p@host`)."""
+    return (_USERINFO_RE if "//" in url else _BARE_USERINFO_RE).sub(r"\1:***@", url)
 
 
 # --- value parsers: each takes (value, key) and returns the parsed value or raises _Bad ----------
@@ -281,10 +283,17 @@ def _cidr(value: Any) -> ipaddress.IPv4Network | ipaddress.IPv6Network:
 
 
 def _urls(value: Any) -> tuple[str, ...]:
-    """One AMQP URL, or a non-empty list of them (the nodes of a cluster)."""
+    """One AMQP URL, or a non-empty list of them (the nodes of a cluster), each checked on its own."""
     urls = value if isinstance(value, list) and value else [value]
-    if not all(isinstance(u, str) and urlsplit(u).scheme in ("amqp", "amqps") for u in urls):
-        raise _Bad('an AMQP URL such as "amqp://user:password@host:5672/vhost", or a list of them')
+    for n, url in enumerate(urls, 1):
+        try:
+            good = isinstance(url, str) and urlsplit(url).scheme in ("amqp", "amqps")
+            good = good and (urlsplit(url).port or 0) >= 0  # a port that is not a number raises
+        except ValueError:  # "[::1" and the like
+            good = False
+        if not good:
+            which = f" (entry {n} of {len(urls)} is not one)" if len(urls) > 1 else ""
+            raise _Bad(f'an AMQP URL such as "amqp://user:password@host:5672/vhost", or a list of them{which}')
     return tuple(urls)
 
 
@@ -297,6 +306,20 @@ def _http_url(value: Any) -> str:
 def _path(value: Any) -> str:
     if not isinstance(value, str) or not value.startswith("/"):
         raise _Bad('a URL path starting with "/"')
+    if value.rstrip("/") in RESERVED_PATHS:
+        raise _Bad(f"a path other than {', '.join(RESERVED_PATHS)} (the ingress's own endpoints)")
+    return value
+
+
+def _broker_name(value: Any) -> str:
+    if _nonempty(value).startswith("amq."):
+        raise _Bad('a name that does not start with "amq." (RabbitMQ reserves those for its own)')
+    return value
+
+
+def _token(value: Any) -> str:
+    if not _nonempty(value).isprintable() or value != value.strip():
+        raise _Bad("tokens of printable characters without spaces at either end")
     return value
 
 
@@ -308,8 +331,8 @@ _DELAY = _duration(0.01)
 _SCHEMA: dict[str, dict[str, Callable[[Any], Any]]] = {
     "broker": {
         "url": _urls,
-        "exchange": _nonempty,
-        "unrouted": _nonempty,
+        "exchange": _broker_name,
+        "unrouted": _broker_name,
         "publish_timeout": _TIMEOUT,
         "connect_timeout": _TIMEOUT,
         "reconnect_min": _duration(0.01, 3600),
@@ -329,7 +352,7 @@ _SCHEMA: dict[str, dict[str, Callable[[Any], Any]]] = {
         "trusted_proxies": _list(_cidr),
     },
     "spool": {"enabled": _boolean, "dir": _nonempty, "max_bytes": _integer(1 << 20, 1 << 50)},
-    "auth": {"tokens": _list(_nonempty), "allow_ips": _list(_cidr)},
+    "auth": {"tokens": _list(_token), "allow_ips": _list(_cidr)},
     "logging": {
         "level": _choice("debug", "info", "warning", "error"),
         "format": _choice("json", "console"),
@@ -544,8 +567,9 @@ def _check_names(exchange: str, unrouted: str, consumers: tuple[ConsumerConfig, 
 
 
 def _url_list(value: str) -> Any:
-    """One URL, or several separated by commas (a comma followed by the next amqp:// or amqps://)."""
-    urls = [u.strip() for u in re.split(r",\s*(?=amqps?://)", value.strip()) if u.strip()]
+    """One URL, or several separated by commas (a comma followed by the next URL's scheme: any scheme,
+    so that a misspelt one is an entry of its own that fails its check, not part of the one before)."""
+    urls = [u.strip() for u in re.split(r",\s*(?=[A-Za-z][A-Za-z0-9+.-]*://)", value.strip()) if u.strip()]
     return urls[0] if len(urls) == 1 else urls
 
 
@@ -570,5 +594,16 @@ _ENV_OVERRIDES: dict[str, tuple[str, str, Callable[[str], Any]]] = {
 
 def _show(value: Any) -> str:
     """A value for an error message, never long and never a secret in full."""
-    text = repr(redact_url(value) if isinstance(value, str) else value)
+    text = repr(_redacted(value))
     return text if len(text) <= 60 else text[:57] + "..."
+
+
+def _redacted(value: Any) -> Any:
+    """Every string in a value, however nested, with a URL's password replaced."""
+    if isinstance(value, str):
+        return redact_url(value)
+    if isinstance(value, list):
+        return [_redacted(v) for v in value]
+    if isinstance(value, dict):
+        return {k: _redacted(v) for k, v in value.items()}
+    return value

@@ -239,3 +239,33 @@ def test_the_broker_url_may_be_a_list_of_nodes_in_the_file_or_the_environment(tm
     path.write_text('[broker]\nurl = ["amqp://a/", "http://b/"]\n')
     with pytest.raises(ConfigError, match="broker.url: expected an AMQP URL"):
         load_config(path, {})
+
+
+@pytest.mark.parametrize("config,env,key", [
+    ('[broker]\nurl = ["amqp://u:S3cretPW@h/", 5]\n', {}, "broker.url"),
+    ('[broker]\nurl = ["amqp://u:S3cretPW@h/", "u:S3cretPW@h2/"]\n', {}, "broker.url"),
+    ("", {"HIPCALL_AMQP_URL": "u:S3cretPW@host"}, "broker.url"),
+    ("", {"HIPCALL_AMQP_URL": "amqp://u:S3cretPW@a/,ampq://b/"}, "broker.url"),  # not merged into one URL
+    ("", {"HIPCALL_AMQP_URL": "amqp://u:S3cretPW@[::1/"}, "broker.url"),
+    ('[broker]\nexchange = "amq.topic"\n', {}, "broker.exchange"),
+    ('[broker]\nunrouted = "amq.direct"\n', {}, "broker.unrouted"),
+    ('[http]\npath = "/metrics"\n', {}, "http.path"),
+    ('[http]\npath = "/readyz"\n', {}, "http.path"),
+    ("", {"HIPCALL_TOKENS": "S3cretPW\x01x"}, "auth.tokens"),
+    ('[auth]\ntokens = ["S3cretPW\\n"]\n', {}, "auth.tokens"),
+])
+def test_a_bad_value_of_any_shape_stops_serve_with_exit_2_one_line_and_no_secret(tmp_path, config, env, key):
+    path = tmp_path / "c.toml"
+    path.write_text(config)
+    done = subprocess.run([sys.executable, "-m", "ingest", "serve", "--config", str(path)], capture_output=True,
+                          text=True, cwd=ROOT, env={"PATH": "/usr/bin:/bin", **env}, timeout=30)
+    assert done.returncode == 2, done.stderr
+    assert key in done.stderr and "Traceback" not in done.stderr
+    assert "S3cretPW" not in done.stderr + done.stdout
+
+
+def test_a_failed_connect_is_one_line_of_ours_not_aiormq_s_too(tmp_path):
+    done = subprocess.run([sys.executable, "-m", "ingest", "topology"], capture_output=True, text=True, cwd=ROOT,
+                          env={"HIPCALL_AMQP_URL": "amqp://guest:guest@127.0.0.1:1/", "PATH": "/usr/bin:/bin"}, timeout=60)
+    assert done.returncode == 1 and "cannot connect" in done.stderr
+    assert "error when creating transport" not in done.stderr + done.stdout
