@@ -67,6 +67,7 @@ class HttpConfig:
     idle_timeout: float
     body_timeout: float
     max_connections: int
+    max_connections_per_client: int
     answer_timeout: float
     processes: int
     trusted_proxies: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]
@@ -347,6 +348,7 @@ _SCHEMA: dict[str, dict[str, Callable[[Any], Any]]] = {
         "idle_timeout": _TIMEOUT,
         "body_timeout": _TIMEOUT,
         "max_connections": _integer(1, 1_000_000),
+        "max_connections_per_client": _integer(1, 1_000_000),
         "answer_timeout": _duration(0.3, 60),
         "processes": _integer(1, 64),
         "trusted_proxies": _list(_cidr),

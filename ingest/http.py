@@ -19,11 +19,13 @@ import ipaddress
 import signal
 import time
 from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
 from datetime import datetime, timezone
 
 import orjson
 import structlog
 from aiohttp import web
+from aiohttp.compression_utils import HAS_BROTLI, HAS_ZSTD
 from aiohttp.http_exceptions import DecompressSizeError, HttpProcessingError
 from aiohttp.web_protocol import RequestPayloadError
 from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
@@ -51,6 +53,8 @@ BROKER_CONNECTED = Gauge("hipcall_ingest_broker_connected", "1 while the ingress
 REFUSED = Counter("hipcall_ingest_publish_refused_total",
                   "Publishes the broker refused (nack), e.g. a consumer queue full at its max_length; spooled.", ["event"])
 CONNECTIONS_REFUSED = Counter("hipcall_ingest_connections_refused_total", "Connections closed at once: http.max_connections reached.")
+CONNECTIONS_REFUSED_PER_CLIENT = Counter("hipcall_ingest_connections_refused_per_client_total",
+                                         "Connections closed at once: their client address had http.max_connections_per_client open.")
 
 RETRY_AFTER = "5"  # seconds a client is asked to wait after a 503
 LINGER = 1.0  # seconds an answered connection may still drain an unread body before it is closed
@@ -58,6 +62,9 @@ SPOOL_RESERVE = 0.25  # of the answer budget, kept for writing to the spool when
 DRAIN_INTERVAL = 0.5  # seconds between looks at the spool while the broker is away
 REFUSED_RECONNECT = 10.0  # seconds of refused publishes after which the ingress reconnects
 DRAIN_PAUSE_MAX = 30.0  # longest wait after a failed drain (a queue that returns what we publish)
+# Content-Encodings aiohttp decodes (it decodes one, and passes any other through undecoded).
+DECODED = frozenset({"", "identity", "gzip", "deflate"} | ({"br"} if HAS_BROTLI else set()) | ({"zstd"} if HAS_ZSTD else set()))
+MAX_TOKENS_TRIED = 8  # tokens one request may present; more are ignored (no free guessing in bulk)
 NOT_CONNECTED = {"down": "no broker connection", "blocked": "the broker blocked the connection (resource alarm)"}
 
 
@@ -93,6 +100,10 @@ class Ingress:
             return self._reject(request, 403, "client address not allowed")
         if self._tokens and not self._authorized(request):
             return self._reject(request, 401, "missing or wrong webhook token")
+        encoding = request.headers.get("Content-Encoding", "").strip().lower()
+        if encoding not in DECODED:
+            return self._reject(request, 415, f"Content-Encoding {encoding[:20]!r} is not supported; send the body "
+                                f"as it is or with one of: {', '.join(sorted(DECODED - {'', 'identity'}))}", close=True)
         limit = self.config.http.max_body_bytes
         if request.content_length is not None and request.content_length > limit:
             return self._reject(request, 413, f"body larger than {limit} bytes")
@@ -106,8 +117,11 @@ class Ingress:
         except RequestPayloadError as exc:  # the body did not decode (Content-Encoding) or was cut off
             if isinstance(exc.__cause__, DecompressSizeError):
                 return self._reject(request, 413, f"body larger than {limit} bytes once decompressed", close=True)
-            encoding = request.headers.get("Content-Encoding", "")[:20]
+            if not encoding or encoding == "identity":
+                return self._reject(request, 400, "body cut off before its end", close=True)
             return self._reject(request, 400, f"body does not decode as its Content-Encoding ({encoding!r}) says", close=True)
+        except ConnectionResetError:  # the client closed (or SIGTERM closed) the connection mid-body
+            return self._reject(request, 400, "connection closed before the body was complete", close=True)
         payload, error = _validate(body)
         if error:
             return self._reject(request, 400, error)
@@ -231,17 +245,22 @@ class Ingress:
         return _within(client, self._networks)
 
     def _authorized(self, request: web.Request) -> bool:
-        given = request.headers.get("X-Webhook-Token")
-        if given is None:
-            scheme, _, value = request.headers.get("Authorization", "").partition(" ")
-            given = value.strip() if scheme.lower() == "bearer" else request.query.get("token")
-        if not given:
-            return False
-        # Header bytes that are not ASCII arrive as surrogates; they can match no token.
-        candidate = given.encode("utf-8", "surrogateescape")
+        """Any token the request presents (X-Webhook-Token, a bearer Authorization, ?token=, each as
+        often as given) that matches any configured token; every pair compared in constant time."""
+        given = list(request.headers.getall("X-Webhook-Token", []))
+        for header in request.headers.getall("Authorization", []):
+            scheme, _, value = header.partition(" ")
+            if scheme.lower() == "bearer":
+                given.append(value.strip())
+        given += request.query.getall("token", [])
         matched = False
-        for token in self._tokens:  # compare with every token, in constant time each
-            matched |= hmac.compare_digest(candidate, token)
+        for candidate in given[:MAX_TOKENS_TRIED]:
+            if not candidate:
+                continue
+            # Header bytes that are not ASCII arrive as surrogates; they can match no token.
+            encoded = candidate.encode("utf-8", "surrogateescape")
+            for token in self._tokens:
+                matched |= hmac.compare_digest(encoded, token)
         return matched
 
     def _reject(self, request: web.Request, status: int, error: str, close: bool = False) -> web.Response:
@@ -315,11 +334,21 @@ def client_address(peer: str | None, forwarded: list[str], trusted: tuple) -> st
     X-Forwarded-For entry that is not itself a trusted proxy (entries left of it could be forged)."""
     if not trusted or not forwarded or not _within(peer, trusted):
         return peer or ""
-    hops = [hop.strip() for value in forwarded for hop in value.split(",")]
+    hops = [_without_port(hop.strip()) for value in forwarded for hop in value.split(",")]
     for hop in reversed(hops):
         if not _within(hop, trusted):
             return hop if _address(hop) is not None else peer or ""
     return hops[0] if hops and _address(hops[0]) is not None else peer or ""
+
+
+def _without_port(hop: str) -> str:
+    """An X-Forwarded-For entry as load balancers write it, without its port: "185.10.20.5:43122"
+    and "[2001:db8::1]:443" (Azure, among others), as well as the plain address."""
+    if hop.startswith("["):
+        return hop[1:hop.find("]")] if "]" in hop else hop
+    if hop.count(":") == 1:
+        return hop.split(":")[0]
+    return hop
 
 
 def _address(text: str | None) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
@@ -437,28 +466,89 @@ def build_app(config: Config, metrics_dir: str | None = None) -> web.Application
     return app
 
 
+@dataclass
+class ConnectionLimits:
+    """The connection caps of one process: in all, and per client address (the TCP peer; load
+    balancers and allowed senders are exempt, their connections carry many clients' requests)."""
+
+    total: int
+    per_client: int
+    exempt: tuple
+    open: dict[str, int] = field(default_factory=dict)  # client address -> its open connections
+
+    def release(self, peer: str) -> None:
+        left = self.open.pop(peer) - 1
+        if left > 0:
+            self.open[peer] = left
+
+
 class Connection(web.RequestHandler):
     """aiohttp's per-connection handler, with a cap on open connections and JSON errors.
 
     A malformed request (bad request line, bad header, broken chunking) is one warning line with the
     error's type, never its text or the request's bytes, and a JSON 400."""
 
-    def __init__(self, manager: web.Server, *, max_connections: int, **kwargs) -> None:
+    def __init__(self, manager: web.Server, *, limits: ConnectionLimits, **kwargs) -> None:
         super().__init__(manager, **kwargs)
-        self._max_connections = max_connections
+        self._limits = limits
+        self._peer: str | None = None  # counted against its client's share while open
         self._accepted = False
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        if len(self._manager.connections) >= self._max_connections:
+        limits = self._limits
+        if len(self._manager.connections) >= limits.total:
             CONNECTIONS_REFUSED.inc()
             transport.abort()
             return
+        peername = transport.get_extra_info("peername")
+        peer = peername[0] if isinstance(peername, tuple) and peername else None
+        if peer is not None and not _within(peer, limits.exempt):
+            if limits.open.get(peer, 0) >= limits.per_client:
+                CONNECTIONS_REFUSED_PER_CLIENT.inc()
+                transport.abort()
+                return
+            limits.open[peer] = limits.open.get(peer, 0) + 1
+            self._peer = peer
         self._accepted = True
         super().connection_made(transport)
 
     def connection_lost(self, exc: BaseException | None) -> None:
+        if self._peer is not None:
+            self._limits.release(self._peer)
+            self._peer = None
         if self._accepted:
             super().connection_lost(exc)
+
+    def eof_received(self) -> bool:
+        """The client half-closed: it will send nothing more, but may still read. A request it sent
+        whole gets its answer (the webhook may already be stored), one cut short gets its 400 at once,
+        then the connection closes."""
+        # aiohttp's own state: _waiter is set while it waits for the next request, _messages holds
+        # requests parsed but not handled yet, _current_request the one whose handler runs.
+        if self._waiter is not None and not self._messages:
+            return False  # nothing to answer: the connection closes now
+        self.close()  # no further request on this connection; close once answered
+        pending = [payload for _, payload in self._messages]
+        if self._current_request is not None:
+            pending.append(self._current_request.content)
+        for payload in pending:
+            if not payload.is_eof():
+                payload.set_exception(ConnectionResetError("the client half-closed before the body was complete"))
+        return True  # keep the connection open for the answer
+
+    def drop_unfinished_body(self) -> None:
+        """On SIGTERM: a request still sending its body is closed at once; requests whose body has
+        arrived finish and get their answer."""
+        request = self._current_request
+        if request is not None and not request.content.is_eof():
+            self.force_close()
+
+    def log_exception(self, *args, **kwargs) -> None:
+        # aiohttp reads on past our answer to a body that did not decode or was cut short, and logs
+        # the same error as "Unhandled exception" with a traceback; the request line says it already.
+        if isinstance(kwargs.get("exc_info"), (RequestPayloadError, ConnectionResetError)):
+            return
+        super().log_exception(*args, **kwargs)
 
     def handle_error(self, request, status: int = 500, exc: BaseException | None = None, message: str | None = None):
         if isinstance(exc, HttpProcessingError) or 400 <= status < 500:
@@ -481,6 +571,7 @@ class Site(web.BaseSite):
     def __init__(self, runner: web.AppRunner, config: Config) -> None:
         super().__init__(runner)
         self._config = config.http
+        self._allowed = config.auth.allow_ips
 
     @property
     def name(self) -> str:
@@ -491,8 +582,11 @@ class Site(web.BaseSite):
         server = self._runner.server
         loop = asyncio.get_running_loop()
 
+        limits = ConnectionLimits(self._config.max_connections, self._config.max_connections_per_client,
+                                  self._config.trusted_proxies + self._allowed)
+
         def connection() -> Connection:
-            return Connection(server, loop=loop, max_connections=self._config.max_connections,
+            return Connection(server, loop=loop, limits=limits,
                               keepalive_timeout=self._config.idle_timeout, access_log=None,
                               lingering_time=LINGER)
 
@@ -530,6 +624,8 @@ async def serve(config: Config, lifeline: int | None = None, metrics_dir: str | 
                  allow_ips=len(config.auth.allow_ips))
         await stop.wait()
         log.info("stopping", reason="signal" if lifeline is None else "supervisor")
+        for connection in list(runner.server.connections if runner.server else ()):
+            connection.drop_unfinished_body()
     finally:
         await runner.cleanup()
     log.info("stopped")

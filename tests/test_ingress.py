@@ -308,7 +308,9 @@ def test_a_trickled_head_or_body_is_cut_off_and_idle_connections_are_closed(laun
 
 
 def test_a_normal_webhook_is_answered_while_1000_slow_connections_are_open_and_sigterm_does_not_wait_for_them(launch, broker):
-    proc = launch("serve", broker, '[http]\nidle_timeout = "20s"\nbody_timeout = "20s"\n', wait="/readyz")
+    # 1000 slow clients, all from 127.0.0.1 here: past the per-client cap, which is not what this is about.
+    proc = launch("serve", broker, '[http]\nidle_timeout = "20s"\nbody_timeout = "20s"\nmax_connections_per_client = 4096\n',
+                  wait="/readyz")
     slow = []
     try:
         for n in range(1000):
@@ -383,3 +385,94 @@ def test_a_call_hangup_id_comes_from_its_call_uuid_and_other_ids_from_the_body(i
     assert answer_id("call_hangup", record_url=None) == answer_id("call_hangup", record_url="https://x/r.mp3")
     # A call may be bridged more than once: each call_bridged is its own message.
     assert answer_id("call_bridged", user_id=1) != answer_id("call_bridged", user_id=2)
+
+
+def test_x_forwarded_for_entries_with_a_port_are_parsed_and_a_trusted_hop_with_a_port_is_skipped(launch, broker):
+    allow = '[auth]\nallow_ips = ["203.0.113.7/32", "2001:db8::1/128"]\n'
+    proc = launch("serve", broker, allow + '[http]\ntrusted_proxies = ["127.0.0.1/32", "10.0.0.0/8"]\n', wait="/readyz")
+    body = payload("call_hangup")
+    assert post_webhook(proc, body, {"X-Forwarded-For": "203.0.113.7:43122"})[0] == 202  # Azure's way
+    assert post_webhook(proc, body, {"X-Forwarded-For": "[2001:db8::1]:443"})[0] == 202
+    assert post_webhook(proc, body, {"X-Forwarded-For": "203.0.113.7:1, 10.1.1.1:8080"})[0] == 202
+    assert post_webhook(proc, body, {"X-Forwarded-For": "203.0.113.7, 198.51.100.4:443"})[0] == 403
+    requests = [l for l in proc.logs() if l.get("msg") == "request"]
+    assert [r["remote"] for r in requests[-4:]] == ["203.0.113.7", "2001:db8::1", "203.0.113.7", "198.51.100.4"]
+
+
+def test_a_request_is_authorized_when_any_token_it_presents_is_right(launch, broker):
+    proc = launch("serve", broker, TOKEN_CONFIG, wait="/readyz")
+    body = payload("call_hangup")
+    assert post_webhook(proc, body, {"X-Webhook-Token": "wrong"}, query="?token=s3cret-token")[0] == 202
+    assert post_webhook(proc, body, query="?token=wrong&token=second-token")[0] == 202
+    assert post_webhook(proc, body, {"Authorization": "Bearer wrong"}, query="?token=s3cret-token")[0] == 202
+    assert post_webhook(proc, body, {"X-Webhook-Token": "wrong"}, query="?token=wrong&token=")[0] == 401
+
+
+def test_the_http_edge_answers_each_odd_client_with_one_line_and_no_traceback(launch, broker):
+    proc = launch("serve", broker, "[http]\nprocesses = 1\n", wait="/readyz")
+    body = payload("call_hangup")
+    status, _, answer = post_webhook(proc, body, {"Content-Encoding": "compress"})
+    assert status == 415 and "compress" in answer["error"]
+    for _ in range(20):  # a fuzz run's worth of bodies that are not the gzip they claim
+        assert post_webhook(proc, b"not gzip at all", {"Content-Encoding": "gzip"})[0] == 400
+    # A client that half-closes after sending its whole request still gets its answer.
+    with _connect(proc.port) as s:
+        s.sendall(b"POST /webhooks/hipcall HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                  b"Content-Length: %d\r\n\r\n%s" % (len(body), body))
+        s.shutdown(socket.SHUT_WR)
+        s.settimeout(10)
+        answer = b"".join(iter(lambda: s.recv(65536), b""))
+    assert answer.startswith(b"HTTP/1.1 202"), answer
+    # One that half-closes in the middle of its body gets its 400 at once; nothing is logged as an error.
+    with _connect(proc.port) as s:
+        s.sendall(b"POST /webhooks/hipcall HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\n{\"event\"")
+        s.shutdown(socket.SHUT_WR)
+        s.settimeout(5)
+        answer = b"".join(iter(lambda: s.recv(65536), b""))
+    assert answer.startswith(b"HTTP/1.1 400") and b"before the body was complete" in answer, answer
+    time.sleep(0.5)
+    assert post_webhook(proc, body)[0] == 202
+    assert proc.stop() == 0
+    assert "Traceback" not in proc.output() and '"exception"' not in proc.output()
+    assert not [l for l in proc.logs() if l.get("level") == "error"]
+    assert len(broker.take("hipcall.call_hangup", expect=2)) == 2
+
+
+def test_sigterm_closes_connections_still_sending_their_body_at_once(launch, broker):
+    proc = launch("serve", broker, '[http]\nbody_timeout = "20s"\nprocesses = 1\n', wait="/readyz")
+    trickling = []
+    try:
+        for _ in range(300):
+            s = _connect(proc.port)
+            s.sendall(b"POST /webhooks/hipcall HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\n{")
+            trickling.append(s)
+        wait_until(lambda: post_webhook(proc, payload("call_hangup"))[0] == 202, what="an answer while they trickle")
+        started = time.monotonic()
+        assert proc.stop(timeout=30) == 0
+        assert time.monotonic() - started < 10  # not the 20 s body_timeout
+    finally:
+        for s in trickling:
+            s.close()
+
+
+def test_one_client_address_cannot_take_every_connection(launch, broker):
+    limited = '[http]\nmax_connections_per_client = 5\nprocesses = 1\n'
+    proc = launch("serve", broker, limited, wait="/readyz")
+    held = [_connect(proc.port) for _ in range(5)]
+    try:
+        wait_until(lambda: _closed_within(_connect(proc.port), 2), timeout=10, what="a 6th connection closed at once")
+    finally:
+        for s in held:
+            s.close()
+    wait_until(lambda: post_webhook(proc, payload("call_hangup"))[0] == 202, what="room once they closed")
+    metrics = http("GET", proc.url + "/metrics")[2].decode()
+    assert [l for l in metrics.splitlines() if l.startswith("hipcall_ingest_connections_refused_per_client_total")
+            and float(l.split()[-1]) >= 1]
+    # An allowed sender (Hipcall's address in auth.allow_ips) is exempt.
+    exempt = launch("serve", broker, limited + '[auth]\nallow_ips = ["127.0.0.1/32"]\n', wait="/readyz")
+    held = [_connect(exempt.port) for _ in range(5)]
+    try:
+        assert post_webhook(exempt, payload("call_hangup"))[0] == 202
+    finally:
+        for s in held:
+            s.close()
