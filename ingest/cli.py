@@ -199,6 +199,9 @@ def cmd_reconcile(config: Config, args: argparse.Namespace) -> int:
 
     def render() -> None:
         print(f"window: calls that ended from {summary['since']} to {summary['until']}")
+        if report.error:
+            print(f"  INCOMPLETE: the pass stopped before the end ({report.error}); the figures below are "
+                  f"what it had seen by then")
         print(f"  ended: {report.ended}   by webhook: {report.by_webhook}   recovered earlier: {report.recovered_before}"
               f"   missing: {len(report.missing)}")
         if args.dry_run:

@@ -1,15 +1,17 @@
 """Hipcall's REST API, as reconcile uses it: page through the calls list, fetch one call.
 
-Every request waits for a token of a bucket that refills at `rate_limit` per minute (Hipcall allows
-60), is bounded by `[hipcall] timeout`, and on a 429, a 5xx, a timeout or a connection error is
-retried with backoff (a 429's `Retry-After` is honoured). A 401 or 403 is never retried: the key is
+Every request waits until fewer than `rate_limit` requests went out in the last 60 s (Hipcall allows
+60 a minute), is bounded by `[hipcall] timeout`, and on a 429, a 5xx, a timeout or a connection error
+is retried with backoff (a 429's `Retry-After` is honoured when it is a time to wait). A 401 or 403 is never retried: the key is
 wrong, and waiting will not fix it. The key goes into the Authorization header and nowhere else.
 """
 
 from __future__ import annotations
 
 import asyncio
+import re
 import time
+from collections import deque
 from collections.abc import AsyncIterator, Mapping
 from datetime import datetime, timezone
 from email.utils import parsedate_to_datetime
@@ -28,6 +30,7 @@ log = structlog.get_logger("ingest.hipcall_api")
 REQUESTS = Counter("hipcall_reconcile_api_requests_total", "Requests to Hipcall's API, by outcome.", ["outcome"])
 
 PAGE = 100  # the API's largest page
+UUID_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,127}")  # what may go into /api/v3/calls/{uuid}
 TIMESTAMPS = ("started_at", "answered_at", "bridged_at", "ended_at", "callback_time")
 
 
@@ -39,26 +42,26 @@ class ApiUnauthorized(ApiError):
     """401/403: the key in HIPCALL_API_KEY is wrong or lacks access."""
 
 
-class TokenBucket:
-    """At most `per_minute` takes a minute, in bursts of at most `burst`."""
+class RateLimit:
+    """At most `per_minute` requests in any 60 seconds (a sliding window: no burst on top of it)."""
 
-    def __init__(self, per_minute: int, burst: int = 5) -> None:
-        self._rate = per_minute / 60.0
-        self._capacity = float(max(1, min(burst, per_minute)))
-        self._tokens = self._capacity
-        self._stamp = time.monotonic()
+    WINDOW = 60.0
+
+    def __init__(self, per_minute: int) -> None:
+        self._per_minute = per_minute
+        self._sent: deque[float] = deque()  # when the requests of the last window went out
         self._lock = asyncio.Lock()
 
     async def take(self) -> None:
         async with self._lock:
             while True:
                 now = time.monotonic()
-                self._tokens = min(self._capacity, self._tokens + (now - self._stamp) * self._rate)
-                self._stamp = now
-                if self._tokens >= 1:
-                    self._tokens -= 1
+                while self._sent and now - self._sent[0] >= self.WINDOW:
+                    self._sent.popleft()
+                if len(self._sent) < self._per_minute:
+                    self._sent.append(now)
                     return
-                await asyncio.sleep((1 - self._tokens) / self._rate)
+                await asyncio.sleep(self._sent[0] + self.WINDOW - now)
 
 
 class HipcallApi:
@@ -66,7 +69,7 @@ class HipcallApi:
 
     def __init__(self, config: HipcallConfig, rate_limit: int, *, attempts: int = 6, backoff_max: float = 60.0) -> None:
         self._config = config
-        self._bucket = TokenBucket(rate_limit)
+        self._limit = RateLimit(rate_limit)
         self._attempts = attempts
         self._backoff_max = backoff_max
         self._session: aiohttp.ClientSession | None = None
@@ -91,6 +94,7 @@ class HipcallApi:
         calls started at or after the last start time seen (pages overlap by that second; calls seen
         before are skipped). Only a full page that is all one second moves on by offset."""
         cursor, offset, seen = _second(started_from), 0, set()
+        pages, announced = 0, None
         while True:
             params = {"sort": "started_at.asc", "started_at[gte]": iso(cursor), "started_at[lte]": iso(started_to),
                       "limit": str(PAGE), "offset": str(offset)}
@@ -98,13 +102,30 @@ class HipcallApi:
             items = body.get("data") if isinstance(body, dict) else None
             if not isinstance(items, list):
                 raise ApiError("Hipcall's API answered the calls list without a data list")
+            pages += 1
+            if pages == 1:
+                meta = body.get("meta")
+                count = meta.get("count") if isinstance(meta, dict) else None
+                announced = count if isinstance(count, int) and count >= 0 else None
+            fresh = 0  # calls this page is the first to list
             for item in items:
                 uuid = item.get("uuid") if isinstance(item, dict) else None
-                if isinstance(uuid, str) and uuid not in seen:
-                    seen.add(uuid)
+                if not isinstance(uuid, str) or uuid in seen:
+                    continue
+                seen.add(uuid)
+                fresh += 1
+                if UUID_RE.fullmatch(uuid):
                     yield item
+                else:
+                    log.warning("call_uuid_refused", call_uuid=uuid[:80], detail="not a call uuid; skipped")
             if len(items) < PAGE:
                 return
+            if fresh == 0 and offset > 0:  # paged by offset past what it listed: it must list new calls
+                raise ApiError("Hipcall's API answered a full page of calls it had listed already (does it ignore "
+                               "offset?); this pass stops")
+            # Pages for what the first page announced, twice over for calls that arrive during the pass.
+            if announced is not None and pages >= 2 * (announced // PAGE + 1) + 10:
+                raise ApiError(f"Hipcall's API gave {pages} pages for the {announced} calls it announced; this pass stops")
             last = parse_time(items[-1].get("started_at")) if isinstance(items[-1], dict) else None
             if last is None:
                 raise ApiError("Hipcall's API listed a call without a started_at; cannot page on")
@@ -116,6 +137,8 @@ class HipcallApi:
 
     async def call(self, uuid: str) -> Mapping[str, Any] | None:
         """One call with all its fields, or None if the API no longer has it (404)."""
+        if not UUID_RE.fullmatch(uuid):
+            raise ApiError(f"not a call uuid: {uuid[:80]!r}")
         body = await self._get(f"/api/v3/calls/{uuid}", {}, missing_ok=True)
         if body is None:
             return None
@@ -129,7 +152,7 @@ class HipcallApi:
         url = self._config.api_url + path
         delay, last = 1.0, ""
         for attempt in range(1, self._attempts + 1):
-            await self._bucket.take()
+            await self._limit.take()
             self.requests += 1
             wait = delay
             try:
@@ -225,7 +248,9 @@ def _retry_after(value: str | None, default: float) -> float:
             seconds = (parsedate_to_datetime(value) - datetime.now(timezone.utc)).total_seconds()
         except (TypeError, ValueError):
             return default
-    return min(max(seconds, 0.0), 120.0)
+    if seconds < 0:  # not a time to wait: our own backoff
+        return default
+    return min(seconds, 120.0)
 
 
 def _detail(body: bytes) -> str:

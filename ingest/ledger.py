@@ -13,6 +13,8 @@ import time
 from collections.abc import Iterable
 from pathlib import Path
 
+BUSY_TIMEOUT = 10  # seconds a write waits for a lock another process holds (a backup), then fails
+
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS calls (
     uuid TEXT PRIMARY KEY,
@@ -29,7 +31,8 @@ class Ledger:
     def __init__(self, path: str | Path) -> None:
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
-        self._db = sqlite3.connect(path, isolation_level=None, timeout=10)  # autocommit; a second reader waits
+        # autocommit; a second reader waits. Used from one thread at a time (reconcile's ledger thread).
+        self._db = sqlite3.connect(path, isolation_level=None, timeout=BUSY_TIMEOUT, check_same_thread=False)
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=FULL")  # a committed row survives a power cut
         self._db.executescript(_SCHEMA)

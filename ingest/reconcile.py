@@ -18,10 +18,13 @@ from __future__ import annotations
 import asyncio
 import math
 import signal
+import sqlite3
 import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
-from typing import Any
+from typing import Any, TypeVar
 
 import aio_pika
 import aiormq
@@ -55,6 +58,8 @@ SILENT = Gauge("hipcall_reconcile_integration_silent", "1 while the watchdog fin
 ACTIVE = Gauge("hipcall_reconcile_active", "1 when this process is the active reconcile, 0 on standby.")
 SINCE_WEBHOOK = Gauge("hipcall_reconcile_seconds_since_last_webhook", "Seconds since the last call_hangup webhook.")
 
+T = TypeVar("T")
+LEDGER_RETRY = 1.0  # seconds before a ledger message whose write failed goes back to its queue
 STANDBY_POLL = 2.0  # seconds between a standby's attempts to become the active process
 CATCH_UP_LIMIT = 30.0  # seconds a pass waits for the ledger queue to be consumed before it starts
 
@@ -79,7 +84,7 @@ class PassReport:
         return {"since": iso(self.since), "until": iso(self.until), "ended": self.ended, "by_webhook": self.by_webhook,
                 "recovered_before": self.recovered_before, "missing": len(self.missing),
                 "recovered": len(self.recovered), "gone": len(self.gone), "requests": self.requests,
-                "seconds": round(self.seconds, 2), "error": self.error}
+                "seconds": round(self.seconds, 2), "complete": self.error is None, "error": self.error}
 
 
 class Reconciler:
@@ -98,6 +103,16 @@ class Reconciler:
         self._previous_until: datetime | None = None
         self._standby_logged = False
         self._last_webhook = ledger.last_webhook_at()  # kept here: /metrics reads it from another thread
+        # SQLite calls (an fsync per write, a wait while a backup holds the file) never run on the event
+        # loop: they go, one at a time, to a thread of their own.
+        self._ledger_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ledger")
+
+    async def in_ledger(self, method: Callable[..., T], *args: Any) -> T:
+        """`method` (a Ledger method) run on the ledger's thread."""
+        return await asyncio.get_running_loop().run_in_executor(self._ledger_thread, method, *args)
+
+    def close(self) -> None:
+        self._ledger_thread.shutdown(wait=True)
 
     # --- the broker side: lock, ledger consumer, publisher -----------------------------------------
 
@@ -154,7 +169,14 @@ class Reconciler:
                 data = payload["data"]
                 ended = data.get("ended_at") if isinstance(data.get("ended_at"), str) else None
                 source = "reconcile" if (message.headers or {}).get(SOURCE) == "reconcile" else "webhook"
-                if self.ledger.record(uuid, ended, source) and source == "webhook":
+                try:
+                    inserted = await self.in_ledger(self.ledger.record, uuid, ended, source)
+                except sqlite3.Error as exc:  # locked by a backup, say: the broker keeps it for a retry
+                    log.error("ledger_write_failed", error=f"{type(exc).__name__}: {exc}", retry_in_s=LEDGER_RETRY)
+                    await asyncio.sleep(LEDGER_RETRY)
+                    await message.nack(requeue=True)
+                    return
+                if inserted and source == "webhook":
                     BY_WEBHOOK.inc()
                 if source == "webhook":
                     self._last_webhook = time.time()
@@ -198,7 +220,7 @@ class Reconciler:
                 end = parse_time(call.get("ended_at"))
                 if end is not None and since <= end <= until:
                     ended[call["uuid"]] = end
-            known = self.ledger.sources(ended)
+            known = await self.in_ledger(self.ledger.sources, list(ended))
             report.ended = len(ended)
             report.by_webhook = sum(1 for s in known.values() if s == "webhook")
             report.recovered_before = len(known) - report.by_webhook
@@ -212,6 +234,8 @@ class Reconciler:
                     await self._recover(uuid, report)
         except (HipcallError, PublishFailed) as exc:
             report.error = str(exc)
+        except Exception as exc:  # a ledger the file system refuses, an answer we did not foresee
+            report.error = f"{type(exc).__name__}: {str(exc)[:300]}"
         finally:
             report.requests = self.api.requests - requests
             report.seconds = time.monotonic() - started
@@ -235,7 +259,7 @@ class Reconciler:
         if self._publisher is None:
             raise PublishFailed("not stored: no broker connection", "closed")
         await self._publisher.publish(body, entry_exchange(self.config.broker.exchange), EVENT, properties)
-        self.ledger.record(uuid, data.get("ended_at"), "reconcile")  # only after the broker confirmed it
+        await self.in_ledger(self.ledger.record, uuid, data.get("ended_at"), "reconcile")  # only once confirmed
         RECOVERED.inc()
         report.recovered.append(uuid)
         log.info("call_recovered", call_uuid=uuid, message_id=mid, ended_at=data.get("ended_at"))
@@ -292,30 +316,39 @@ async def reconcile_forever(config: Config) -> None:
         async with HipcallApi(config.hipcall, rules.rate_limit) as api:
             reconciler = Reconciler(config, ledger, api)
             SINCE_WEBHOOK.set_function(reconciler.seconds_since_webhook)
-            async with reconciler.link:
-                passes = asyncio.create_task(_passes(reconciler, config))
-                await stop.wait()
-                log.info("stopping", reason="signal")
-                passes.cancel()
-                await asyncio.gather(passes, return_exceptions=True)
+            try:
+                async with reconciler.link:
+                    passes = asyncio.create_task(_passes(reconciler, config))
+                    await stop.wait()
+                    log.info("stopping", reason="signal")
+                    passes.cancel()
+                    await asyncio.gather(passes, return_exceptions=True)
+            finally:
+                reconciler.close()
     finally:
         ledger.close()
     log.info("stopped")
 
 
 async def _passes(reconciler: Reconciler, config: Config) -> None:
+    """A pass every `interval`; a pass that fails, whatever the error, is logged and the next one runs."""
     while True:
         await reconciler.active.wait()
-        await reconciler.catch_up()
-        reconciler.ledger.prune(time.time() - config.reconcile.retention)
-        report = await reconciler.one_pass(*window(config, datetime.now(timezone.utc)))
-        if report.error:
+        try:
+            await reconciler.catch_up()
+            await reconciler.in_ledger(reconciler.ledger.prune, time.time() - config.reconcile.retention)
+            report = await reconciler.one_pass(*window(config, datetime.now(timezone.utc)))
+        except Exception as exc:
             PASS_FAILURES.inc()
-            log.error("reconcile_pass_failed", error=report.error, **report.as_dict())
+            log.error("reconcile_pass_failed", error=f"{type(exc).__name__}: {str(exc)[:300]}")
         else:
-            LAST_PASS.set(time.time())
-            log.info("reconcile_pass", **report.as_dict())
-            reconciler.watch(report)
+            if report.error:
+                PASS_FAILURES.inc()
+                log.error("reconcile_pass_failed", **report.as_dict())
+            else:
+                LAST_PASS.set(time.time())
+                log.info("reconcile_pass", **report.as_dict())
+                reconciler.watch(report)
         await asyncio.sleep(config.reconcile.interval)
 
 
@@ -326,15 +359,18 @@ async def reconcile_once(config: Config, since: float | None, dry_run: bool) -> 
     try:
         async with HipcallApi(config.hipcall, config.reconcile.rate_limit) as api:
             reconciler = Reconciler(config, ledger, api, wait_for_lock=False)
-            async with reconciler.link:
-                try:
-                    await asyncio.wait_for(reconciler.link.connected.wait(), config.broker.connect_timeout * 3)
-                except TimeoutError:
-                    raise HipcallError(f"cannot reach RabbitMQ at {config.broker.safe_url}") from None
-                if not reconciler.active.is_set():
-                    log.warning("reconcile_beside_active", detail="another reconcile process is active; "
-                                "using the ledger file as it keeps it", ledger=str(ledger.path))
-                await reconciler.catch_up()
-                return await reconciler.one_pass(*window(config, datetime.now(timezone.utc), since), dry_run=dry_run)
+            try:
+                async with reconciler.link:
+                    try:
+                        await asyncio.wait_for(reconciler.link.connected.wait(), config.broker.connect_timeout * 3)
+                    except TimeoutError:
+                        raise HipcallError(f"cannot reach RabbitMQ at {config.broker.safe_url}") from None
+                    if not reconciler.active.is_set():
+                        log.warning("reconcile_beside_active", detail="another reconcile process is active; "
+                                    "using the ledger file as it keeps it", ledger=str(ledger.path))
+                    await reconciler.catch_up()
+                    return await reconciler.one_pass(*window(config, datetime.now(timezone.utc), since), dry_run=dry_run)
+            finally:
+                reconciler.close()
     finally:
         ledger.close()

@@ -62,7 +62,8 @@ class StandinApi:
         self.key = key
         self.per_minute = per_minute
         self.calls: dict[str, dict] = {}
-        self.faults: list[str] = []  # taken one per request: "429", "500", "hang"
+        self.faults: list[str] = []  # taken one per request: "429", "429-negative" (Retry-After: -5), "500", "hang"
+        self.ignore_offset = False  # a broken API: every page from offset 0
         self.requests: list[tuple[str, dict, str]] = []  # (path, query, Authorization header)
         self.detail_delay = 0.0
         self.on_list: Callable[[int], None] | None = None  # called with the list request's number, before answering
@@ -117,8 +118,9 @@ class StandinApi:
             fault = self.faults.pop(0) if self.faults else None
         if count > self.per_minute:
             return self._error(429, "Too many requests. Please try again later.", **{"Retry-After": str(60 - int(time.time()) % 60)})
-        if fault == "429":
-            return self._error(429, "Too many requests. Please try again later.", **{"Retry-After": "1"})
+        if fault in ("429", "429-negative"):
+            return self._error(429, "Too many requests. Please try again later.",
+                               **{"Retry-After": "1" if fault == "429" else "-5"})
         if fault == "500":
             return web.json_response({"errors": {"detail": "Internal server error"}}, status=500)
         if fault == "hang":
@@ -129,7 +131,7 @@ class StandinApi:
         query = request.query
         try:
             limit = int(query.get("limit", "10"))
-            offset = int(query.get("offset", "0"))
+            offset = 0 if self.ignore_offset else int(query.get("offset", "0"))
         except ValueError:
             return self._error(422, {"limit": ["Value must be an integer."]})
         if not 1 <= limit <= 100:

@@ -1,7 +1,9 @@
 """reconcile end to end: a stand-in Hipcall API, the real ingress, broker, worker and reconcile."""
 
+import asyncio
 import json
 import signal
+import sqlite3
 import time
 from collections import Counter
 from datetime import datetime, timedelta, timezone
@@ -10,6 +12,7 @@ import pytest
 
 from conftest import children_of, free_port, http, post_webhook, wait_until
 from hipcall_standin import StandinApi, make_call, webhook_body
+from ingest.hipcall_api import RateLimit
 from ingest.message import call_event_id
 
 
@@ -230,3 +233,71 @@ def test_run_starts_reconcile_as_a_third_process_when_an_api_key_is_set(launch, 
     wait_until(lambda: any(l.get("msg") == "reconcile_pass" for l in run.logs()), what="a reconcile pass")
     assert run.stop() == 0
     assert hipcall_api.key not in run.output()
+
+
+def test_a_pass_that_fails_unexpectedly_is_logged_and_the_next_one_runs(launch, broker, hipcall_api, tmp_path):
+    """A backup holds the ledger's SQLite file (database is locked): that pass fails, loudly, and the
+    process goes on with the next one."""
+    config = config_for(hipcall_api, extra='interval = "1s"')
+    proc = launch("reconcile", broker, config, env=key_env(hipcall_api))
+    wait_until(lambda: any(l.get("msg") == "reconcile_pass" for l in proc.logs()), timeout=30, what="a first pass")
+    backup = sqlite3.connect(tmp_path / "ledger.sqlite3", isolation_level=None)
+    backup.execute("BEGIN EXCLUSIVE")
+    try:
+        wait_until(lambda: [l for l in proc.logs() if l.get("msg") == "reconcile_pass_failed"], timeout=30,
+                   what="a failed pass")
+    finally:
+        backup.execute("ROLLBACK")
+        backup.close()
+    [failed] = [l for l in proc.logs() if l.get("msg") == "reconcile_pass_failed"][:1]
+    assert "locked" in failed["error"]
+    calls = recent_calls(2)
+    hipcall_api.add(*calls)
+    wait_until(lambda: sum(l.get("recovered", 0) for l in proc.logs() if l.get("msg") == "reconcile_pass") == 2,
+               timeout=30, what="the next passes recovering the calls")
+    assert proc.stop() == 0
+
+
+def test_a_pass_that_did_not_finish_says_so_in_its_summary(launch, broker, hipcall_api, tmp_path):
+    hipcall_api.add(*recent_calls(2))
+    wrong = StandinApi(key="another-key")
+    wrong.calls = hipcall_api.calls
+    wrong.start()
+    try:
+        code, output = once(launch, broker, config_for(wrong), hipcall_api)
+        json_code, json_output = once(launch, broker, config_for(wrong), hipcall_api, "--json")
+    finally:
+        wrong.stop()
+    assert code == json_code == 1
+    assert "INCOMPLETE: the pass stopped before the end" in output and "refused the key" in output
+    assert report_of(json_output)["complete"] is False
+
+
+def test_a_broken_api_cannot_make_a_pass_run_forever_nor_reach_another_path(launch, broker, hipcall_api, tmp_path):
+    ended = datetime.now(timezone.utc) - timedelta(minutes=20)
+    hipcall_api.add(*(make_call(ended) for _ in range(150)))  # one second: paged by offset
+    hipcall_api.add(make_call(ended - timedelta(minutes=5), uuid="../../etc/passwd"))
+    hipcall_api.ignore_offset = True
+    hipcall_api.faults = ["429-negative"]
+    code, output = once(launch, broker, config_for(hipcall_api), hipcall_api, "--json")
+    assert code == 1, output
+    assert "full page of calls it had listed already" in report_of(output)["error"]
+    retries = [json.loads(l) for l in output.splitlines() if '"hipcall_api_retry"' in l]
+    assert retries[0]["retry_in"] == 1.0  # Retry-After: -5 is our own backoff, not "at once"
+    assert any('"call_uuid_refused"' in l for l in output.splitlines())
+    assert not [path for path, _, _ in hipcall_api.requests if "passwd" in path]
+
+
+def test_the_api_rate_limit_is_never_passed_in_any_60_seconds():
+    async def main() -> list[float]:
+        limit = RateLimit(5)
+        limit.WINDOW = 0.3  # the same rule on a shorter clock
+        sent = []
+        for _ in range(8):
+            await limit.take()
+            sent.append(time.monotonic())
+        return sent
+
+    sent = asyncio.run(main())
+    for i in range(len(sent) - 5):  # no 6 takes within one window: at most 5 per window
+        assert sent[i + 5] - sent[i] >= 0.3
