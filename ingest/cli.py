@@ -360,15 +360,16 @@ def cmd_dlq(config: Config, args: argparse.Namespace) -> int:
         print(f"deleted {on_broker(lambda c: dlq.purge(c, queue))} dead letters from {queue.name}")
         return 0
     if args.action == "export":
-        print(f"exported {on_broker(lambda c: dlq.export(c, config, queue, args.file))} dead letters "
-              f"from {queue.name} to {args.file}")
+        exported = on_broker(lambda c: dlq.export(c, config, queue, args.file))
+        print(f"exported {exported} dead letters from {queue.name} to {'stdout' if args.file == '-' else args.file}",
+              file=sys.stderr if args.file == "-" else sys.stdout)
         return 0
     try:  # import
         with open(args.file, "rb") as f:
-            lines = f.read().splitlines()
+            letters = dlq.read_export(f, dlq.max_export_line(config))
     except OSError as exc:
         raise UsageError(f"cannot read {args.file}: {exc.strerror}") from None
-    print(f"imported {on_broker(lambda c: dlq.import_lines(c, config, queue, lines))} dead letters into {queue.name}")
+    print(f"imported {on_broker(lambda c: dlq.import_letters(c, config, queue, letters))} dead letters into {queue.name}")
     return 0
 
 

@@ -3,7 +3,9 @@
 import asyncio
 import decimal
 import json
+import os
 import signal
+import stat
 import subprocess
 import sys
 import time
@@ -393,3 +395,53 @@ def test_a_poison_letter_shows_its_real_delivery_count_and_a_foreign_reject_is_d
     assert letters["poison"]["attempts"] == 3 and "delivered 3 times" in letters["poison"]["error"]
     assert letters["rejected"]["error_type"] == "broker:rejected" and "rejected by a consumer" in letters["rejected"]["error"]
     assert "crashed" not in letters["rejected"]["error"]
+
+
+def test_export_writes_to_the_path_as_given_through_links_to_devices_and_to_stdout(broker, tmp_path):
+    path = _empty_config(broker, tmp_path)
+    broker.publish("", "hipcall.call_hangup.dlq", payload("call_hangup"),
+                   headers={"x-hipcall-error": "E: x", "x-hipcall-error-type": "E", "x-hipcall-attempts": 1})
+    real = tmp_path / "real.jsonl"
+    real.write_text("old\n")
+    link = tmp_path / "link.jsonl"
+    link.symlink_to(real)
+    done = cli(broker, path, "dlq", "export", "hipcall.call_hangup.dlq", str(link))
+    assert done.returncode == 0, done.stderr
+    assert link.is_symlink() and json.loads(real.read_text())["body_base64"]  # written through the link
+
+    done = cli(broker, path, "dlq", "export", "hipcall.call_hangup.dlq", "-")
+    assert done.returncode == 0 and json.loads(done.stdout)["body_base64"] and "exported 1" in done.stderr
+
+    done = cli(broker, path, "dlq", "export", "hipcall.call_hangup.dlq", "/dev/full")
+    assert done.returncode == 1 and "cannot write /dev/full" in done.stderr and "Traceback" not in done.stderr
+    assert stat.S_ISCHR(os.stat("/dev/full").st_mode)  # still the device, not a regular file
+
+    done = cli(broker, path, "dlq", "export", "hipcall.call_hangup.dlq", str(tmp_path / "no" / "such" / "x.jsonl"))
+    assert done.returncode == 1 and "Traceback" not in done.stderr
+    assert len(done.stderr.strip().splitlines()) == 1 and "No such file or directory" in done.stderr
+    assert broker.count("hipcall.call_hangup.dlq") == 1  # an export never takes a letter away
+
+
+def test_import_of_an_endless_line_is_an_error_naming_it_in_bounded_memory(broker, tmp_path):
+    path = _empty_config(broker, tmp_path)
+    done = cli(broker, path, "dlq", "import", "/dev/zero", "hipcall.call_hangup.dlq", timeout=60)
+    assert done.returncode == 1 and "line 1: longer than" in done.stderr and "Traceback" not in done.stderr
+    assert broker.count("hipcall.call_hangup.dlq") == 0
+
+
+def test_a_letter_with_foreign_or_damaged_headers_is_shown_as_it_is_and_does_not_hide_the_rest(broker, tmp_path):
+    path = _empty_config(broker, tmp_path)
+    broker.publish("", "hipcall.call_hangup.dlq", payload("call_hangup"), message_id="damaged",
+                   headers={"x-hipcall-error": "E: x", "x-hipcall-error-type": "E", "x-hipcall-attempts": "many",
+                            "x-hipcall-failed-at": "not a time"})
+    broker.publish("", "hipcall.call_hangup.dlq", payload("call_init"), message_id="fine",
+                   headers={"x-hipcall-error": "E: y", "x-hipcall-error-type": "E", "x-hipcall-attempts": 3,
+                            "x-hipcall-failed-at": "2026-11-30T10:00:00+00:00"})
+    done = cli(broker, path, "dlq", "show", "hipcall.call_hangup.dlq", "--json")
+    assert done.returncode == 0, done.stderr
+    shown = {letter["message_id"]: letter for letter in json.loads(done.stdout)}
+    assert shown["damaged"]["attempts"] == "many" and shown["damaged"]["failed_at"] == "not a time"
+    assert shown["fine"]["attempts"] == 3
+    done = cli(broker, path, "dlq", "list", "--json")
+    [row] = [r for r in json.loads(done.stdout) if r["queue"] == "hipcall.call_hangup.dlq"]
+    assert row["messages"] == 2 and row["oldest_failure"] == "2026-11-30T10:00:00+00:00"

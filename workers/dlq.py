@@ -21,13 +21,16 @@ import asyncio
 import base64
 import collections
 import decimal
+import itertools
 import os
 import secrets
+import stat
+import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from functools import cached_property
-from typing import Any
+from typing import Any, BinaryIO
 
 import aiormq
 import orjson
@@ -45,6 +48,7 @@ from .retry import SWEEP_HEADER, fresh_headers, own_headers, republish_propertie
 
 IN_FLIGHT = 500  # republishes awaiting their confirm at once
 PREFETCH = 200  # letters a sweep takes at once (a window): bounds its memory whatever the DLQ's size
+EXPORT_ENVELOPE = 1 << 20  # bytes of an export line besides the body: headers (an error of 1 KiB), properties
 IDLE = 2.0  # seconds without a delivery after which a sweep decides someone else holds the rest
 
 
@@ -138,10 +142,15 @@ class Letter:
         return self.payload_or_text if isinstance(self.payload_or_text, dict) else {}
 
     @property
-    def attempts(self) -> int | None:
-        """Times a handler had it: our count, or for the broker's delivery limit, the limit plus one."""
+    def attempts(self) -> int | str | None:
+        """Times a handler had it: our count, or for the broker's delivery limit, the limit plus one.
+        A header that is not a count (a foreign producer's, a damaged one) is shown as it is."""
         if "x-hipcall-attempts" in self.headers:
-            return int(self.headers["x-hipcall-attempts"])
+            value = self.headers["x-hipcall-attempts"]
+            try:
+                return int(value)
+            except (TypeError, ValueError):
+                return _as_text(value)
         if self.kind == "broker" and self._reason == "delivery_limit" and self.limit is not None:
             return self.limit + 1
         return None
@@ -167,7 +176,8 @@ class Letter:
     @property
     def failed_at(self) -> str | None:
         if self.kind == "worker":
-            return str(self.headers.get("x-hipcall-failed-at"))
+            value = self.headers.get("x-hipcall-failed-at")
+            return None if value is None else _as_text(value)
         time = self._death.get("time")
         return time.astimezone(timezone.utc).isoformat() if isinstance(time, datetime) else None
 
@@ -345,14 +355,15 @@ class Stats:
     """`dlq list`'s figures for one DLQ, gathered letter by letter (nothing held)."""
 
     messages: int = 0
-    oldest_failure: str | None = None
+    oldest_failure: str | None = None  # as the letter spells it
     errors: collections.Counter = field(default_factory=collections.Counter)
+    _oldest: datetime | None = None
 
     def add(self, letter: Letter) -> None:
         self.messages += 1
-        failed = letter.failed_at
-        if failed and (self.oldest_failure is None or failed < self.oldest_failure):
-            self.oldest_failure = failed
+        failed = _time(letter.failed_at)  # a failed-at that is not a time is no "oldest failure"
+        if failed is not None and (self._oldest is None or failed < self._oldest):
+            self._oldest, self.oldest_failure = failed, letter.failed_at
         self.errors[letter.error_type] += 1
 
     def as_dict(self) -> dict[str, Any]:
@@ -445,25 +456,52 @@ def export_line(letter: Letter) -> bytes:
 
 
 async def export(connection: AbstractConnection, config: Config, dlq: Queue, path: str) -> int:
-    """Write every letter to `path` (via a temporary file: a failed export leaves no file behind)."""
-    partial = f"{path}.partial-{os.getpid()}"
-    written = 0
+    """Write every letter to `path`: `-` is stdout; a device, a FIFO (or a link to one) is written as it
+    is; a regular file (through a link, to the file it points at) or a new path is written under a
+    temporary name and renamed once complete, so a failed export leaves no file behind."""
+    if path == "-":
+        return await _export_to(connection, config, dlq, sys.stdout.buffer)
+    target = os.path.realpath(path)  # a link is written through, never replaced
     try:
-        with open(partial, "wb") as out:
-            def choose(letter: Letter) -> None:
-                nonlocal written
-                out.write(export_line(letter))  # before the letter is settled: a failure leaves it in the DLQ
-                written += 1
+        special = not stat.S_ISREG(os.stat(target).st_mode)
+    except FileNotFoundError:
+        special = False
+    except OSError as exc:
+        raise CannotWrite(f"cannot write {path}: {exc.strerror}") from None
+    try:
+        if special:
+            with open(target, "wb") as out:
+                return await _export_to(connection, config, dlq, out)
+        partial = f"{target}.partial-{os.getpid()}"
+        try:
+            with open(partial, "wb") as out:
+                written = await _export_to(connection, config, dlq, out)
+                os.fsync(out.fileno())
+            os.replace(partial, target)
+        finally:
+            if os.path.exists(partial):
+                os.unlink(partial)
+        return written
+    except OSError as exc:  # a missing directory, a full disk (/dev/full), no permission
+        raise CannotWrite(f"cannot write {path}: {exc.strerror or exc}") from None
 
-            swept = await sweep(connection, config, dlq, choose)
-            swept.check()
-            out.flush()
-            os.fsync(out.fileno())
-        os.replace(partial, path)
-    finally:
-        if os.path.exists(partial):
-            os.unlink(partial)
+
+async def _export_to(connection: AbstractConnection, config: Config, dlq: Queue, out: BinaryIO) -> int:
+    written = 0
+
+    def choose(letter: Letter) -> None:
+        nonlocal written
+        out.write(export_line(letter))  # before the letter is settled: a failure leaves it in the DLQ
+        written += 1
+
+    swept = await sweep(connection, config, dlq, choose)
+    swept.check()
+    out.flush()
     return written
+
+
+class CannotWrite(HipcallError):
+    """`dlq export` could not write its file."""
 
 
 def _parse_export_line(number: int, line: bytes) -> tuple[bytes, Basic.Properties]:
@@ -482,11 +520,48 @@ def _parse_export_line(number: int, line: bytes) -> tuple[bytes, Basic.Propertie
     return body, properties
 
 
-async def import_lines(connection: AbstractConnection, config: Config, dlq: Queue, lines: list[bytes]) -> int:
-    # Every line is parsed before the first publish: a file with a bad line changes nothing.
-    letters = [_parse_export_line(n, line) for n, line in enumerate(lines, 1) if line.strip()]
+def read_export(file: BinaryIO, max_line: int) -> list[tuple[bytes, Basic.Properties]]:
+    """Every letter of an export file, parsed before anything is published (a file with a bad line
+    changes nothing). A line longer than `max_line` bytes (no dead letter is: /dev/zero, say) is an
+    error naming it, read in bounded memory."""
+    letters = []
+    for number in itertools.count(1):
+        line = file.readline(max_line + 1)
+        if not line:
+            return letters
+        if len(line) > max_line:
+            raise HipcallError(f"line {number}: longer than {max_line} bytes, which no dead letter of "
+                               f"`dlq export` is (http.max_body_bytes, base64-encoded, with its headers)")
+        if line.strip():
+            letters.append(_parse_export_line(number, line))
+
+
+def max_export_line(config: Config) -> int:
+    """The longest line `dlq export` can write for a body the ingress accepts: base64 plus the envelope."""
+    return (config.http.max_body_bytes + 2) // 3 * 4 + EXPORT_ENVELOPE
+
+
+async def import_letters(connection: AbstractConnection, config: Config, dlq: Queue,
+                         letters: list[tuple[bytes, Basic.Properties]]) -> int:
     channel = await connection.channel(publisher_confirms=True)
     async with channel:
         publisher = Publisher(await channel.get_underlay_channel(), config.broker.publish_timeout, IN_FLIGHT)
         await asyncio.gather(*(publisher.publish(body, "", dlq.name, properties) for body, properties in letters))
     return len(letters)
+
+
+def _as_text(value: Any) -> str:
+    """A header value as it is, for display."""
+    if isinstance(value, (bytes, bytearray)):
+        return bytes(value).decode("utf-8", "replace")[:100]
+    return str(value)[:100]
+
+
+def _time(text: str | None) -> datetime | None:
+    try:
+        moment = datetime.fromisoformat(text) if text else None
+    except ValueError:
+        return None
+    if moment is not None and moment.tzinfo is None:
+        moment = moment.replace(tzinfo=timezone.utc)
+    return moment
