@@ -411,6 +411,24 @@ def _show(config: Config, args: argparse.Namespace, queue, on_broker) -> int:
     return 0
 
 
+def cmd_unrouted(config: Config, args: argparse.Namespace) -> int:
+    from workers import dlq
+
+    from .broker import connect
+
+    async def main():
+        connection = await connect(config.broker, "hipcall-ingest unrouted replay")
+        async with connection:
+            return await dlq.replay_unrouted(connection, config, limit=args.limit, events=args.event,
+                                             progress=lambda n: print(f"  {n} moved...", file=sys.stderr, flush=True))
+
+    swept = run_async(main())
+    print(f"replayed {swept.moved} from {config.broker.unrouted} to the consumers' queues "
+          f"({swept.seen} of {swept.total} messages examined; the others have no consumer in this config)")
+    swept.check()
+    return 0
+
+
 COMMANDS: dict[str, tuple[Callable[[Config, argparse.Namespace], int], str]] = {
     "run": (cmd_run, "ingress, a worker for every enabled consumer, and reconcile with HIPCALL_API_KEY set (make run)"),
     "serve": (cmd_serve, "the HTTP ingress"),
@@ -420,6 +438,7 @@ COMMANDS: dict[str, tuple[Callable[[Config, argparse.Namespace], int], str]] = {
     "tail": (cmd_tail, "print webhooks as they arrive, taking nothing from the consumers"),
     "dlq": (cmd_dlq, "inspect, replay, purge, export and import dead letters"),
     "reconcile": (cmd_reconcile, "recover calls Hipcall never delivered, from its API (needs HIPCALL_API_KEY)"),
+    "unrouted": (cmd_unrouted, "move webhooks from the unrouted queue to consumers that now take their event"),
 }
 
 
@@ -435,6 +454,12 @@ def build_parser() -> argparse.ArgumentParser:
             sub.add_argument("--event", action="append", metavar="E", help="only this event (repeatable)")
         if name == "dlq":
             _dlq_arguments(sub)
+        if name == "unrouted":
+            action = sub.add_subparsers(dest="action", required=True, metavar="ACTION")
+            replay = action.add_parser("replay", help="move the webhooks whose event some enabled consumer takes")
+            replay.add_argument("--config", metavar="FILE", default=argparse.SUPPRESS, help="TOML file over the defaults")
+            replay.add_argument("--limit", type=_positive, metavar="N")
+            replay.add_argument("--event", action="append", metavar="E", help="only this event (repeatable)")
         if name == "reconcile":
             sub.add_argument("--once", action="store_true", help="one pass, print what it found, exit")
             sub.add_argument("--since", metavar="DURATION", help='with --once: the window reaches back this far (e.g. "24h")')

@@ -52,6 +52,8 @@ BROKER_CONNECTED = Gauge("hipcall_ingest_broker_connected", "1 while the ingress
                          "(with several processes: while every one of them has).", multiprocess_mode="livemin")
 REFUSED = Counter("hipcall_ingest_publish_refused_total",
                   "Publishes the broker refused (nack), e.g. a consumer queue full at its max_length; spooled.", ["event"])
+TOPOLOGY_REPAIRED = Counter("hipcall_ingest_topology_queue_missing_total",
+                            "Queues of the topology found missing (and declared again), by queue.", ["queue"])
 CONNECTIONS_REFUSED = Counter("hipcall_ingest_connections_refused_total", "Connections closed at once: http.max_connections reached.")
 CONNECTIONS_REFUSED_PER_CLIENT = Counter("hipcall_ingest_connections_refused_per_client_total",
                                          "Connections closed at once: their client address had http.max_connections_per_client open.")
@@ -61,6 +63,7 @@ LINGER = 1.0  # seconds an answered connection may still drain an unread body be
 SPOOL_RESERVE = 0.25  # of the answer budget, kept for writing to the spool when the broker is slow
 DRAIN_INTERVAL = 0.5  # seconds between looks at the spool while the broker is away
 REFUSED_RECONNECT = 10.0  # seconds of refused publishes after which the ingress reconnects
+TOPOLOGY_CHECK = 5.0  # seconds between looks for queues of the topology that are gone
 DRAIN_PAUSE_MAX = 30.0  # longest wait after a failed drain (a queue that returns what we publish)
 # Content-Encodings aiohttp decodes (it decodes one, and passes any other through undecoded).
 DECODED = frozenset({"", "identity", "gzip", "deflate"} | ({"br"} if HAS_BROTLI else set()) | ({"zstd"} if HAS_ZSTD else set()))
@@ -429,19 +432,40 @@ async def broker_context(app: web.Application) -> AsyncIterator[None]:
                 pause = min(pause * 2, DRAIN_PAUSE_MAX)
                 log.error("spool_drain_failed", error=f"{type(exc).__name__}: {exc}", retry_in_s=pause)
 
+    async def keep_topology() -> None:
+        """Declare the topology again when a queue of it is gone (an operator's delete_queue, a queue
+        lost with a node): until then its event's webhooks land in the unrouted queue."""
+        while True:
+            await asyncio.sleep(TOPOLOGY_CHECK)
+            connection = link.connection
+            if connection is None:
+                continue
+            try:
+                states = await inspect(connection, ingress.topology)
+                missing = [q.name for q, state in zip(ingress.topology.queues, states) if state is None]
+                if missing:
+                    for name in missing:
+                        TOPOLOGY_REPAIRED.labels(name).inc()
+                    log.error("topology_queue_missing", queues=missing,
+                              note="declared again; webhooks of their events went to the unrouted queue meanwhile: "
+                                   "`hipcall-ingest unrouted replay` moves them back")
+                    await declare(connection, ingress.topology)
+            except Exception as exc:  # the connection went away: the reconnect declares everything anyway
+                log.warning("topology_check_failed", error=f"{type(exc).__name__}: {str(exc)[:200]}")
+
     link = BrokerLink(config.broker, "hipcall-ingest serve", on_connect, on_state)
     ingress.link = link
     if config.spool.enabled:
         ingress.spool = Spool(config.spool.dir, config.spool.max_bytes // config.http.processes)
         ingress.spool.open()
-    drainer = asyncio.create_task(drain_spool()) if ingress.spool else None
+    tasks = [asyncio.create_task(keep_topology())] + ([asyncio.create_task(drain_spool())] if ingress.spool else [])
     try:
         async with link:
             yield
     finally:
-        if drainer:
-            drainer.cancel()
-            await asyncio.gather(drainer, return_exceptions=True)
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
         if ingress.spool:
             ingress.spool.close()
 

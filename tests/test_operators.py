@@ -14,7 +14,7 @@ from datetime import datetime, timezone
 import aio_pika
 import pytest
 
-from conftest import ROOT, payload, post_webhook, wait_until
+from conftest import ROOT, http, payload, post_webhook, wait_until
 from ingest.config import load_config
 from workers import dlq
 
@@ -445,3 +445,30 @@ def test_a_letter_with_foreign_or_damaged_headers_is_shown_as_it_is_and_does_not
     done = cli(broker, path, "dlq", "list", "--json")
     [row] = [r for r in json.loads(done.stdout) if r["queue"] == "hipcall.call_hangup.dlq"]
     assert row["messages"] == 2 and row["oldest_failure"] == "2026-11-30T10:00:00+00:00"
+
+
+def test_a_deleted_consumer_queue_is_declared_again_and_unrouted_replay_brings_its_webhooks_back(launch, broker, tmp_path):
+    config = ('[consumers.hipcall]\nenabled = false\n'
+              '[consumers.crm]\nevents = ["task_create"]\nhandler = "workers.builtin:log"\n')
+    path = tmp_path / "crm.toml"
+    path.write_text(config)
+    ingress = launch("serve", broker, config, wait="/readyz")
+    broker.delete_queue("crm.task_create")  # an operator's mistake; no worker is running to notice
+    ids = [post_webhook(ingress, json.dumps({"event": "task_create", "data": {"id": n}}).encode())[2]["id"]
+           for n in range(3)]
+    other = post_webhook(ingress, json.dumps({"event": "mystery_event", "data": {}}).encode())[2]["id"]
+    wait_until(lambda: any(l.get("msg") == "topology_queue_missing" for l in ingress.logs()), timeout=15,
+               what="the ingress noticing the missing queue")
+    [missing] = [l for l in ingress.logs() if l.get("msg") == "topology_queue_missing"][:1]
+    assert "crm.task_create" in missing["queues"]
+    wait_until(lambda: broker.count("crm.task_create") is not None, what="the queue declared again")
+    metrics = http("GET", ingress.url + "/metrics")[2].decode()
+    assert 'hipcall_ingest_topology_queue_missing_total{queue="crm.task_create"}' in metrics
+
+    stranded = broker.count("hipcall.unrouted") - 1  # all 3, unless a check came between delete and post
+    done = cli(broker, path, "unrouted", "replay")
+    assert done.returncode == 0, done.stderr
+    assert f"replayed {stranded} from hipcall.unrouted" in done.stdout
+    moved = broker.take("crm.task_create", expect=3)
+    assert len(moved) == 3 and {m.message_id for m in moved} == set(ids)
+    assert [m.message_id for m in broker.take("hipcall.unrouted")] == [other]  # no consumer: it stays

@@ -42,7 +42,7 @@ from ingest.config import Config
 from ingest.errors import HipcallError
 from ingest.message import call_uuid, id_of
 from ingest.publish import Publisher
-from ingest.topology import Queue, plan
+from ingest.topology import Queue, declare, plan
 
 from .retry import SWEEP_HEADER, fresh_headers, own_headers, republish_properties
 
@@ -226,7 +226,9 @@ class Swept:
                            f"lost, run it again")
 
 
-Choose = Callable[[Letter], "str | None"]  # a letter -> the queue to move it to, or None to keep it
+# A letter -> where to move it: a queue name (through the default exchange) or (exchange, routing key);
+# None to keep it.
+Choose = Callable[[Letter], "str | tuple[str, str] | None"]
 
 
 async def sweep(connection: AbstractConnection, config: Config, dlq: Queue, choose: Choose, *,
@@ -250,8 +252,9 @@ async def sweep(connection: AbstractConnection, config: Config, dlq: Queue, choo
                 headers = {**own_headers(letter.headers), SWEEP_HEADER: mark}
             else:
                 headers = {**fresh_headers(letter.headers), "x-hipcall-replayed-at": now}
+            exchange, key = target if isinstance(target, tuple) else ("", target or dlq.name)
             try:
-                await publisher.publish(letter.message.body, "", target or dlq.name,
+                await publisher.publish(letter.message.body, exchange, key,
                                         republish_properties(letter.properties, letter.message.body, headers))
                 return True
             except Exception as exc:
@@ -389,6 +392,30 @@ async def replay(connection: AbstractConnection, config: Config, dlq: Queue, *, 
     return await sweep(connection, config, dlq, choose, progress=progress,
                        enough=lambda: limit is not None and chosen >= limit,
                        prefetch=PREFETCH if filtered or limit is None else max(1, min(limit, PREFETCH)))
+
+
+async def replay_unrouted(connection: AbstractConnection, config: Config, *, limit: int | None,
+                          events: list[str] | None, progress: Callable[[int], None]) -> Swept:
+    """Move the unrouted queue's webhooks whose event the enabled consumers now subscribe to (a consumer
+    added, a queue deleted and declared again) to the events exchange, which routes each to every
+    queue of its event; the rest stay. The topology is declared first, so no event it moves can find
+    no queue and come back."""
+    topology = plan(config.broker, config.enabled_consumers, config.reconcile)
+    await declare(connection, topology)
+    subscribed = {event for consumer in config.enabled_consumers for event in consumer.events}
+    unrouted = next(q for q in topology.queues if q.kind == "unrouted")
+    chosen = 0
+
+    def choose(letter: Letter) -> tuple[str, str] | None:
+        nonlocal chosen
+        event = letter.event
+        if event in subscribed and (not events or event in events) and (limit is None or chosen < limit):
+            chosen += 1
+            return config.broker.exchange, event
+        return None
+
+    return await sweep(connection, config, unrouted, choose, progress=progress,
+                       enough=lambda: limit is not None and chosen >= limit)
 
 
 async def _passive(channel, name: str):
