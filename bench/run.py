@@ -44,6 +44,7 @@ TARGETS = {
     "worker_vs_raw": ("worker msgs/s vs raw aiormq", ">=", 0.70),
     "e2e_p99_ms": ("end-to-end p99 at 1,000/s (ms)", "<=", 10.0),
     "replay_ratio": ("dlq replay vs a raw publisher", ">=", 0.8),
+    "spool_drain_ratio": ("spool drain vs a raw publisher", ">=", 0.5),
     "ingress_rss_mb": ("ingress RSS, all its processes (MB)", "<=", 60.0),
 }
 
@@ -338,6 +339,68 @@ class Bench:
                                      "requests": report["requests"], "wall_s": round(wall, 1),
                                      "at_60_per_minute_s": round(report["requests"] - 5, 0)}  # a burst of 5, then 1/s
 
+    def spool_drain(self, records: int = 20_000) -> None:
+        """Each round: a spool that a long outage left (`records` call_hangup webhooks in the segments of
+        a process that is gone) and a fresh `serve` (its defaults) draining it, while a client posts
+        fresh webhooks at 100/s and notes each answer's time. Drain rate: the records over the time
+        from the ingress's broker connection to its last spool_drained line. Against a raw publisher
+        into the same queue in the same round. Medians of the rounds."""
+        from ingest.spool import Record
+
+        body = BODY.read_bytes()
+        received = datetime.now(timezone.utc).isoformat()
+        segment = b"".join(Record(f"bench-{i}", "call_hangup", received, "127.0.0.1", body).encode()
+                           for i in range(records))
+        env = {**os.environ, "HIPCALL_AMQP_URL": self.url, "PYTHONPATH": str(ROOT)}
+        subprocess.run([PY, "-m", "ingest", "topology"], check=True, env=env, capture_output=True, cwd=self.work)
+        raw, ours, slowest, non_2xx = [], [], [], 0
+        for round_ in range(self.args.rounds):
+            self.purge("hipcall.call_hangup", "hipcall.events.reconcile")
+            raw.append(records / asyncio.run(self.raw_publish("hipcall.call_hangup", records, body=body)))
+            self.purge("hipcall.call_hangup", "hipcall.events.reconcile")
+            home = self.work / f"drain-{round_}"
+            (home / ".spool").mkdir(parents=True)
+            (home / ".spool" / "gone-1-0-1.spool").write_bytes(segment)
+            port = free_port()
+            config = self.config(port, "[logging]\naccess = false\n")
+            proc = self.start(PY, "-m", "ingest", "serve", "--config", str(config), name=f"drain-{round_}", cwd=home)
+            answers = []
+            log = self.work / f"drain-{round_}.log"
+            self.wait_http(port, proc)
+            deadline = time.monotonic() + 120
+            def drained() -> bool:
+                return any('"spool_drained"' in l and '"gone-' in l for l in log.read_text().splitlines())
+
+            while time.monotonic() < deadline and not drained():
+                started = time.perf_counter()
+                request = urllib.request.Request(f"http://127.0.0.1:{port}/webhooks/hipcall", data=body, method="POST",
+                                                 headers={"Content-Type": "application/json"})
+                try:
+                    with urllib.request.urlopen(request, timeout=10) as response:
+                        status = response.status
+                except OSError:
+                    status = 0
+                answers.append((status, time.perf_counter() - started))
+                time.sleep(max(0.0, 0.01 - (time.perf_counter() - started)))
+            self.stop(proc)
+            lines = [json.loads(l) for l in log.read_text().splitlines() if l.startswith("{")]
+            connected = min(datetime.fromisoformat(l["timestamp"]) for l in lines if l.get("msg") == "broker_connected")
+            drained = [l for l in lines if l.get("msg") == "spool_drained"]
+            done = max(datetime.fromisoformat(l["timestamp"]) for l in drained)
+            count = sum(l["records"] for l in drained if l["segment"].startswith("gone-"))
+            ours.append(count / (done - connected).total_seconds())
+            slowest.append(max(t for _, t in answers))
+            non_2xx += sum(1 for status, _ in answers if not 200 <= status < 300)
+            print(f"  spool drain round: raw publisher {raw[-1]:.0f} msgs/s, drain {ours[-1]:.0f} records/s "
+                  f"({count} records), slowest fresh answer {slowest[-1] * 1000:.0f} ms of {len(answers)}", flush=True)
+        self.purge("hipcall.call_hangup", "hipcall.events.reconcile")
+        self.results["spool_drain"] = {
+            "records": records, "raw_publisher_msgs_s": round(statistics.median(raw)),
+            "drain_records_s": round(statistics.median(ours)),
+            "ratio": round(statistics.median(ours) / statistics.median(raw), 2),
+            "slowest_fresh_answer_ms": round(max(slowest) * 1000, 1), "fresh_non_2xx": non_2xx,
+            "rounds": {"raw": [round(r) for r in raw], "drain": [round(r) for r in ours]}}
+
     # --- the run ---------------------------------------------------------------------------------------
 
     def run(self) -> dict:
@@ -348,7 +411,8 @@ class Bench:
                      ("ingress", "raw publisher ceiling", self.publisher_ceiling),
                      ("worker", "worker drain (ours, FastStream, raw aiormq)", self.worker),
                      ("e2e", "end to end at 1,000/s", self.end_to_end), ("replay", "dlq replay", self.replay),
-                     ("reconcile", "reconcile pass over 5,000 calls", self.reconcile)]
+                     ("reconcile", "reconcile pass over 5,000 calls", self.reconcile),
+                     ("spool", "spool drain after an outage", self.spool_drain)]
             for part, title, step in steps:
                 if self.args.only and part not in self.args.only:
                     continue
@@ -393,7 +457,7 @@ def _pct(values: list[float], q: float) -> float:
 
 def table(r: dict) -> str:
     i, w = r["ingress"], r["worker"]
-    e, rp, rc = r["end_to_end"], r["replay"], r["reconcile"]
+    e, rp, rc, sd = r["end_to_end"], r["replay"], r["reconcile"], r["spool_drain"]
     lines = [
         f"hipcall-ingest bench, {r['date']}, {r['machine']['cpus']} cores, Python {r['machine']['python']}",
         "",
@@ -421,6 +485,9 @@ def table(r: dict) -> str:
         f"msgs/s: {rp['ratio']}x",
         f"RECONCILE pass over {rc['calls']} calls ({rc['missing']} missing): {rc['requests']} API requests, "
         f"{rc['wall_s']} s unthrottled; at Hipcall's 60/min about {rc['at_60_per_minute_s']:.0f} s",
+        f"SPOOL DRAIN of {sd['records']} after an outage: {sd['drain_records_s']} records/s vs raw publisher "
+        f"{sd['raw_publisher_msgs_s']} msgs/s: {sd['ratio']}x; fresh webhooks meanwhile: slowest answer "
+        f"{sd['slowest_fresh_answer_ms']} ms, non-2xx {sd['fresh_non_2xx']}",
         f"MEMORY (RSS): ingress {r['ingress_rss_mb']} MB after its runs (serve and its processes: "
         f"{' + '.join(map(str, r['ingress_rss_processes_mb']))}), worker {r['worker_rss_mb']} MB after a drain",
         "",
@@ -428,7 +495,7 @@ def table(r: dict) -> str:
     ]
     values = {"ingress_ratio": i["ratio"], "ingress_p99_ms": i["ours"]["p99_ms"], "worker_vs_faststream": w["vs_faststream"],
               "worker_vs_raw": w["vs_raw"], "e2e_p99_ms": e["p99_ms"], "replay_ratio": rp["ratio"],
-              "ingress_rss_mb": r["ingress_rss_mb"]}
+              "spool_drain_ratio": sd["ratio"], "ingress_rss_mb": r["ingress_rss_mb"]}
     for key, (what, op, goal) in TARGETS.items():
         met = values[key] >= goal if op == ">=" else values[key] <= goal
         lines.append(f"  {what:<44} {values[key]:>8} {op} {goal:<6} {'met' if met else 'MISSED'}")
@@ -440,7 +507,7 @@ def main() -> None:
     parser.add_argument("--seconds", type=int, default=8, help="length of each wrk run")
     parser.add_argument("--rounds", type=int, default=3, help="A/B rounds (medians are reported)")
     parser.add_argument("--messages", type=int, default=30_000, help="messages per worker drain")
-    parser.add_argument("--only", action="append", choices=["ingress", "worker", "e2e", "replay", "reconcile"],
+    parser.add_argument("--only", action="append", choices=["ingress", "worker", "e2e", "replay", "reconcile", "spool"],
                         help="run only this part (repeatable); the table then shows only it")
     args = parser.parse_args()
     if shutil.which("wrk") is None:
