@@ -38,7 +38,7 @@ from .message import MAX_DEPTH, SPOOLED, call_uuid, too_deep, webhook_id, webhoo
 from .names import EVENT_RE, consumer_queue, entry_exchange
 from .publish import Publisher
 from .spool import Record, Spool, SpoolFull
-from .topology import Topology, declare, inspect, plan
+from .topology import Queue, Topology, declare, inspect, plan
 
 log = structlog.get_logger("ingest.http")
 
@@ -52,7 +52,7 @@ BROKER_CONNECTED = Gauge("hipcall_ingest_broker_connected", "1 while the ingress
                          "(with several processes: while every one of them has).", multiprocess_mode="livemin")
 REFUSED = Counter("hipcall_ingest_publish_refused_total",
                   "Publishes the broker refused (nack), e.g. a consumer queue full at its max_length; spooled.", ["event"])
-TOPOLOGY_REPAIRED = Counter("hipcall_ingest_topology_queue_missing_total",
+TOPOLOGY_MISSING = Counter("hipcall_ingest_topology_queue_missing_total",
                             "Queues of the topology found missing (and declared again), by queue.", ["queue"])
 CONNECTIONS_REFUSED = Counter("hipcall_ingest_connections_refused_total", "Connections closed at once: http.max_connections reached.")
 CONNECTIONS_REFUSED_PER_CLIENT = Counter("hipcall_ingest_connections_refused_per_client_total",
@@ -88,6 +88,15 @@ class Ingress:
         self._proxies = config.http.trusted_proxies
         self._limited = tuple(c for c in config.enabled_consumers if c.max_length)
         self.topology = plan(config.broker, config.enabled_consumers, config.reconcile)
+        # For each event one of whose queues has a max_length: every queue it is routed to (its
+        # consumers', the ledger). A refusal of such an event is most likely that queue being full.
+        routes: dict[str, list[Queue]] = {}
+        for queue in self.topology.queues:
+            if queue.kind in ("consumer", "ledger"):
+                for _, key in queue.bindings:
+                    routes.setdefault(key, []).append(queue)
+        self._limited_routes = {event: tuple(q.name for q in queues) for event, queues in routes.items()
+                                if any(q.arguments.get("x-max-length") for q in queues)}
         # Spooled webhooks a queue refused: the queues that have confirmed them since (message id -> names).
         self._partly_stored: dict[str, set[str]] = {}
         self.refusing: set[str] = set()  # queues that refused a republish in the current drain
@@ -178,15 +187,17 @@ class Ingress:
     async def republish(self, record: Record) -> None:
         """A spooled webhook to the broker, as the direct publish would have sent it, marked spooled.
 
-        A refusal (a queue full at its max_length) means every other queue took it: from then on the
-        record goes to each of its event's queues on its own, and only those that have not confirmed
-        it get it again, so a full queue does not put a copy into the others on every try."""
+        For an event with a max_length queue, a refusal most likely means that queue was full and
+        every other queue took it: from then on the record goes to each of its event's queues on its
+        own, and only those that have not confirmed it get it again, so a full queue does not put a
+        copy into the others on every try. Any other event is republished whole (a nack then is a
+        broker that is not ready, and a queue of the tap that refused must get it too)."""
         publisher = self.publisher
         if publisher is None:
             raise PublishFailed("not stored: no broker connection", "closed")
         properties = webhook_properties(record.message_id, datetime.fromisoformat(record.received_at), record.client)
         properties.headers[SPOOLED] = "true"
-        targets = self._queues_of(record.event)
+        targets = self._limited_routes.get(record.event)
         stored = self._partly_stored.get(record.message_id)
         if not targets or (stored is None and not record.refused):
             try:
@@ -208,11 +219,6 @@ class Ingress:
         if failed is not None:
             raise failed
         del self._partly_stored[record.message_id]
-
-    def _queues_of(self, event: str) -> tuple[str, ...]:
-        """The queues of this config that a webhook of `event` is routed to (its consumers', the ledger)."""
-        return tuple(q.name for q in self.topology.queues if q.kind in ("consumer", "ledger")
-                     and any(key == event for _, key in q.bindings))
 
     async def refusing_queues_full(self, connection) -> bool:
         """Whether every queue that refused a republish is at its max_length: the ordinary reason,
@@ -445,7 +451,7 @@ async def broker_context(app: web.Application) -> AsyncIterator[None]:
                 missing = [q.name for q, state in zip(ingress.topology.queues, states) if state is None]
                 if missing:
                     for name in missing:
-                        TOPOLOGY_REPAIRED.labels(name).inc()
+                        TOPOLOGY_MISSING.labels(name).inc()
                     log.error("topology_queue_missing", queues=missing,
                               note="declared again; webhooks of their events went to the unrouted queue meanwhile: "
                                    "`hipcall-ingest unrouted replay` moves them back")

@@ -49,7 +49,8 @@ def test_restarts_as_a_container_s_pid_1_lose_no_spooled_webhook(launch, node_br
     rabbit_node.start()
     launch("serve", node_broker, AWAY, env=port, wait="/readyz", wrap=CONTAINER)
     messages = node_broker.take("hipcall.call_hangup", expect=30, timeout=30)
-    assert sorted(m.message_id for m in messages) == sorted(ids)
+    # Every one; a few may come twice (a node just started nacks some publishes, which are sent again).
+    assert {m.message_id for m in messages} == set(ids)
 
 
 def test_a_spool_directory_deleted_while_serving_is_made_again_before_a_202(launch, node_broker, rabbit_node, tmp_path):
@@ -63,7 +64,7 @@ def test_a_spool_directory_deleted_while_serving_is_made_again_before_a_202(laun
 
     rabbit_node.start()
     messages = node_broker.take("hipcall.call_hangup", expect=20, timeout=30)
-    assert sorted(m.message_id for m in messages) == sorted(ids)
+    assert {m.message_id for m in messages} == set(ids)
 
 
 @pytest.fixture
@@ -108,4 +109,4 @@ def test_a_spool_volume_that_mounts_late_is_used_once_it_is_there(launch, node_b
     [late] = spool_all(proc, ["late"])
     assert [p.name for p in Path(volume, "spool").glob("*.spool")]
     rabbit_node.start()
-    assert [m.message_id for m in node_broker.take("hipcall.call_hangup", expect=1, timeout=30)] == [late]
+    assert {m.message_id for m in node_broker.take("hipcall.call_hangup", expect=1, timeout=30)} == {late}
