@@ -309,19 +309,31 @@ def test_a_consumer_queue_full_at_its_max_length(launch, node_broker, tmp_path):
     the ingress spools them, and the spool drains once the worker is back and the queue has room."""
     sink = tmp_path / "sink.jsonl"
     text = config(sink, max_length=100).replace("consumers.chaos", "consumers.chaosfull")  # its own queue
-    ingress = launch("serve", node_broker, text, wait="/readyz")
-    worker = launch("work", node_broker, text)
-    wait_until(lambda: any(l.get("msg") == "consuming" for l in worker.logs()), what="worker consuming")
-    load = Load(ingress.port)
-    _middle(load)
-    worker.signal(signal.SIGTERM)
-    assert worker.wait() == 0
-    time.sleep(SECONDS / 3)
-    launch("work", node_broker, text)
-    _end(load)
-    judge("consumer queue full (max_length)", load, sink)
-    refused = [l for l in ingress.logs() if l.get("msg") == "publish_refused"]
-    assert refused and refused[0]["queues_with_max_length"] == ["chaosfull.call_hangup"]
+    started = []
+    try:
+        ingress = launch("serve", node_broker, text, wait="/readyz")
+        worker = launch("work", node_broker, text)
+        started += [ingress, worker]
+        wait_until(lambda: any(l.get("msg") == "consuming" for l in worker.logs()), what="worker consuming")
+        load = Load(ingress.port)
+        _middle(load)
+        worker.signal(signal.SIGTERM)
+        assert worker.wait() == 0
+        time.sleep(SECONDS / 3)
+        started.append(launch("work", node_broker, text))
+        _end(load)
+        judge("consumer queue full (max_length)", load, sink)
+        refused = [l for l in ingress.logs() if l.get("msg") == "publish_refused"]
+        assert refused and refused[0]["queues_with_max_length"] == ["chaosfull.call_hangup"]
+    finally:
+        # Left on the shared node, the queue would fill to its max_length with the call_hangups of the
+        # tests after this one, and then refuse every call_hangup there. Its processes go first: each
+        # of them declares a missing queue again.
+        for proc in started:
+            if proc.process.poll() is None:
+                proc.signal(signal.SIGKILL)
+                proc.process.wait()
+        node_broker.delete_queue("chaosfull.call_hangup")
 
 
 def teardown_module() -> None:
