@@ -3,7 +3,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 CONFIG ?= config/hipcall.toml
 
-.PHONY: run test chaos bench topology clean
+.PHONY: run test lint chaos bench topology clean
 
 $(BIN)/hipcall-ingest: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -16,6 +16,11 @@ run: $(BIN)/hipcall-ingest
 
 test: $(BIN)/hipcall-ingest
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+# ruff (pyproject.toml [tool.ruff]): pyflakes, import order, bugbear, pyupgrade. CI runs it before the tests.
+lint: $(BIN)/hipcall-ingest
+	@$(BIN)/python -m ruff --version >/dev/null 2>&1 || $(BIN)/pip install -q -e '.[test]'
+	$(BIN)/python -m ruff check .
 
 # Speed, side by side with baselines (bench/README.md). Installs wrk (Debian's package) and the
 # bench extra (FastStream, the baseline worker) if they are missing; about 8 minutes.

@@ -368,10 +368,7 @@ class Bench:
             log = self.work / f"drain-{round_}.log"
             self.wait_http(port, proc)
             deadline = time.monotonic() + 120
-            def drained() -> bool:
-                return any('"spool_drained"' in l and '"gone-' in l for l in log.read_text().splitlines())
-
-            while time.monotonic() < deadline and not drained():
+            while time.monotonic() < deadline and not _drained(log):
                 started = time.perf_counter()
                 request = urllib.request.Request(f"http://127.0.0.1:{port}/webhooks/hipcall", data=body, method="POST",
                                                  headers={"Content-Type": "application/json"})
@@ -424,6 +421,11 @@ class Bench:
                     proc.kill()
             self.node.kill()
         return self.results
+
+
+def _drained(log: Path) -> bool:
+    """Whether serve's log says the backlog's segment (gone-...) was drained."""
+    return any('"spool_drained"' in line and '"gone-' in line for line in log.read_text().splitlines())
 
 
 def _wrk(port: int, script: str, seconds: int, **env: str) -> str:

@@ -246,11 +246,13 @@ def cmd_status(config: Config, args: argparse.Namespace) -> int:
     try:
         states = run_async(main())
     except HipcallError as exc:
+        error = str(exc)
+
         def render_down() -> None:
-            print(f"broker: UNREACHABLE ({exc})")
+            print(f"broker: UNREACHABLE ({error})")
             spool_line()
 
-        _emit(args, {"broker": "unreachable", "error": str(exc), "spool": spool}, render_down)
+        _emit(args, {"broker": "unreachable", "error": error, "spool": spool}, render_down)
         return 1
     rows = [
         {"queue": q.name, "kind": q.kind, "consumer": q.consumer, "exists": s is not None,
@@ -315,7 +317,7 @@ def cmd_dlq(config: Config, args: argparse.Namespace) -> int:
             for queue in dlq.dead_letter_queues(config):
                 stats = dlq.Stats()
                 try:
-                    swept = await dlq.sweep(connection, config, queue, lambda letter: stats.add(letter))
+                    swept = await dlq.sweep(connection, config, queue, stats.add)
                 except dlq.QueueMissing:  # never declared: say so, keep going
                     rows.append({"queue": queue.name, "messages": None, "oldest_failure": None, "top_errors": []})
                     continue

@@ -12,7 +12,6 @@ import structlog
 
 from .config import LoggingConfig
 
-
 # Tracebacks as data, without local variables: locals can hold tokens and passwords.
 _TRACEBACKS = structlog.processors.ExceptionRenderer(structlog.tracebacks.ExceptionDictTransformer(show_locals=False))
 

@@ -465,9 +465,9 @@ class Spool:
             segment = self._closed[0]
             records = await asyncio.to_thread(segment.records)
 
-            async def send(index: int, record: Record) -> None:
+            async def send(index: int, record: Record, confirmed: set[int] = segment.confirmed) -> None:
                 await publish(record)
-                segment.confirmed.add(index)
+                confirmed.add(index)
 
             todo = [(i, r) for i, r in enumerate(records) if i not in segment.confirmed]
             for start in range(0, len(todo), DRAIN_BATCH):  # a failure raises: the segment stays

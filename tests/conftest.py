@@ -311,7 +311,7 @@ class Proc:
     wrap: tuple[str, ...] = ()  # a command that runs it, e.g. unshare for a fresh pid namespace
     process: subprocess.Popen | None = field(default=None, repr=False)
 
-    def start(self) -> "Proc":
+    def start(self) -> Proc:
         self.process = subprocess.Popen(
             [*self.wrap, sys.executable, "-m", "ingest", *self.args],
             env=self.env,

@@ -18,8 +18,9 @@ import json
 import threading
 import time
 import uuid as uuidlib
+from collections.abc import Callable
 from datetime import datetime, timedelta, timezone
-from typing import Any, Callable
+from typing import Any
 
 from aiohttp import web
 
@@ -82,7 +83,7 @@ class StandinApi:
             for call in calls:
                 self.calls[call["uuid"]] = call
 
-    def start(self) -> "StandinApi":
+    def start(self) -> StandinApi:
         self._thread.start()
         asyncio.run_coroutine_threadsafe(self._start(), self._loop).result(10)
         return self

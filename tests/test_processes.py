@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 import pytest
+
 from conftest import ROOT, free_port, http, payload, post_webhook, wait_until
 
 

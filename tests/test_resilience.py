@@ -9,7 +9,6 @@ import sys
 from conftest import ROOT, Broker, free_port, http, payload, post_webhook, wait_until
 from ingest.localnode import LocalNode, reachable
 
-
 NO_SPOOL = '[spool]\nenabled = false\n'
 
 

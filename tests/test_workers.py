@@ -188,7 +188,8 @@ def test_a_message_that_kills_its_worker_every_time_ends_in_the_dlq(launch, brok
         if broker.count("crm.call_hangup.dlq"):
             break
         worker = launch("work", broker, config)
-        wait_until(lambda: worker.process.poll() is not None or broker.count("crm.call_hangup.dlq"), what="crash or DLQ")
+        wait_until(lambda worker=worker: worker.process.poll() is not None or broker.count("crm.call_hangup.dlq"),
+                   what="crash or DLQ")
         worker.process.kill()
         worker.wait()
     [letter] = broker.take("crm.call_hangup.dlq", expect=1)

@@ -275,7 +275,7 @@ async def sweep(connection: AbstractConnection, config: Config, dlq: Queue, choo
                 for (letter, _), ok in zip(window, stored):
                     if ok:
                         await letters.basic_ack(letter.tag)
-            for (letter, target), ok in zip(window, stored):
+            for (_, target), ok in zip(window, stored):
                 if ok and target is not None:
                     result.moved += 1
                     if result.moved % 1000 == 0:

@@ -75,7 +75,7 @@ class Handler:
             )
         self._function = function
         self._is_async = inspect.iscoroutinefunction(function) or inspect.iscoroutinefunction(
-            getattr(function, "__call__", None))
+            function.__call__)
         self._threads = None if self._is_async else ThreadPool(consumer.concurrency, f"handler-{consumer.name}")
 
     @property

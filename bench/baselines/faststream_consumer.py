@@ -5,9 +5,10 @@
 
 import sys
 
-from handlers import count  # bench/handlers.py: marks the end of the drain
 from faststream import FastStream
 from faststream.rabbit import RabbitBroker, RabbitQueue
+
+from handlers import count  # bench/handlers.py: marks the end of the drain
 
 broker = RabbitBroker(sys.argv[1], logger=None)
 app = FastStream(broker, logger=None)

@@ -385,7 +385,7 @@ def test_cluster_node_everyone_is_connected_to_killed(launch, cluster, tmp_path)
     cluster[0].kill()
     killed_at = time.monotonic()
     for proc, processes in ((ingress, 2), (worker, 1)):
-        wait_until(lambda: len([l for l in proc.logs() if l.get("msg") == "broker_connected"
+        wait_until(lambda proc=proc, processes=processes: len([l for l in proc.logs() if l.get("msg") == "broker_connected"
                                 and f":{cluster[0].port}/" not in l["broker"]]) >= processes,
                    timeout=60, interval=0.1, what="every process reconnected to another node")
     failover = time.monotonic() - killed_at
