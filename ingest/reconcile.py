@@ -318,7 +318,7 @@ async def reconcile_forever(config: Config) -> None:
             SINCE_WEBHOOK.set_function(reconciler.seconds_since_webhook)
             try:
                 async with reconciler.link:
-                    passes = asyncio.create_task(_passes(reconciler, config))
+                    passes = asyncio.create_task(_passes(reconciler, config, stop))
                     await stop.wait()
                     log.info("stopping", reason="signal")
                     passes.cancel()
@@ -330,9 +330,11 @@ async def reconcile_forever(config: Config) -> None:
     log.info("stopped")
 
 
-async def _passes(reconciler: Reconciler, config: Config) -> None:
-    """A pass every `interval`; a pass that fails, whatever the error, is logged and the next one runs."""
-    while True:
+async def _passes(reconciler: Reconciler, config: Config, stop: asyncio.Event) -> None:
+    """A pass every `interval` until `stop`; a pass that fails, whatever the error, is logged and the
+    next one runs. `stop` is checked as well as the task cancelled: a library that turns the
+    cancellation into an error of its own, caught as a failed step, would otherwise keep it going."""
+    while not stop.is_set():
         await reconciler.active.wait()
         try:
             await reconciler.catch_up()
@@ -349,7 +351,10 @@ async def _passes(reconciler: Reconciler, config: Config) -> None:
                 LAST_PASS.set(time.time())
                 log.info("reconcile_pass", **report.as_dict())
                 reconciler.watch(report)
-        await asyncio.sleep(config.reconcile.interval)
+        try:
+            await asyncio.wait_for(stop.wait(), config.reconcile.interval)
+        except TimeoutError:
+            pass
 
 
 async def reconcile_once(config: Config, since: float | None, dry_run: bool) -> PassReport:
