@@ -564,7 +564,14 @@ class Connection(web.RequestHandler):
         for payload in pending:
             if not payload.is_eof():
                 payload.set_exception(ConnectionResetError("the client half-closed before the body was complete"))
+        # Between two of aiohttp's steps (a request taken but its handler not started, or an answer
+        # just written) neither is set: look again shortly, and close the connection if it is idle.
+        asyncio.get_running_loop().call_later(LINGER, self._close_if_idle)
         return True  # keep the connection open for the answer
+
+    def _close_if_idle(self) -> None:
+        if self.transport is not None and not self._messages and self._current_request is None:
+            self.force_close()
 
     def drop_unfinished_body(self) -> None:
         """On SIGTERM: a request still sending its body is closed at once; requests whose body has
