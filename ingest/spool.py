@@ -311,7 +311,7 @@ class Spool:
             if self.unwritable:
                 log.warning("spool_available", dir=str(self._dir))
             self.unwritable = None
-        self._report()
+        self.report()
 
     def _adopt(self) -> None:
         found = []
@@ -401,7 +401,7 @@ class Spool:
             for _, done in batch:
                 if not done.done():
                     done.set_result(None)
-            self._report()
+            self.report()
 
     def _write(self, data: bytes) -> None:
         """Append to the active segment; if its name is gone, the records reach the disk again first."""
@@ -450,7 +450,7 @@ class Spool:
         if self.unwritable and self._active is not None and _has_free_space(self._dir):
             self.unwritable = None
             log.warning("spool_writable_again", dir=str(self._dir))
-        self._report()
+        self.report()
 
     async def drain(self, publish: Callable[[Record], Awaitable[None]]) -> int:
         """Republish everything spooled so far, oldest segment first; returns how many were confirmed.
@@ -482,7 +482,7 @@ class Spool:
             drained += len(records)
             DRAINED.inc(len(records))
             log.info("spool_drained", segment=segment.path.name, records=len(records))
-            self._report()
+            self.report()
         return drained
 
     def _rotate(self) -> None:
@@ -501,9 +501,7 @@ class Spool:
         return Segment.create(self._dir / f"{self._prefix}{self._sequence}{SUFFIX}")
 
     def report(self) -> None:
-        self._report()
-
-    def _report(self) -> None:
+        """Set the spool's gauges from what it holds now."""
         SPOOL_BYTES.set(self.bytes)
         times = [s.oldest for s in [*self._closed, self._active] if s is not None and s.size and s.oldest]
         SPOOL_OLDEST.set(max(0.0, time.time() - min(times)) if times else 0)

@@ -286,6 +286,16 @@ def _closed_within(s: socket.socket, seconds: float) -> bool:
         return True
 
 
+def _one_past_the_cap_is_closed(port: int, cap: int) -> None:
+    """With `cap` connections held open, the next one is closed at once; then they are let go."""
+    held = [_connect(port) for _ in range(cap)]
+    try:
+        wait_until(lambda: _closed_within(_connect(port), 2), timeout=10, what=f"connection {cap + 1} closed at once")
+    finally:
+        for s in held:
+            s.close()
+
+
 def test_a_trickled_head_or_body_is_cut_off_and_idle_connections_are_closed(launch, broker):
     proc = launch("serve", broker, SLOW, wait="/readyz")
     idle = _connect(proc.port)
@@ -330,12 +340,7 @@ def test_a_normal_webhook_is_answered_while_1000_slow_connections_are_open_and_s
 def test_connections_past_max_connections_are_closed_at_once_and_counted(launch, broker):
     # The cap is per process: one process, so that every connection meets the same cap.
     proc = launch("serve", broker, '[http]\nmax_connections = 20\nprocesses = 1\n', wait="/readyz")
-    held = [_connect(proc.port) for _ in range(20)]
-    try:
-        wait_until(lambda: _closed_within(_connect(proc.port), 2), timeout=10, what="a connection past the cap to be closed")
-    finally:
-        for s in held:
-            s.close()
+    _one_past_the_cap_is_closed(proc.port, 20)
     def accepted() -> bool:
         try:
             return post_webhook(proc, payload("call_hangup"))[0] == 202
@@ -457,12 +462,7 @@ def test_sigterm_closes_connections_still_sending_their_body_at_once(launch, bro
 def test_one_client_address_cannot_take_every_connection(launch, broker):
     limited = '[http]\nmax_connections_per_client = 5\nprocesses = 1\n'
     proc = launch("serve", broker, limited, wait="/readyz")
-    held = [_connect(proc.port) for _ in range(5)]
-    try:
-        wait_until(lambda: _closed_within(_connect(proc.port), 2), timeout=10, what="a 6th connection closed at once")
-    finally:
-        for s in held:
-            s.close()
+    _one_past_the_cap_is_closed(proc.port, 5)
     wait_until(lambda: post_webhook(proc, payload("call_hangup"))[0] == 202, what="room once they closed")
     metrics = http("GET", proc.url + "/metrics")[2].decode()
     assert [l for l in metrics.splitlines() if l.startswith("hipcall_ingest_connections_refused_per_client_total")
