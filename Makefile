@@ -3,7 +3,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 CONFIG ?= config/hipcall.toml
 
-.PHONY: run test lint chaos bench topology clean
+.PHONY: run test test-fast lint chaos bench topology clean
 
 $(BIN)/hipcall-ingest: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -14,8 +14,14 @@ $(BIN)/hipcall-ingest: pyproject.toml
 run: $(BIN)/hipcall-ingest
 	$(BIN)/hipcall-ingest run --config $(CONFIG)
 
+# The unit tier first (one process, no broker, seconds), then the real-broker tier: end to end, and the
+# chaos scenarios at 5 s each. tests/README.md says what goes where.
 test: $(BIN)/hipcall-ingest
-	$(BIN)/python -m pytest $(PYTEST_ARGS)
+	$(BIN)/python -m pytest tests/unit $(PYTEST_ARGS)
+	$(BIN)/python -m pytest tests/e2e tests/chaos $(PYTEST_ARGS)
+
+test-fast: $(BIN)/hipcall-ingest
+	$(BIN)/python -m pytest tests/unit $(PYTEST_ARGS)
 
 # ruff (pyproject.toml [tool.ruff]): pyflakes, import order, bugbear, pyupgrade. CI runs it before the tests.
 lint: $(BIN)/hipcall-ingest

@@ -222,14 +222,16 @@ def cmd_reconcile(config: Config, args: argparse.Namespace) -> int:
 
 
 def cmd_status(config: Config, args: argparse.Namespace) -> int:
-    from .broker import connect
-    from .spool import summary
-    from .topology import inspect, plan
+    from .ops.status import status
 
-    topology = plan(config.broker, config.consumers, config.reconcile)
-    spool = summary(config.spool.dir) if config.spool.enabled else None
+    seen = run_async(status(config))
+    spool = seen["spool"]
 
-    def spool_line() -> None:
+    def render() -> None:
+        if seen["broker"] == "reachable":
+            print(f"broker: reachable at {seen['url']}")
+        else:
+            print(f"broker: UNREACHABLE ({seen['error']})")
         if spool is None:
             print("spool: off")
         elif not spool["segments"]:
@@ -237,44 +239,20 @@ def cmd_status(config: Config, args: argparse.Namespace) -> int:
         else:
             print(f"spool: {spool['dir']}: {spool['segments']} segment(s), {spool['bytes']} bytes waiting, "
                   f"oldest {spool['oldest_age_s']}s")
-
-    async def main():
-        connection = await connect(config.broker, "hipcall-ingest status")
-        async with connection:
-            return await inspect(connection, topology)
-
-    try:
-        states = run_async(main())
-    except HipcallError as exc:
-        error = str(exc)
-
-        def render_down() -> None:
-            print(f"broker: UNREACHABLE ({error})")
-            spool_line()
-
-        _emit(args, {"broker": "unreachable", "error": error, "spool": spool}, render_down)
-        return 1
-    rows = [
-        {"queue": q.name, "kind": q.kind, "consumer": q.consumer, "exists": s is not None,
-         "ready": s.messages if s else None, "consumers": s.consumers if s else None}
-        for q, s in zip(topology.queues, states)
-    ]
-
-    def render() -> None:
-        print(f"broker: reachable at {config.broker.safe_url}")
-        spool_line()
+        if seen["broker"] != "reachable":
+            return
         print(f"{'QUEUE':<40} {'KIND':<9} {'READY':>8} {'CONSUMERS':>9}")
-        for row in rows:
+        for row in seen["queues"]:
             ready = row["ready"] if row["exists"] else "missing"
             consumers = row["consumers"] if row["exists"] else "-"
             print(f"{row['queue'][:40]:<40} {row['kind']:<9} {ready:>8} {consumers:>9}")
 
-    _emit(args, {"broker": "reachable", "url": config.broker.safe_url, "spool": spool, "queues": rows}, render)
-    return 0
+    _emit(args, seen, render)
+    return 0 if seen["broker"] == "reachable" else 1
 
 
 def cmd_tail(config: Config, args: argparse.Namespace) -> int:
-    from .tail import tail
+    from .ops.tail import tail
 
     run_async(tail(config, args.event or []))
     return 0
@@ -299,9 +277,8 @@ def _json(data: Any, indent: bool = True) -> str:
 
 
 def cmd_dlq(config: Config, args: argparse.Namespace) -> int:
-    from workers import dlq
-
     from .broker import connect
+    from .ops import dlq
 
     def on_broker(function) -> Any:
         async def main():
@@ -377,7 +354,7 @@ def cmd_dlq(config: Config, args: argparse.Namespace) -> int:
 
 def _show(config: Config, args: argparse.Namespace, queue, on_broker) -> int:
     """Prints each chosen letter as the sweep reads it: nothing is held, whatever the DLQ's size."""
-    from workers import dlq
+    from .ops import dlq
 
     shown = 0
     if args.json:
@@ -414,9 +391,8 @@ def _show(config: Config, args: argparse.Namespace, queue, on_broker) -> int:
 
 
 def cmd_unrouted(config: Config, args: argparse.Namespace) -> int:
-    from workers import dlq
-
     from .broker import connect
+    from .ops import dlq
 
     async def main():
         connection = await connect(config.broker, "hipcall-ingest unrouted replay")

@@ -19,6 +19,13 @@ RECEIVED_AT = "x-hipcall-received-at"
 CLIENT = "x-hipcall-client"
 SPOOLED = "x-hipcall-spooled"  # "true" on a webhook that waited in the ingress's disk spool
 SOURCE = "x-hipcall-source"  # "reconcile" on a call_hangup rebuilt from Hipcall's API; absent = a webhook
+ATTEMPT_HEADER = "x-hipcall-attempt"
+SWEEP_HEADER = "x-hipcall-sweep"  # marks a dead letter's copy made by a dlq read (ingest/ops/dlq.py)
+DEAD_LETTER_HEADERS = ("x-hipcall-attempts", "x-hipcall-error", "x-hipcall-error-type", "x-hipcall-failed-at",
+                       "x-hipcall-queue", "x-hipcall-consumer", "x-death", "x-first-death-exchange",
+                       "x-first-death-queue", "x-first-death-reason", "x-last-death-exchange", "x-last-death-queue",
+                       "x-last-death-reason")
+BOOKKEEPING = ("x-delivery-count", SWEEP_HEADER)  # about a queue or a read, not about the message
 MAX_DEPTH = 32  # nesting levels a webhook body may have (Hipcall's own go 3 deep)
 
 
@@ -83,3 +90,43 @@ def too_deep(value: Any, limit: int = MAX_DEPTH, body: bytes | None = None) -> b
             return True
         stack.extend((child, depth + 1) for child in children if isinstance(child, (dict, list)))
     return False
+
+
+def own_headers(headers: Mapping[str, Any] | None) -> dict[str, Any]:
+    """The message's headers without bookkeeping: the broker's per-queue redelivery counter, a read's mark."""
+    return {k: v for k, v in (headers or {}).items() if k not in BOOKKEEPING}
+
+
+def fresh_headers(headers: Mapping[str, Any] | None) -> dict[str, Any]:
+    """For a dead letter sent back for a new first attempt: no attempt count, no failure record."""
+    dropped = {ATTEMPT_HEADER, *DEAD_LETTER_HEADERS}
+    return {k: v for k, v in own_headers(headers).items() if k not in dropped}
+
+
+def republish_properties(delivered: Basic.Properties, body: bytes, headers: dict[str, Any]) -> Basic.Properties:
+    """A delivered message's properties, persistent, with new headers: for retries, DLQs, replays.
+
+    A foreign message without an id gets the one derived from its body, kept from then on."""
+    return Basic.Properties(
+        content_type=delivered.content_type,
+        content_encoding=delivered.content_encoding,
+        delivery_mode=2,
+        message_id=id_of(delivered.message_id, body),
+        timestamp=delivered.timestamp,
+        app_id=delivered.app_id,
+        message_type=delivered.message_type,
+        correlation_id=delivered.correlation_id,
+        headers=encodable(headers),
+    )
+
+
+def encodable(value: Any) -> Any:
+    """Header values as pamqp can send them again: it reads a long string that is not UTF-8 as bytes
+    but writes only bytearray (AMQP's byte array), so bytes become bytearray, byte for byte."""
+    if isinstance(value, bytes):
+        return bytearray(value)
+    if isinstance(value, dict):
+        return {k: encodable(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [encodable(v) for v in value]
+    return value

@@ -28,14 +28,14 @@ from prometheus_client import Counter, Gauge, Histogram, start_http_server
 from ingest.broker import BrokerLink
 from ingest.config import Config, ConsumerConfig
 from ingest.errors import PublishFailed, StartupError
-from ingest.message import RECEIVED_AT, id_of
+from ingest.message import RECEIVED_AT, id_of, republish_properties
 from ingest.names import consumer_queue, dead_letter_queue, delay_exchange, retry_routing_key
 from ingest.publish import Publisher
 from ingest.topology import declare, plan
 
 from .acks import Acks
 from .handler import Event, Handler, PermanentError, load_handler
-from .retry import attempt_of, dead_letter_headers, describe_error, next_delay, republish_properties, retry_headers
+from .retry import attempt_of, dead_letter_headers, describe_error, next_delay, retry_headers
 
 log = structlog.get_logger("workers")
 

@@ -38,13 +38,11 @@ from aio_pika.abc import AbstractConnection
 from aiormq.abc import DeliveredMessage
 from pamqp.commands import Basic
 
-from ingest.config import Config
-from ingest.errors import HipcallError
-from ingest.message import call_uuid, id_of
-from ingest.publish import Publisher
-from ingest.topology import Queue, declare, plan
-
-from .retry import SWEEP_HEADER, fresh_headers, own_headers, republish_properties
+from ..config import Config
+from ..errors import HipcallError
+from ..message import SWEEP_HEADER, call_uuid, fresh_headers, id_of, own_headers, republish_properties
+from ..publish import Publisher
+from ..topology import Queue, declare, plan
 
 IN_FLIGHT = 500  # republishes awaiting their confirm at once
 PREFETCH = 200  # letters a sweep takes at once (a window): bounds its memory whatever the DLQ's size

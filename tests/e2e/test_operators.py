@@ -16,7 +16,7 @@ import pytest
 
 from conftest import ROOT, http, payload, post_webhook, wait_until
 from ingest.config import load_config
-from workers import dlq
+from ingest.ops import dlq
 
 CRM = '[consumers.crm]\nevents = ["call_hangup", "deal_create"]\nhandler = "handlers:Scripted"\n[consumers.crm.options]\nmode = "permanent"\nrecord = "{record}"\n'
 

@@ -11,7 +11,7 @@ import pytest
 from ingest.config import load_config
 from ingest.errors import ConfigError
 
-ROOT = Path(__file__).parent.parent
+ROOT = Path(__file__).parents[2]
 
 
 def test_defaults_alone_are_a_complete_config():

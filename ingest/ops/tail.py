@@ -17,11 +17,11 @@ from collections.abc import Sequence
 import orjson
 from aio_pika.abc import AbstractIncomingMessage
 
-from .broker import connect
-from .config import Config
-from .message import call_uuid
-from .names import tap_exchange
-from .topology import Topology, declare, plan
+from ..broker import connect
+from ..config import Config
+from ..message import call_uuid
+from ..names import tap_exchange
+from ..topology import Topology, declare, plan
 
 
 def tail_line(message: AbstractIncomingMessage) -> str:
