@@ -18,7 +18,7 @@ import hmac
 import ipaddress
 import signal
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 
@@ -106,7 +106,7 @@ class Ingress:
     # --- the webhook ------------------------------------------------------------------------------
 
     async def webhook(self, request: web.Request) -> web.Response:
-        client = request["client"] = client_address(
+        client = request[CLIENT_ADDRESS] = client_address(
             request.remote, request.headers.getall("X-Forwarded-For", []), self._proxies)
         if self._networks and not self._allowed(client):
             return self._reject(request, 403, "client address not allowed")
@@ -140,7 +140,7 @@ class Ingress:
 
         event = payload["event"]
         mid = webhook_id(event, payload, body)
-        request["log"] = {"_event": event, "message_id": mid, "call_uuid": call_uuid(payload)}
+        request[LOG_FIELDS] = {"_event": event, "message_id": mid, "call_uuid": call_uuid(payload)}
         label = event if event in self._known_events else "other"
         received = datetime.now(timezone.utc)
         state = self.broker_state()
@@ -171,7 +171,7 @@ class Ingress:
                 log.error("spool_full", _event=event, message_id=mid, reason=reason, error=str(exc))
             else:
                 log.warning("spooled", _event=event, message_id=mid, reason=reason)
-                request["log"]["spooled"] = True
+                request[LOG_FIELDS]["spooled"] = True
                 return self._accepted(label, mid)
         else:
             log.warning("publish_failed", _event=event, message_id=mid, error=reason)
@@ -274,7 +274,7 @@ class Ingress:
 
     def _reject(self, request: web.Request, status: int, error: str, close: bool = False) -> web.Response:
         REQUESTS.labels(str(status), "-").inc()
-        request["log"] = {"error": error}
+        request[LOG_FIELDS] = {"error": error}
         response = web.json_response({"error": error}, status=status)
         if close:  # the rest of the body is still on the wire: this connection cannot be reused
             response.force_close()
@@ -336,6 +336,8 @@ def _validate(body: bytes) -> tuple[dict, str | None]:
 
 
 INGRESS = web.AppKey("ingress", Ingress)
+CLIENT_ADDRESS = web.RequestKey("client", str)  # the client as client_address() decided, for the access log
+LOG_FIELDS = web.RequestKey("log", dict)  # what the webhook handler adds to the request's access-log line
 
 
 def client_address(peer: str | None, forwarded: list[str], trusted: tuple) -> str:
@@ -382,8 +384,8 @@ async def access_log(request: web.Request, handler) -> web.StreamResponse:
         path=request.path,  # never the query string: it may carry ?token=
         status=response.status,
         latency_ms=round((time.perf_counter() - started) * 1000, 2),
-        remote=request.get("client", request.remote),
-        **request.get("log", {}),
+        remote=request.get(CLIENT_ADDRESS, request.remote),
+        **request.get(LOG_FIELDS, {}),
     )
     return response
 
@@ -476,8 +478,11 @@ async def broker_context(app: web.Application) -> AsyncIterator[None]:
             ingress.spool.close()
 
 
-def build_app(config: Config, metrics_dir: str | None = None) -> web.Application:
-    """The ingress app; with `metrics_dir` (one of several processes), /metrics adds up every process's."""
+def build_app(config: Config, metrics_dir: str | None = None,
+              broker: Callable[[web.Application], AsyncIterator[None]] = broker_context) -> web.Application:
+    """The ingress app; with `metrics_dir` (one of several processes), /metrics adds up every process's.
+
+    `broker` opens (and at shutdown closes) the broker link and the spool; the unit tests pass their own."""
     middlewares = [access_log] if config.logging.access else []
     # client_max_size is a backstop; the handler answers 413 itself with a JSON error first.
     app = web.Application(client_max_size=config.http.max_body_bytes, middlewares=middlewares)
@@ -487,7 +492,7 @@ def build_app(config: Config, metrics_dir: str | None = None) -> web.Application
         MultiProcessCollector(registry, path=metrics_dir)
     ingress = Ingress(config, registry)
     app[INGRESS] = ingress
-    app.cleanup_ctx.append(broker_context)
+    app.cleanup_ctx.append(broker)
     app.router.add_post(config.http.path, ingress.webhook)
     app.router.add_route("*", config.http.path, ingress.method_not_allowed)
     app.router.add_get("/healthz", ingress.healthz)

@@ -3,12 +3,13 @@
 import asyncio
 import shutil
 import time
+import zlib
 from datetime import datetime
 
 import pytest
 from prometheus_client import REGISTRY
 
-from ingest.spool import Record, Segment, Spool, SpoolFull, parse_records, summary
+from ingest.spool import _HEAD, Record, Segment, Spool, SpoolFull, parse_records, summary
 
 
 def record(n: int) -> Record:
@@ -141,3 +142,61 @@ def test_status_and_the_metric_give_the_oldest_record_s_age_not_the_file_s(tmp_p
 
 def parse(path) -> list[Record]:
     return list(parse_records(path.read_bytes(), path.name))
+
+
+def test_records_round_trip_byte_for_byte_with_their_flags():
+    records = [record(1), Record("id-2", "call_init", "2026-11-26T10:00:01+00:00", "::1", b"\x00\xff{}", refused=True)]
+    assert list(parse_records(b"".join(r.encode() for r in records), "s")) == records
+
+
+def test_a_torn_last_record_keeps_every_record_before_it():
+    data = record(1).encode() + record(2).encode()
+    torn = data + record(3).encode()[:-5]  # a crash in the middle of the last write
+    assert [r.message_id for r in parse_records(torn, "s")] == ["id-1", "id-2"]
+    assert [r.message_id for r in parse_records(data + b"\x00\x00", "s")] == ["id-1", "id-2"]  # a torn head
+
+
+def test_a_corrupt_record_stops_the_read_there_and_nothing_after_it_is_trusted():
+    first, second, third = (record(n).encode() for n in (1, 2, 3))
+    flipped = bytearray(second)
+    flipped[-2] ^= 0x01  # one bit of the body: the checksum no longer matches
+    assert [r.message_id for r in parse_records(first + bytes(flipped) + third, "s")] == ["id-1"]
+    # a record whose checksum matches but whose metadata is not ours is corrupt too
+    bad_meta = Record("id-x", "e", "t", "c", b"").encode().replace(b'"event"', b'"evenT"')
+    payload = bad_meta[_HEAD.size:]
+    resealed = _HEAD.pack(len(payload), zlib.crc32(payload)) + payload
+    assert list(parse_records(first + resealed, "s"))[1:] == []
+
+
+def test_segments_left_by_a_process_that_is_gone_are_adopted_oldest_first_and_drained(tmp_path):
+    async def leave(numbers) -> None:  # a process that spooled, then died (its lock goes with it)
+        spool = Spool(str(tmp_path), 1 << 20)
+        spool.open()
+        for n in numbers:
+            await spool.append(Record(f"id-{n}", "call_hangup", f"2026-11-26T10:00:0{n}+00:00", "127.0.0.1", b"{}"))
+        spool.close()
+
+    asyncio.run(leave([3]))  # written first, received last: the order is the records' own, not the files'
+    asyncio.run(leave([1, 2]))
+    (tmp_path / "empty.spool").write_bytes(b"")  # nothing in it: removed, not drained
+    spool = Spool(str(tmp_path), 1 << 20)
+    spool.open()
+    assert drain_all(spool) == ["id-1", "id-2", "id-3"]
+    spool.close()
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_segment_a_live_process_holds_is_never_adopted(tmp_path):
+    async def main():
+        live = Spool(str(tmp_path), 1 << 20)
+        live.open()
+        await live.append(record(1))
+        other = Spool(str(tmp_path), 1 << 20)
+        other.open()
+        try:
+            return other.empty, live.empty
+        finally:
+            other.close()
+            live.close()
+
+    assert asyncio.run(main()) == (True, False)

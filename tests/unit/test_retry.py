@@ -1,0 +1,70 @@
+"""Retry policy (workers/retry.py) and the header format (ingest/message.py), as functions."""
+
+from datetime import datetime
+
+import pytest
+from pamqp.commands import Basic
+
+from ingest.config import load_config
+from ingest.message import ATTEMPT_HEADER, SWEEP_HEADER, fresh_headers, message_id, own_headers, republish_properties
+from workers.retry import ERROR_LIMIT, attempt_of, dead_letter_headers, describe_error, next_delay, retry_headers
+
+
+@pytest.fixture
+def retry():
+    return load_config(None, {}).retry  # 10s, 1m, 5m, 30m, 2h
+
+
+def test_the_delay_after_each_attempt_is_the_configured_tier_then_none(retry):
+    assert [next_delay(retry, attempt) for attempt in range(1, 7)] == [10, 60, 300, 1800, 7200, None]
+
+
+@pytest.mark.parametrize("headers, attempt", [
+    (None, 1), ({}, 1), ({ATTEMPT_HEADER: 3}, 3), ({ATTEMPT_HEADER: "4"}, 4),
+    ({ATTEMPT_HEADER: 0}, 1), ({ATTEMPT_HEADER: -7}, 1), ({ATTEMPT_HEADER: "x"}, 1), ({ATTEMPT_HEADER: [1]}, 1),
+    ({"x-death": [{"count": 9}]}, 1),  # the broker's count is not ours
+])
+def test_the_attempt_is_our_own_header_and_anything_odd_in_it_counts_as_the_first(headers, attempt):
+    assert attempt_of(headers) == attempt
+
+
+def test_a_retry_counts_up_and_drops_the_queue_s_and_the_sweep_s_bookkeeping():
+    headers = {"x-hipcall-received-at": "t", "x-delivery-count": 4, SWEEP_HEADER: "s", ATTEMPT_HEADER: 2}
+    assert retry_headers(headers, 2) == {"x-hipcall-received-at": "t", ATTEMPT_HEADER: 3}
+    assert own_headers(headers) == {"x-hipcall-received-at": "t", ATTEMPT_HEADER: 2}
+
+
+def test_a_dead_letter_says_where_when_and_why_it_failed():
+    headers = dead_letter_headers({"x-hipcall-client": "1.2.3.4", "x-delivery-count": 1}, attempt=6,
+                                  exc=ValueError("no such contact"), queue="crm.call_hangup", consumer="crm")
+    failed_at = datetime.fromisoformat(headers.pop("x-hipcall-failed-at"))
+    assert failed_at.tzinfo is not None
+    assert headers == {"x-hipcall-client": "1.2.3.4", "x-hipcall-attempts": 6, "x-hipcall-error": "ValueError: no such contact",
+                       "x-hipcall-error-type": "ValueError", "x-hipcall-queue": "crm.call_hangup", "x-hipcall-consumer": "crm"}
+
+
+def test_a_long_error_is_cut_at_the_limit_without_splitting_a_character():
+    text = describe_error(RuntimeError("é" * 2000))
+    assert len(text.encode()) <= ERROR_LIMIT and text.startswith("RuntimeError: éé")
+    text.encode("utf-8")  # whole characters only
+    assert describe_error(KeyError("k")) == "KeyError: 'k'"
+
+
+def test_a_replayed_letter_starts_fresh_keeping_only_its_own_headers():
+    letter = dead_letter_headers({"x-hipcall-received-at": "t", ATTEMPT_HEADER: 6}, attempt=6, exc=OSError("x"),
+                                 queue="q", consumer="c")
+    letter |= {"x-death": [{"count": 1}], "x-first-death-queue": "q", "x-delivery-count": 2}
+    assert fresh_headers(letter) == {"x-hipcall-received-at": "t"}
+
+
+def test_republished_properties_keep_the_message_and_make_it_persistent():
+    body = b'{"event":"x","data":{}}'
+    delivered = Basic.Properties(content_type="application/json", delivery_mode=1, app_id="a", correlation_id="c",
+                                 message_type="t", headers={"old": 1})
+    properties = republish_properties(delivered, body, {"new": b"\xff\x00"})
+    assert properties.delivery_mode == 2 and properties.message_id == message_id(body)  # a foreign message gets its id
+    assert (properties.content_type, properties.app_id, properties.correlation_id, properties.message_type) == \
+        ("application/json", "a", "c", "t")
+    assert properties.headers == {"new": bytearray(b"\xff\x00")}  # bytes as AMQP's byte array, byte for byte
+    again = republish_properties(Basic.Properties(message_id="kept"), body, {})
+    assert again.message_id == "kept"
