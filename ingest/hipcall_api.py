@@ -202,7 +202,7 @@ class HipcallApi:
 
 
 def as_webhook_data(call: Mapping[str, Any]) -> dict[str, Any]:
-    """A call as the API gives it, spelled as a call_hangup webhook's `data` (see README, "Field mapping")."""
+    """A call as the API gives it, spelled as a call_hangup webhook's `data` (docs/reconcile.md, "Field mapping")."""
     data = dict(call)
     if "record_url" not in data and "recording_url" in data:
         data["record_url"] = data.pop("recording_url")

@@ -152,5 +152,5 @@ def _answers(port: int) -> bool:
 
 
 @pytest.mark.parametrize("path", ["Dockerfile", "docker-compose.yml", ".dockerignore"])
-def test_the_container_files_are_in_the_readme(path):
-    assert path in (ROOT / "README.md").read_text()
+def test_the_container_files_are_in_the_deployment_docs(path):
+    assert path in (ROOT / "docs" / "deployment.md").read_text()

@@ -3,7 +3,6 @@
 import asyncio
 
 from fakes import FakeChannel
-
 from workers.acks import Acks
 
 

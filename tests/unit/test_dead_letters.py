@@ -5,10 +5,10 @@ import io
 from datetime import datetime, timezone
 
 import pytest
-from fakes import delivered
 from pamqp.commands import Basic
 
 from conftest import payload
+from fakes import delivered
 from ingest.config import load_config
 from ingest.errors import HipcallError
 from ingest.message import SWEEP_HEADER, message_id

@@ -5,9 +5,9 @@ The same facts against a real broker: tests/e2e/test_publish.py."""
 import asyncio
 
 import pytest
-from fakes import FakeChannel
 from pamqp.commands import Basic
 
+from fakes import FakeChannel
 from ingest.errors import PublishFailed
 from ingest.publish import Publisher
 

@@ -11,9 +11,9 @@ from types import SimpleNamespace
 import orjson
 import pytest
 from aiohttp.test_utils import TestClient, TestServer
-from fakes import FakeChannel
 
 from conftest import payload
+from fakes import FakeChannel
 from ingest.config import load_config
 from ingest.http import INGRESS, build_app, client_address
 from ingest.message import CLIENT, RECEIVED_AT, webhook_id
