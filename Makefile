@@ -23,10 +23,12 @@ test: $(BIN)/hipcall-ingest
 test-fast: $(BIN)/hipcall-ingest
 	$(BIN)/python -m pytest tests/unit $(PYTEST_ARGS)
 
-# ruff (pyproject.toml [tool.ruff]): pyflakes, import order, bugbear, pyupgrade. CI runs it before the tests.
+# ruff (pyproject.toml [tool.ruff]: pyflakes, import order, bugbear, pyupgrade) on everything, and
+# mypy ([tool.mypy]) on ingest/ and workers/. CI runs both before the tests.
 lint: $(BIN)/hipcall-ingest
-	@$(BIN)/python -m ruff --version >/dev/null 2>&1 || $(BIN)/pip install -q -e '.[test]'
+	@$(BIN)/python -m mypy --version >/dev/null 2>&1 || $(BIN)/pip install -q -e '.[test]'
 	$(BIN)/python -m ruff check .
+	$(BIN)/python -m mypy
 
 # Speed, side by side with baselines (bench/README.md). Installs wrk (Debian's package) and the
 # bench extra (FastStream, the baseline worker) if they are missing; about 8 minutes.

@@ -111,7 +111,7 @@ def _local_node(config: Config):
     local = url.hostname in ("127.0.0.1", "localhost") and (url.username or "guest") == "guest" \
         and (url.password or "guest") == "guest" and url.path in ("", "/")
     port = url.port or 5672
-    if not local or reachable(url.hostname, port):
+    if not local or reachable(url.hostname or "", port):
         return None
     print(f"hipcall-ingest run: nothing answers at {url.hostname}:{port}; starting a project-local RabbitMQ node "
           f"({LOCAL_NODE_DIR}/, kept between runs)", file=sys.stderr, flush=True)
@@ -146,6 +146,7 @@ def _run_children(config: Config, args: argparse.Namespace) -> int:
     # exactly one SIGTERM from us (a terminal's SIGINT plus our SIGTERM could land after a child's
     # loop has closed, killing it mid-shutdown).
     children = [subprocess.Popen(command + [name] + extra, process_group=0) for name in names]
+    name_of = {child.pid: name for child, name in zip(children, names)}
 
     signalled: set[int] = set()
 
@@ -171,7 +172,7 @@ def _run_children(config: Config, args: argparse.Namespace) -> int:
             if code != 0:  # a negative code is a signal: -9 is kill -9
                 failed.append(code)
                 what = f"was killed by signal {-code}" if code < 0 else f"exited with {code}"
-                print(f"hipcall-ingest run: `{' '.join(child.args[3:4])}` {what}; stopping the rest", file=sys.stderr)
+                print(f"hipcall-ingest run: `{name_of[child.pid]}` {what}; stopping the rest", file=sys.stderr)
             stop(signal.SIGTERM, None)
     return 1 if failed else 0
 

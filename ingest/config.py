@@ -534,7 +534,7 @@ def _consumers(defaults: dict, user: Any, source: str, retry: RetryConfig, worke
 def _consumer_retry(value: Any, base: RetryConfig, where: str, fail) -> RetryConfig:
     if not isinstance(value, dict):
         raise fail(where, "a table such as { delays = [\"5s\", \"1m\"] }", value)
-    fields = {"delays": base.delays, "delivery_limit": base.delivery_limit}
+    fields: dict[str, Any] = {"delays": base.delays, "delivery_limit": base.delivery_limit}
     for key, item in value.items():
         if key not in _SCHEMA["retry"]:
             raise fail(f"{where}.{key}", "one of the keys delays, delivery_limit", key)

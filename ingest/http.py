@@ -21,6 +21,7 @@ import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
+from typing import cast
 
 import orjson
 import structlog
@@ -146,11 +147,12 @@ class Ingress:
         state = self.broker_state()
         reason = NOT_CONNECTED.get(state)
         refused = False
-        if state == "connected":
+        publisher = self.publisher
+        if state == "connected" and publisher is not None:
             started = time.perf_counter()
             try:
                 async with asyncio.timeout(self._direct_budget):
-                    await self.publisher.publish(body, self._exchange, event,
+                    await publisher.publish(body, self._exchange, event,
                                                  webhook_properties(mid, received, client))
             except PublishFailed as exc:  # returned, refused, channel gone: not stored
                 reason = str(exc)
@@ -195,8 +197,8 @@ class Ingress:
         publisher = self.publisher
         if publisher is None:
             raise PublishFailed("not stored: no broker connection", "closed")
-        properties = webhook_properties(record.message_id, datetime.fromisoformat(record.received_at), record.client)
-        properties.headers[SPOOLED] = "true"
+        properties = webhook_properties(record.message_id, datetime.fromisoformat(record.received_at), record.client,
+                                        {SPOOLED: "true"})
         targets = self._limited_routes.get(record.event)
         stored = self._partly_stored.get(record.message_id)
         if not targets or (stored is None and not record.refused):
@@ -223,7 +225,7 @@ class Ingress:
     async def refusing_queues_full(self, connection) -> bool:
         """Whether every queue that refused a republish is at its max_length: the ordinary reason,
         which a new connection would not change."""
-        limits = {q.name: q.arguments.get("x-max-length") for q in self.topology.queues}
+        limits = {q.name: int(q.arguments.get("x-max-length") or 0) for q in self.topology.queues}
         refusing, self.refusing = self.refusing, set()
         if not refusing or connection is None or not all(limits.get(name) for name in refusing):
             return False
@@ -406,9 +408,8 @@ async def broker_context(app: web.Application) -> AsyncIterator[None]:
         if not up:
             ingress.publisher = None
 
-    async def drain_spool() -> None:
+    async def drain_spool(spool: Spool) -> None:
         """Republish what the spool holds whenever the broker takes webhooks again."""
-        spool = ingress.spool
         pause = DRAIN_INTERVAL
         refused_since: float | None = None
         while True:
@@ -466,7 +467,7 @@ async def broker_context(app: web.Application) -> AsyncIterator[None]:
     if config.spool.enabled:
         ingress.spool = Spool(config.spool.dir, config.spool.max_bytes // config.http.processes)
         ingress.spool.open()
-    tasks = [asyncio.create_task(keep_topology())] + ([asyncio.create_task(drain_spool())] if ingress.spool else [])
+    tasks = [asyncio.create_task(keep_topology())] + ([asyncio.create_task(drain_spool(ingress.spool))] if ingress.spool else [])
     try:
         async with link:
             yield
@@ -525,22 +526,23 @@ class Connection(web.RequestHandler):
 
     def __init__(self, manager: web.Server, *, limits: ConnectionLimits, **kwargs) -> None:
         super().__init__(manager, **kwargs)
+        self._listener = manager  # its `connections`: every open connection, ours among them
         self._limits = limits
         self._peer: str | None = None  # counted against its client's share while open
         self._accepted = False
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         limits = self._limits
-        if len(self._manager.connections) >= limits.total:
+        if len(self._listener.connections) >= limits.total:
             CONNECTIONS_REFUSED.inc()
-            transport.abort()
+            cast(asyncio.Transport, transport).abort()
             return
         peername = transport.get_extra_info("peername")
         peer = peername[0] if isinstance(peername, tuple) and peername else None
         if peer is not None and not _within(peer, limits.exempt):
             if limits.open.get(peer, 0) >= limits.per_client:
                 CONNECTIONS_REFUSED_PER_CLIENT.inc()
-                transport.abort()
+                cast(asyncio.Transport, transport).abort()
                 return
             limits.open[peer] = limits.open.get(peer, 0) + 1
             self._peer = peer
@@ -554,7 +556,7 @@ class Connection(web.RequestHandler):
         if self._accepted:
             super().connection_lost(exc)
 
-    def eof_received(self) -> bool:
+    def eof_received(self) -> bool:  # type: ignore[override]  # aiohttp types it None; asyncio's contract is bool
         """The client half-closed: it will send nothing more, but may still read. A request it sent
         whole gets its answer (the webhook may already be stored), one cut short gets its 400 at once,
         then the connection closes."""
@@ -622,6 +624,7 @@ class Site(web.BaseSite):
     async def start(self) -> None:
         await super().start()
         server = self._runner.server
+        assert server is not None  # made by runner.setup()
         loop = asyncio.get_running_loop()
 
         limits = ConnectionLimits(self._config.max_connections, self._config.max_connections_per_client,
@@ -637,7 +640,7 @@ class Site(web.BaseSite):
                                                     reuse_address=True, reuse_port=self._config.processes > 1,
                                                     backlog=self._config.max_connections)
         except OSError as exc:
-            raise CannotListen(self._config.host, self._config.port, exc.strerror) from None
+            raise CannotListen(self._config.host, self._config.port, exc.strerror or str(exc)) from None
 
 
 async def serve(config: Config, lifeline: int | None = None, metrics_dir: str | None = None) -> None:
@@ -667,7 +670,8 @@ async def serve(config: Config, lifeline: int | None = None, metrics_dir: str | 
         await stop.wait()
         log.info("stopping", reason="signal" if lifeline is None else "supervisor")
         for connection in list(runner.server.connections if runner.server else ()):
-            connection.drop_unfinished_body()
+            if isinstance(connection, Connection):
+                connection.drop_unfinished_body()
     finally:
         await runner.cleanup()
     log.info("stopped")

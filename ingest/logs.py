@@ -6,6 +6,8 @@ code logs `log.info("handled", _event=name)` and the line reads {"msg": "handled
 
 import logging
 import sys
+from collections.abc import Callable
+from typing import Any
 
 import orjson
 import structlog
@@ -26,6 +28,8 @@ def configure_logging(config: LoggingConfig, process: str, stream=None) -> None:
         structlog.processors.TimeStamper(fmt="iso", utc=True),
     ]
     processors = shared + [structlog.processors.EventRenamer("msg", replace_by="_event")]
+    renderer: Callable[..., Any]  # for the standard library's records, below
+    factory: Callable[..., Any]
     if config.format == "console":
         renderer = structlog.dev.ConsoleRenderer(colors=False, event_key="msg")
         processors.append(renderer)

@@ -8,10 +8,11 @@ derives it, so it stays the same through retries, the DLQ and replay.
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from datetime import datetime
-from typing import Any
+from typing import Any, cast
 
+from aiormq.abc import DeliveredMessage
 from pamqp.commands import Basic
 
 APP_ID = "hipcall-ingest"
@@ -51,16 +52,22 @@ def id_of(message_id_property: str | None, body: bytes) -> str:
     return message_id_property or message_id(body)
 
 
-def webhook_properties(mid: str, received: datetime, client: str) -> Basic.Properties:
-    """The properties of a webhook as the ingress publishes it."""
+def webhook_properties(mid: str, received: datetime, client: str,
+                       extra: Mapping[str, str] | None = None) -> Basic.Properties:
+    """The properties of a webhook as the ingress publishes it (`extra`: SPOOLED, SOURCE)."""
     return Basic.Properties(
         content_type="application/json",
         delivery_mode=2,
         message_id=mid,
         timestamp=received,
         app_id=APP_ID,
-        headers={RECEIVED_AT: received.isoformat(), CLIENT: client},
+        headers={RECEIVED_AT: received.isoformat(), CLIENT: client, **(extra or {})},
     )
+
+
+def delivery_tag(message: DeliveredMessage) -> int:
+    """The tag of a message a consumer received (aiormq types a delivery as any of the replies that carry one)."""
+    return cast(int, cast(Basic.Deliver, message.delivery).delivery_tag)
 
 
 def call_uuid(payload: Any) -> str | None:
@@ -80,6 +87,7 @@ def too_deep(value: Any, limit: int = MAX_DEPTH, body: bytes | None = None) -> b
     stack = [(value, 1)]
     while stack:
         item, depth = stack.pop()
+        children: Iterable[Any]
         if isinstance(item, dict):
             children = item.values()
         elif isinstance(item, list):

@@ -121,7 +121,7 @@ def check_port(http: HttpConfig) -> None:
     try:
         asyncio.run(bind())
     except OSError as exc:
-        raise CannotListen(http.host, http.port, exc.strerror) from None
+        raise CannotListen(http.host, http.port, exc.strerror or str(exc)) from None
 
 
 def _metrics_dir() -> str:

@@ -59,7 +59,7 @@ class Publisher:
                     answer = await self.channel.basic_publish(
                         body, exchange=exchange, routing_key=routing_key, properties=properties,
                         mandatory=True, wait=False,  # wait=False: many publishes in flight on one channel
-                    )
+                    )  # type: ignore[call-arg]  # aiormq's Channel takes `wait`; its abstract class omits it
                 finally:
                     del self._busy[mid]
                     done.set_result(None)

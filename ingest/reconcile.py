@@ -254,8 +254,7 @@ class Reconciler:
         payload = {"event": EVENT, "data": data}
         body = orjson.dumps(payload)
         mid = webhook_id(EVENT, payload, body)  # as the ingress names the real webhook
-        properties = webhook_properties(mid, datetime.now(timezone.utc), "reconcile")
-        properties.headers[SOURCE] = "reconcile"
+        properties = webhook_properties(mid, datetime.now(timezone.utc), "reconcile", {SOURCE: "reconcile"})
         if self._publisher is None:
             raise PublishFailed("not stored: no broker connection", "closed")
         await self._publisher.publish(body, entry_exchange(self.config.broker.exchange), EVENT, properties)

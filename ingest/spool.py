@@ -83,10 +83,11 @@ class Record:
     refused: bool = False  # a queue refused it (full at its max_length); the others had taken it
 
     def encode(self) -> bytes:
-        meta = {"id": self.message_id, "event": self.event, "received_at": self.received_at, "client": self.client}
+        fields: dict[str, str | bool] = {"id": self.message_id, "event": self.event, "received_at": self.received_at,
+                                         "client": self.client}
         if self.refused:
-            meta["refused"] = True
-        meta = orjson.dumps(meta)
+            fields["refused"] = True
+        meta = orjson.dumps(fields)
         payload = _META.pack(len(meta)) + meta + self.body
         return _HEAD.pack(len(payload), zlib.crc32(payload)) + payload
 
@@ -351,23 +352,23 @@ class Spool:
         self._active, self._closed = None, []
 
     @property
-    def bytes(self) -> int:
+    def held_bytes(self) -> int:
         return sum(s.size for s in [self._active, *self._closed] if s is not None)
 
     @property
     def has_room(self) -> bool:
         """False while a webhook would get 503 from the spool: no room (until a drain frees some), or
         the spool cannot be written (until `recover` finds it can)."""
-        return self._active is not None and not self.unwritable and not self._refused and self.bytes < self._max_bytes
+        return self._active is not None and not self.unwritable and not self._refused and self.held_bytes < self._max_bytes
 
     @property
     def empty(self) -> bool:
-        return self.bytes == 0
+        return self.held_bytes == 0
 
     async def append(self, record: Record) -> None:
         """Returns once the record is written and fsync'd (sharing the fsync with concurrent callers)."""
         data = record.encode()
-        if self._active is None or self.bytes + sum(len(d) for d, _ in self._pending) + len(data) > self._max_bytes:
+        if self._active is None or self.held_bytes + sum(len(d) for d, _ in self._pending) + len(data) > self._max_bytes:
             self._refused = self._active is not None
             SPOOL_FULL.inc()
             raise SpoolFull(f"the spool has no room (spool.max_bytes = {self._max_bytes})"
@@ -384,8 +385,6 @@ class Spool:
             batch, self._pending = self._pending, []
             async with self._lock:
                 try:
-                    if self._active is None:
-                        raise OSError("no spool segment")
                     await asyncio.to_thread(self._write, b"".join(data for data, _ in batch))
                 except OSError as exc:
                     self.unwritable = f"the spool cannot be written ({type(exc).__name__}: {exc.strerror or exc})"
@@ -396,7 +395,7 @@ class Spool:
                             done.set_exception(SpoolFull(self.unwritable))
                     continue
                 self.unwritable = None
-                if self._active.size > SEGMENT_BYTES:
+                if self._active is not None and self._active.size > SEGMENT_BYTES:
                     self._rotate()
             for _, done in batch:
                 if not done.done():
@@ -405,15 +404,18 @@ class Spool:
 
     def _write(self, data: bytes) -> None:
         """Append to the active segment; if its name is gone, the records reach the disk again first."""
-        self._active.append(data)
-        if not self._active.reachable():
+        active = self._active
+        if active is None:
+            raise OSError("no spool segment")
+        active.append(data)
+        if not active.reachable():
             self._relink(active=True)
 
     def _relink(self, active: bool) -> None:
         """Copy the records of segments whose names are gone (spool.dir deleted, a volume unmounted)
         into a new segment in the directory made again. `active`: the active segment's (called under
         the write lock); else the closed ones' (called by the drainer, which alone reads those)."""
-        lost = ([self._active] if active else [s for s in self._closed if not s.reachable()])
+        lost = [s for s in ([self._active] if active else self._closed) if s is not None and (active or not s.reachable())]
         if not lost:
             return
         log.error("spool_dir_lost", dir=str(self._dir), segments=[s.path.name for s in lost],
@@ -488,6 +490,8 @@ class Spool:
     def _rotate(self) -> None:
         """Close the active segment and start a new one. The new one is made first: if it cannot be,
         records keep going to the current segment (a segment must never be both written and drained)."""
+        if self._active is None:
+            return
         try:
             fresh = self._new_segment()
         except OSError as exc:
@@ -502,7 +506,7 @@ class Spool:
 
     def report(self) -> None:
         """Set the spool's gauges from what it holds now."""
-        SPOOL_BYTES.set(self.bytes)
+        SPOOL_BYTES.set(self.held_bytes)
         times = [s.oldest for s in [*self._closed, self._active] if s is not None and s.size and s.oldest]
         SPOOL_OLDEST.set(max(0.0, time.time() - min(times)) if times else 0)
 

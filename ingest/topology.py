@@ -23,6 +23,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
+from typing import Any
 
 import aiormq
 from aio_pika.abc import AbstractConnection
@@ -47,7 +48,7 @@ from .names import (
 class Exchange:
     name: str
     type: str
-    arguments: Mapping[str, object] = field(default_factory=dict)
+    arguments: Mapping[str, Any] = field(default_factory=dict)
     bound_to: tuple[str, ...] = ()  # exchanges this one receives everything from (exchange-to-exchange)
 
 
@@ -55,7 +56,7 @@ class Exchange:
 class Queue:
     name: str
     kind: str  # "consumer", "retry", "dlq", "unrouted" or "ledger"
-    arguments: Mapping[str, object]
+    arguments: Mapping[str, Any]
     bindings: tuple[tuple[str, str], ...]  # (exchange, routing key)
     consumer: str | None = None
     event: str | None = None
@@ -154,8 +155,8 @@ async def declare(connection: AbstractConnection, topology: Topology) -> list[Qu
                 declared = await channel.declare_queue(queue.name, durable=True, arguments=dict(queue.arguments))
             except aiormq.exceptions.ChannelPreconditionFailed as exc:
                 raise _conflict("queue", queue.name, exc) from None
-            for exchange, key in queue.bindings:
-                await declared.bind(exchange, key)
+            for source, key in queue.bindings:
+                await declared.bind(source, key)
             result = declared.declaration_result
             states.append(QueueState(queue, result.message_count or 0, result.consumer_count or 0))
     finally:

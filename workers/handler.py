@@ -74,9 +74,8 @@ class Handler:
                 f"[consumers.{consumer.name}.options]; use a class with async start(options)"
             )
         self._function = function
-        self._is_async = inspect.iscoroutinefunction(function) or inspect.iscoroutinefunction(
-            function.__call__)
-        self._threads = None if self._is_async else ThreadPool(consumer.concurrency, f"handler-{consumer.name}")
+        is_async = inspect.iscoroutinefunction(function) or inspect.iscoroutinefunction(function.__call__)
+        self._threads = None if is_async else ThreadPool(consumer.concurrency, f"handler-{consumer.name}")
 
     @property
     def busy(self) -> int:
@@ -94,7 +93,7 @@ class Handler:
             await close()
 
     async def __call__(self, event: Event) -> None:
-        if self._is_async:
+        if self._threads is None:
             result = self._function(event)
         else:
             result = await self._threads.run(self._function, event)
@@ -129,6 +128,7 @@ class ThreadPool:
     def _work(self) -> None:
         while True:
             loop, future, function, args = self._jobs.get()
+            outcome: tuple[Any, BaseException | None]
             try:
                 outcome = (function(*args), None)
             except BaseException as exc:  # handed to the awaiting task, which decides

@@ -13,11 +13,13 @@ acks: the broker has put the message back already.
 from __future__ import annotations
 
 import asyncio
+import functools
 import signal
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
+from typing import Any, cast
 
 import aio_pika
 import orjson
@@ -28,7 +30,7 @@ from prometheus_client import Counter, Gauge, Histogram, start_http_server
 from ingest.broker import BrokerLink
 from ingest.config import Config, ConsumerConfig
 from ingest.errors import PublishFailed, StartupError
-from ingest.message import RECEIVED_AT, id_of, republish_properties
+from ingest.message import RECEIVED_AT, delivery_tag, id_of, republish_properties
 from ingest.names import consumer_queue, dead_letter_queue, delay_exchange, retry_routing_key
 from ingest.publish import Publisher
 from ingest.topology import declare, plan
@@ -65,7 +67,7 @@ class Worker:
         self._meters = {(c.name, e): _Meters(c.name, e) for c in consumers for e in c.events}
         self._running = {c.name: 0 for c in consumers}  # handlers in flight, read by the gauge when scraped
         for c in consumers:
-            IN_FLIGHT.labels(c.name).set_function(lambda name=c.name: self._running[name])
+            IN_FLIGHT.labels(c.name).set_function(functools.partial(self._running.__getitem__, c.name))
         self._stopping = False
 
     async def _on_connect(self, connection: aio_pika.abc.AbstractConnection) -> None:
@@ -89,7 +91,7 @@ class Worker:
             for event in consumer.events:
                 queue = consumer_queue(consumer.name, event)
                 ok = await underlay.basic_consume(queue, self._callback(consumer, event, acks))
-                self._subscriptions.append(_Subscription(queue, ok.consumer_tag, acks))
+                self._subscriptions.append(_Subscription(queue, cast(str, ok.consumer_tag), acks))  # the broker names it
         log.info("consuming", consumers=[c.name for c in self.consumers])
 
     def _on_cancel(self, frame) -> None:
@@ -105,7 +107,7 @@ class Worker:
         meters = self._meters[(consumer.name, event)]
 
         async def on_message(message: DeliveredMessage) -> None:
-            acks.received(message.delivery.delivery_tag)  # before anything else: see Acks
+            acks.received(delivery_tag(message))  # before anything else: see Acks
             if self._stopping:  # shutting down: leave it unacked, the broker gives it to another worker
                 return
             # A task of our own: aiormq cancels its per-delivery tasks when the channel closes, and a
@@ -131,11 +133,11 @@ class Worker:
                       meters: _Meters) -> None:
         properties = message.header.properties
         attempt = attempt_of(properties.headers)
-        fields = {"consumer": consumer.name, "_event": name, "message_id": id_of(properties.message_id, message.body),
-                  "attempt": attempt}
+        mid = id_of(properties.message_id, message.body)
+        fields: dict[str, Any] = {"consumer": consumer.name, "_event": name, "message_id": mid, "attempt": attempt}
         started = time.perf_counter()
         try:
-            event = _event(name, message, attempt, fields["message_id"])
+            event = _event(name, message, attempt, mid)
             fields["call_uuid"] = event.call_uuid
             await self.handlers[consumer.name](event)
         except Exception as exc:
@@ -193,7 +195,7 @@ class Worker:
             # not, the broker requeues it when the channel closes.
             log.error("replacement_publish_failed", publish_error=str(publish_error), **fields)
             try:
-                await acks.requeue(message.delivery.delivery_tag)
+                await acks.requeue(delivery_tag(message))
             except Exception:
                 pass
             return
@@ -207,7 +209,7 @@ class Worker:
 
     def _ack(self, message: DeliveredMessage, acks: Acks, fields: dict) -> bool:
         """Ack on the delivery's own channel; False (logged) when that channel is gone."""
-        if acks.ack(message.delivery.delivery_tag):
+        if acks.ack(delivery_tag(message)):
             return True
         log.warning("delivery_channel_gone", outcome="not acked", action="redelivered by the broker", **fields)
         return False
@@ -243,6 +245,9 @@ class _Subscription:
 class _Meters:
     """A consumer's and event's metric children (looked up once, not with labels() per message) and
     its counts since the last summary line."""
+
+    summary_count: int
+    summary_max: float
 
     def __init__(self, consumer: str, event: str) -> None:
         self.consumer, self.event = consumer, event

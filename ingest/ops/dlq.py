@@ -21,7 +21,6 @@ import asyncio
 import base64
 import collections
 import decimal
-import itertools
 import os
 import secrets
 import stat
@@ -30,7 +29,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from functools import cached_property
-from typing import Any, BinaryIO
+from typing import Any, BinaryIO, cast
 
 import aiormq
 import orjson
@@ -40,7 +39,7 @@ from pamqp.commands import Basic
 
 from ..config import Config
 from ..errors import HipcallError
-from ..message import SWEEP_HEADER, call_uuid, fresh_headers, id_of, own_headers, republish_properties
+from ..message import SWEEP_HEADER, call_uuid, delivery_tag, fresh_headers, id_of, own_headers, republish_properties
 from ..publish import Publisher
 from ..topology import Queue, declare, plan
 
@@ -95,7 +94,7 @@ class Letter:
 
     @property
     def tag(self) -> int:
-        return self.message.delivery.delivery_tag
+        return delivery_tag(self.message)
 
     @cached_property
     def headers(self) -> dict[str, Any]:
@@ -226,7 +225,8 @@ class Swept:
 
 # A letter -> where to move it: a queue name (through the default exchange) or (exchange, routing key);
 # None to keep it.
-Choose = Callable[[Letter], "str | tuple[str, str] | None"]
+Target = str | tuple[str, str]  # a queue (by the default exchange), or (exchange, routing key)
+Choose = Callable[[Letter], Target | None]
 
 
 async def sweep(connection: AbstractConnection, config: Config, dlq: Queue, choose: Choose, *,
@@ -244,7 +244,7 @@ async def sweep(connection: AbstractConnection, config: Config, dlq: Queue, choo
         result = Swept(dlq.name, declared.declaration_result.message_count or 0)
         letters = await channel.get_underlay_channel()  # aiormq's channel: consume, qos, acks
 
-        async def replace(letter: Letter, target: str | None, now: str) -> bool:
+        async def replace(letter: Letter, target: Target | None, now: str) -> bool:
             """Publish what replaces the letter: True once the broker stored it."""
             if target is None:
                 headers = {**own_headers(letter.headers), SWEEP_HEADER: mark}
@@ -259,7 +259,7 @@ async def sweep(connection: AbstractConnection, config: Config, dlq: Queue, choo
                 failures.append(exc)
                 return False
 
-        async def settle(window: list[tuple[Letter, str | None]]) -> None:
+        async def settle(window: list[tuple[Letter, Target | None]]) -> None:
             """Replace every letter of a window, then ack the originals whose replacement is stored.
 
             One ack with multiple=True for a whole window: RabbitMQ 3.10's quorum-queue client holds
@@ -286,11 +286,11 @@ async def sweep(connection: AbstractConnection, config: Config, dlq: Queue, choo
 
         async def consume(window: int) -> str:
             await letters.basic_qos(prefetch_count=window)
-            return (await letters.basic_consume(dlq.name, deliver)).consumer_tag
+            return cast(str, (await letters.basic_consume(dlq.name, deliver)).consumer_tag)  # the broker names it
 
         async def take(window: int) -> list[DeliveredMessage]:
             """The next `window` letters, or fewer if nothing more comes for IDLE seconds."""
-            taken = []
+            taken: list[DeliveredMessage] = []
             try:
                 while len(taken) < window:
                     if inbox.empty():  # a timed wait only when there is nothing to take at once
@@ -312,7 +312,7 @@ async def sweep(connection: AbstractConnection, config: Config, dlq: Queue, choo
                 tag = await consume(window)
             while tag is not None:
                 taken = await take(window)
-                settling: list[tuple[Letter, str | None]] = []
+                settling: list[tuple[Letter, Target | None]] = []
                 for message in taken:  # in order: `choose` sees the letters as they stand in the queue
                     letter = Letter(message, limit)
                     if letter.headers.get(SWEEP_HEADER) == mark:  # our own copy: every original here was read
@@ -549,16 +549,14 @@ def read_export(file: BinaryIO, max_line: int) -> list[tuple[bytes, Basic.Proper
     """Every letter of an export file, parsed before anything is published (a file with a bad line
     changes nothing). A line longer than `max_line` bytes (no dead letter is: /dev/zero, say) is an
     error naming it, read in bounded memory."""
-    letters = []
-    for number in itertools.count(1):
-        line = file.readline(max_line + 1)
-        if not line:
-            return letters
+    letters: list[tuple[bytes, Basic.Properties]] = []
+    for number, line in enumerate(iter(lambda: file.readline(max_line + 1), b""), 1):
         if len(line) > max_line:
             raise HipcallError(f"line {number}: longer than {max_line} bytes, which no dead letter of "
                                f"`dlq export` is (http.max_body_bytes, base64-encoded, with its headers)")
         if line.strip():
             letters.append(_parse_export_line(number, line))
+    return letters
 
 
 def max_export_line(config: Config) -> int:

@@ -13,6 +13,7 @@ import secrets
 import signal
 import sys
 from collections.abc import Sequence
+from typing import Any
 
 import orjson
 from aio_pika.abc import AbstractIncomingMessage
@@ -25,11 +26,13 @@ from ..topology import Topology, declare, plan
 
 
 def tail_line(message: AbstractIncomingMessage) -> str:
+    payload: Any
     try:
         payload = orjson.loads(message.body)
     except orjson.JSONDecodeError:
         payload = {}
-    data = payload.get("data") if isinstance(payload, dict) and isinstance(payload.get("data"), dict) else {}
+    raw = payload.get("data") if isinstance(payload, dict) else None
+    data: dict = raw if isinstance(raw, dict) else {}
     when = message.timestamp.strftime("%H:%M:%S") if message.timestamp else "--:--:--"
     parts = [when, f"{message.routing_key or '?':<14}", (message.message_id or "")[:12]]
     if uuid := call_uuid(payload):
