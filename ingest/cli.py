@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from .config import Config, load_config
-from .errors import ConfigError, HandlerImportError, HipcallError, UsageError
+from .errors import ConfigError, HandlerImportError, HipcallError, QueueMissing, UsageError
 from .logs import configure_logging
 
 
@@ -296,7 +296,7 @@ def cmd_dlq(config: Config, args: argparse.Namespace) -> int:
                 stats = dlq.Stats()
                 try:
                     swept = await dlq.sweep(connection, config, queue, stats.add)
-                except dlq.QueueMissing:  # never declared: say so, keep going
+                except QueueMissing:  # never declared: say so, keep going
                     rows.append({"queue": queue.name, "messages": None, "oldest_failure": None, "top_errors": []})
                     continue
                 rows.append({"queue": queue.name, **stats.as_dict(), "complete": not swept.cut_short})

@@ -18,11 +18,20 @@ class BrokerUnavailable(HipcallError):
 
 
 class PublishFailed(BrokerUnavailable):
-    """The broker did not store a message: returned, refused, no confirm in time, or channel gone."""
+    """The broker did not store a message; a subclass says how, where the caller acts on it. Raised as
+    it is: the channel or connection closed before or under the publish."""
 
-    def __init__(self, message: str, kind: str = "other") -> None:
-        super().__init__(message)
-        self.kind = kind  # "returned", "refused" (nack: a full queue, say), "timeout", "closed", "other"
+
+class PublishRefused(PublishFailed):
+    """The broker nacked it: a queue full at its max_length (overflow reject-publish), or a resource it lacks."""
+
+
+class PublishReturned(PublishFailed):
+    """The broker returned it (mandatory): no queue is bound for its routing key."""
+
+
+class PublishTimeout(PublishFailed):
+    """No confirm within the publish timeout (the broker blocked, slow, or gone without a word)."""
 
 
 class StartupError(HipcallError):
@@ -38,6 +47,39 @@ class CannotListen(StartupError):
 
 class HandlerImportError(HipcallError):
     """A consumer's handler cannot be imported or is not callable."""
+
+
+class SpoolFull(HipcallError):
+    """The spool has no room (spool.max_bytes) or cannot be written: the webhook gets 503."""
+
+
+class ApiError(HipcallError):
+    """Hipcall's API did not give an answer we can use; the pass stops and the next one tries again."""
+
+
+class ApiUnauthorized(ApiError):
+    """401/403: the key in HIPCALL_API_KEY is wrong or lacks access."""
+
+
+class NotADeadLetterQueue(HipcallError):
+    """The named queue is not one of the configured consumers' DLQs."""
+
+
+class QueueMissing(HipcallError):
+    """The DLQ does not exist on the broker (its consumer's topology was never declared)."""
+
+
+class CutShort(HipcallError):
+    """A sweep saw fewer letters than the DLQ held: another reader took the rest meanwhile."""
+
+
+class CannotWrite(HipcallError):
+    """`dlq export` could not write its file."""
+
+
+class NodeError(HipcallError):
+    """A project-local RabbitMQ node (ingest/localnode.py) could not be started or stopped; the message
+    says what to do."""
 
 
 class UsageError(HipcallError):

@@ -23,7 +23,7 @@ import structlog
 from prometheus_client import Counter
 
 from .config import HipcallConfig
-from .errors import HipcallError
+from .errors import ApiError, ApiUnauthorized
 
 log = structlog.get_logger("ingest.hipcall_api")
 
@@ -32,14 +32,6 @@ REQUESTS = Counter("hipcall_reconcile_api_requests_total", "Requests to Hipcall'
 PAGE = 100  # the API's largest page
 UUID_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,127}")  # what may go into /api/v3/calls/{uuid}
 TIMESTAMPS = ("started_at", "answered_at", "bridged_at", "ended_at", "callback_time")
-
-
-class ApiError(HipcallError):
-    """Hipcall's API did not give an answer we can use; the pass stops and the next one tries again."""
-
-
-class ApiUnauthorized(ApiError):
-    """401/403: the key in HIPCALL_API_KEY is wrong or lacks access."""
 
 
 class RateLimit:

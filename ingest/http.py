@@ -34,11 +34,11 @@ from prometheus_client.multiprocess import MultiProcessCollector
 
 from .broker import BrokerLink, is_blocked
 from .config import Config
-from .errors import CannotListen, PublishFailed
+from .errors import CannotListen, PublishFailed, PublishRefused, SpoolFull
 from .message import MAX_DEPTH, SPOOLED, call_uuid, too_deep, webhook_id, webhook_properties
 from .names import EVENT_RE, consumer_queue, entry_exchange
 from .publish import Publisher
-from .spool import Record, Spool, SpoolFull
+from .spool import Record, Spool
 from .topology import Queue, Topology, declare, inspect, plan
 
 log = structlog.get_logger("ingest.http")
@@ -156,7 +156,7 @@ class Ingress:
                                                  webhook_properties(mid, received, client))
             except PublishFailed as exc:  # returned, refused, channel gone: not stored
                 reason = str(exc)
-                if exc.kind == "refused":
+                if isinstance(exc, PublishRefused):
                     refused = True
                     REFUSED.labels(label).inc()
                     log.warning("publish_refused", _event=event, message_id=mid, queues_with_max_length=[
@@ -196,7 +196,7 @@ class Ingress:
         broker that is not ready, and a queue of the tap that refused must get it too)."""
         publisher = self.publisher
         if publisher is None:
-            raise PublishFailed("not stored: no broker connection", "closed")
+            raise PublishFailed("not stored: no broker connection")
         properties = webhook_properties(record.message_id, datetime.fromisoformat(record.received_at), record.client,
                                         {SPOOLED: "true"})
         targets = self._limited_routes.get(record.event)
@@ -205,7 +205,7 @@ class Ingress:
             try:
                 return await publisher.publish(record.body, self._exchange, record.event, properties)
             except PublishFailed as exc:
-                if exc.kind == "refused" and targets:
+                if isinstance(exc, PublishRefused) and targets:
                     self._partly_stored[record.message_id] = set()
                 raise
         stored = self._partly_stored.setdefault(record.message_id, set())
@@ -215,7 +215,7 @@ class Ingress:
         for queue, result in zip(todo, results):
             if result is None:
                 stored.add(queue)
-            elif isinstance(result, PublishFailed) and result.kind == "refused":
+            elif isinstance(result, PublishRefused):
                 self.refusing.add(queue)
         failed = next((r for r in results if isinstance(r, BaseException)), None)
         if failed is not None:
@@ -399,9 +399,7 @@ async def broker_context(app: web.Application) -> AsyncIterator[None]:
 
     async def on_connect(connection) -> None:
         await declare(connection, ingress.topology)
-        channel = await connection.channel(publisher_confirms=True)
-        link.watch(channel)
-        ingress.publisher = Publisher(await channel.get_underlay_channel(), config.broker.publish_timeout)
+        ingress.publisher = await Publisher.open(connection, config.broker.publish_timeout, watch=link.watch)
 
     def on_state(up: bool) -> None:
         BROKER_CONNECTED.set(1 if up else 0)
@@ -424,10 +422,11 @@ async def broker_context(app: web.Application) -> AsyncIterator[None]:
             except PublishFailed as exc:  # the broker went away, returns or refuses it: the segment stays
                 # A refusal is a full queue: room comes back as its consumer catches up, so look again
                 # soon. Anything else (a deleted queue that returns everything) backs off.
-                pause = DRAIN_INTERVAL if exc.kind == "refused" else min(pause * 2, DRAIN_PAUSE_MAX)
+                refused = isinstance(exc, PublishRefused)
+                pause = DRAIN_INTERVAL if refused else min(pause * 2, DRAIN_PAUSE_MAX)
                 log.warning("spool_drain_paused", error=str(exc), retry_in_s=pause)
                 now = time.monotonic()
-                if exc.kind != "refused" or await ingress.refusing_queues_full(link.connection):
+                if not refused or await ingress.refusing_queues_full(link.connection):
                     refused_since = None  # a queue at its max_length: wait for room, not for a new connection
                 elif refused_since is None:
                     refused_since = now

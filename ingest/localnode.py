@@ -15,15 +15,11 @@ import subprocess
 import time
 from pathlib import Path
 
-from .errors import HipcallError
+from .errors import NodeError
 
 BIN_DIRS = (Path("/usr/lib/rabbitmq/bin"), Path("/usr/local/lib/rabbitmq/bin"))
 HOW_TO_GET_IT = ("install RabbitMQ (Debian/Ubuntu: `apt-get install rabbitmq-server`), "
                  "or run everything in containers: `docker compose up`")
-
-
-class NodeError(HipcallError):
-    """The local node could not be started or stopped; the message says what to do."""
 
 
 def server_binary() -> Path:

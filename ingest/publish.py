@@ -15,21 +15,40 @@ waits for that one to finish first.
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
 
 import aiormq
+from aio_pika.abc import AbstractChannel, AbstractConnection
 from pamqp.commands import Basic
 
-from .errors import PublishFailed
+from .errors import PublishFailed, PublishRefused, PublishReturned, PublishTimeout
 
 
 class Publisher:
     """A confirm channel and the publishes in flight on it."""
 
-    def __init__(self, channel: aiormq.abc.AbstractChannel, timeout: float, in_flight: int | None = None) -> None:
+    def __init__(self, channel: aiormq.abc.AbstractChannel, timeout: float, in_flight: int | None = None,
+                 opened: AbstractChannel | None = None) -> None:
         self.channel = channel
+        self.opened = opened  # the aio-pika channel `open` made (to watch, or to close), if it made one
         self._timeout = timeout
         self._busy: dict[str, asyncio.Future] = {}  # message id -> done when its publish has its answer
         self._slots = asyncio.Semaphore(in_flight) if in_flight else None
+
+    @classmethod
+    async def open(cls, connection: AbstractConnection, timeout: float, in_flight: int | None = None, *,
+                   watch: Callable[[AbstractChannel], None] | None = None) -> Publisher:
+        """A new confirm channel on `connection` and a publisher over it: how the ingress, the worker,
+        reconcile and the dlq tools each get theirs. `in_flight` bounds the publishes awaiting a confirm;
+        `watch` is given the channel (BrokerLink.watch: start over when it closes)."""
+        channel = await connection.channel(publisher_confirms=True)
+        if watch is not None:
+            watch(channel)
+        return cls(await channel.get_underlay_channel(), timeout, in_flight, opened=channel)
+
+    async def close(self) -> None:
+        if self.opened is not None and not self.opened.is_closed:
+            await self.opened.close()
 
     @property
     def is_open(self) -> bool:
@@ -48,7 +67,7 @@ class Publisher:
             raise ValueError("every message published here carries a message id")
         where = f"{exchange or '(default exchange)'}/{routing_key}"
         if self.channel.is_closed:
-            raise PublishFailed(f"not stored at {where}: the channel is closed (broker connection lost)", "closed")
+            raise PublishFailed(f"not stored at {where}: the channel is closed (broker connection lost)")
         try:
             async with asyncio.timeout(self._timeout):
                 while (earlier := self._busy.get(mid)) is not None:
@@ -64,9 +83,9 @@ class Publisher:
                     del self._busy[mid]
                     done.set_result(None)
         except TimeoutError:
-            raise PublishFailed(f"not stored at {where}: no confirm within {self._timeout:g}s", "timeout") from None
+            raise PublishTimeout(f"not stored at {where}: no confirm within {self._timeout:g}s") from None
         except aiormq.exceptions.PublishError:
-            raise PublishFailed(f"not stored at {where}: returned, no queue is bound for it", "returned") from None
+            raise PublishReturned(f"not stored at {where}: returned, no queue is bound for it") from None
         except aiormq.exceptions.DeliveryError:  # aiormq's way of reporting a nack
             raise _refused(where) from None
         except Exception as exc:  # channel or connection closed under it: aiormq raises many kinds
@@ -75,9 +94,9 @@ class Publisher:
             return
         if isinstance(answer, Basic.Nack):
             raise _refused(where)
-        raise PublishFailed(f"not stored at {where}: returned, no queue is bound for it", "returned")
+        raise PublishReturned(f"not stored at {where}: returned, no queue is bound for it")
 
 
-def _refused(where: str) -> PublishFailed:
-    return PublishFailed(f"not stored at {where}: the broker refused it (nack: a queue full at its max_length, "
-                         f"or a resource the broker lacks)", "refused")
+def _refused(where: str) -> PublishRefused:
+    return PublishRefused(f"not stored at {where}: the broker refused it (nack: a queue full at its max_length, "
+                          f"or a resource the broker lacks)")

@@ -120,9 +120,7 @@ class Reconciler:
         self.active.clear()
         ACTIVE.set(0)
         await declare(connection, plan(self.config.broker, (), self.config.reconcile))
-        channel = await connection.channel(publisher_confirms=True)
-        self.link.watch(channel)
-        self._publisher = Publisher(await channel.get_underlay_channel(), self.config.broker.publish_timeout)
+        self._publisher = await Publisher.open(connection, self.config.broker.publish_timeout, watch=self.link.watch)
         while not await self._take_lock(connection):
             if not self._wait_for_lock:
                 return  # --once beside an active process: read the ledger as that process keeps it
@@ -256,7 +254,7 @@ class Reconciler:
         mid = webhook_id(EVENT, payload, body)  # as the ingress names the real webhook
         properties = webhook_properties(mid, datetime.now(timezone.utc), "reconcile", {SOURCE: "reconcile"})
         if self._publisher is None:
-            raise PublishFailed("not stored: no broker connection", "closed")
+            raise PublishFailed("not stored: no broker connection")
         await self._publisher.publish(body, entry_exchange(self.config.broker.exchange), EVENT, properties)
         await self.in_ledger(self.ledger.record, uuid, data.get("ended_at"), "reconcile")  # only once confirmed
         RECOVERED.inc()

@@ -44,7 +44,7 @@ import orjson
 import structlog
 from prometheus_client import Counter, Gauge
 
-from .errors import HipcallError
+from .errors import SpoolFull
 
 log = structlog.get_logger("ingest.spool")
 
@@ -65,10 +65,6 @@ DRAIN_BATCH = 500  # republishes in flight at once while draining
 RETRY_OPEN = 2.0  # seconds between tries to open a spool directory that could not be used
 MIN_FREE = 1 << 20  # free bytes a file system needs before a spool that failed to write there is tried again
 STALE_NEW = 60.0  # seconds after which a half-made segment (a crash between create and link) is removed
-
-
-class SpoolFull(HipcallError):
-    """The spool has no room (spool.max_bytes) or cannot be written: the webhook gets 503."""
 
 
 @dataclass(frozen=True)

@@ -27,7 +27,8 @@ from urllib.parse import quote, urlsplit
 import aio_pika
 import pytest
 
-from ingest.localnode import LocalNode, NodeError, free_port, reachable
+from ingest.errors import NodeError
+from ingest.localnode import LocalNode, free_port, reachable
 
 FIXTURES = Path(__file__).parent / "fixtures"
 ROOT = Path(__file__).parent.parent

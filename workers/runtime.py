@@ -72,9 +72,7 @@ class Worker:
 
     async def _on_connect(self, connection: aio_pika.abc.AbstractConnection) -> None:
         await declare(connection, plan(self.config.broker, self.consumers))
-        publisher = await connection.channel(publisher_confirms=True)
-        self.link.watch(publisher)
-        self._publisher = Publisher(await publisher.get_underlay_channel(), self.config.broker.publish_timeout)
+        self._publisher = await Publisher.open(connection, self.config.broker.publish_timeout, watch=self.link.watch)
         self._subscriptions = []
         for consumer in self.consumers:
             channel = await connection.channel()

@@ -38,7 +38,7 @@ from aiormq.abc import DeliveredMessage
 from pamqp.commands import Basic
 
 from ..config import Config
-from ..errors import HipcallError
+from ..errors import CannotWrite, CutShort, HipcallError, NotADeadLetterQueue, QueueMissing
 from ..message import SWEEP_HEADER, call_uuid, delivery_tag, fresh_headers, id_of, own_headers, republish_properties
 from ..publish import Publisher
 from ..topology import Queue, declare, plan
@@ -47,10 +47,6 @@ IN_FLIGHT = 500  # republishes awaiting their confirm at once
 PREFETCH = 200  # letters a sweep takes at once (a window): bounds its memory whatever the DLQ's size
 EXPORT_ENVELOPE = 1 << 20  # bytes of an export line besides the body: headers (an error of 1 KiB), properties
 IDLE = 2.0  # seconds without a delivery after which a sweep decides someone else holds the rest
-
-
-class NotADeadLetterQueue(HipcallError):
-    """The named queue is not one of the configured consumers' DLQs."""
 
 
 def dead_letter_queues(config: Config) -> list[Queue]:
@@ -193,14 +189,6 @@ class Letter:
         return True
 
 
-class QueueMissing(HipcallError):
-    """The DLQ does not exist on the broker (its consumer's topology was never declared)."""
-
-
-class CutShort(HipcallError):
-    """A sweep saw fewer letters than the DLQ held: another reader took the rest meanwhile."""
-
-
 @dataclass
 class Swept:
     """What one pass did."""
@@ -235,8 +223,7 @@ async def sweep(connection: AbstractConnection, config: Config, dlq: Queue, choo
     """One pass over the letters `dlq` holds now; each is kept or moved as `choose` says (see above)."""
     limit = delivery_limit(config, dlq)
     mark = secrets.token_hex(8)
-    publish_channel = await connection.channel(publisher_confirms=True)
-    publisher = Publisher(await publish_channel.get_underlay_channel(), config.broker.publish_timeout, IN_FLIGHT)
+    publisher = await Publisher.open(connection, config.broker.publish_timeout, IN_FLIGHT)
     channel = await connection.channel()
     failures: list[BaseException] = []
     try:
@@ -346,9 +333,9 @@ async def sweep(connection: AbstractConnection, config: Config, dlq: Queue, choo
                                f"{dlq.name}: {failures[0]}")
         return result
     finally:
-        for ch in (channel, publish_channel):
-            if not ch.is_closed:
-                await ch.close()
+        if not channel.is_closed:
+            await channel.close()
+        await publisher.close()
 
 
 @dataclass
@@ -525,10 +512,6 @@ async def _export_to(connection: AbstractConnection, config: Config, dlq: Queue,
     return written
 
 
-class CannotWrite(HipcallError):
-    """`dlq export` could not write its file."""
-
-
 def _parse_export_line(number: int, line: bytes) -> tuple[bytes, Basic.Properties]:
     try:
         record = orjson.loads(line)
@@ -566,10 +549,11 @@ def max_export_line(config: Config) -> int:
 
 async def import_letters(connection: AbstractConnection, config: Config, dlq: Queue,
                          letters: list[tuple[bytes, Basic.Properties]]) -> int:
-    channel = await connection.channel(publisher_confirms=True)
-    async with channel:
-        publisher = Publisher(await channel.get_underlay_channel(), config.broker.publish_timeout, IN_FLIGHT)
+    publisher = await Publisher.open(connection, config.broker.publish_timeout, IN_FLIGHT)
+    try:
         await asyncio.gather(*(publisher.publish(body, "", dlq.name, properties) for body, properties in letters))
+    finally:
+        await publisher.close()
     return len(letters)
 
 

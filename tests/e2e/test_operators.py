@@ -16,6 +16,7 @@ import pytest
 
 from conftest import ROOT, http, payload, post_webhook, wait_until
 from ingest.config import load_config
+from ingest.errors import CutShort
 from ingest.ops import dlq
 
 CRM = '[consumers.crm]\nevents = ["call_hangup", "deal_create"]\nhandler = "handlers:Scripted"\n[consumers.crm.options]\nmode = "permanent"\nrecord = "{record}"\n'
@@ -332,7 +333,7 @@ def test_a_read_that_another_reader_cuts_short_says_so(broker, tmp_path):
 
     swept, stolen = asyncio.run(main())
     assert stolen and swept.cut_short and swept.seen < 50
-    with pytest.raises(dlq.CutShort, match=f"read {swept.seen} of the 50 letters"):
+    with pytest.raises(CutShort, match=f"read {swept.seen} of the 50 letters"):
         swept.check()
     wait_until(lambda: broker.count(queue.name) == 50 - stolen, what="every letter not stolen still there")
 

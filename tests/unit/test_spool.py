@@ -9,7 +9,8 @@ from datetime import datetime
 import pytest
 from prometheus_client import REGISTRY
 
-from ingest.spool import _HEAD, Record, Segment, Spool, SpoolFull, parse_records, summary
+from ingest.errors import SpoolFull
+from ingest.spool import _HEAD, Record, Segment, Spool, parse_records, summary
 
 
 def record(n: int) -> Record:
