@@ -10,8 +10,6 @@ import argparse
 import asyncio
 import json
 import os
-import signal
-import subprocess
 import sys
 from collections.abc import Callable, Coroutine, Sequence
 from pathlib import Path
@@ -19,6 +17,7 @@ from typing import Any
 
 from .config import Config, load_config
 from .errors import ConfigError, HandlerImportError, HipcallError, QueueMissing, UsageError
+from .lifecycle import Supervised, become_supervised
 from .logs import configure_logging
 
 
@@ -36,20 +35,36 @@ def run_async(main: Coroutine[Any, Any, Any]) -> Any:
 
 
 def cmd_serve(config: Config, args: argparse.Namespace) -> int:
+    """The supervisor and its ingress processes; or, started by the supervisor, one ingress process."""
     configure_logging(config.logging, "serve")
-    if args.lifeline is None and config.http.processes > 1:
-        from .processes import serve_processes
+    supervised = _supervised(args)
+    if supervised is None:
+        from .supervisor import supervise
 
-        return serve_processes(config, args.config)
-    metrics_dir = None
-    if args.lifeline is not None:  # one of several: its supervisor stops it (ingest/processes.py)
-        from .processes import become_one_of_several
-
-        metrics_dir = become_one_of_several()
+        return supervise(config, args.config, run=False, environ=os.environ)
+    become_supervised(supervised)
     from .http import serve
 
-    run_async(serve(config, args.lifeline, metrics_dir))
+    run_async(serve(config, supervised, _metrics_dir_of_supervisor()))
     return 0
+
+
+def _supervised(args: argparse.Namespace) -> Supervised | None:
+    """The hidden options the supervisor (ingest/supervisor.py) starts its children with."""
+    if getattr(args, "lifeline", None) is None:
+        return None
+    if args.ready is None:
+        raise UsageError("--lifeline and --ready are for the processes the supervisor starts itself")
+    return Supervised(args.lifeline, args.ready, getattr(args, "listen_fd", None))
+
+
+def _metrics_dir_of_supervisor() -> str:
+    from .supervisor import METRICS_DIR_ENV
+
+    metrics_dir = os.environ.get(METRICS_DIR_ENV)
+    if not metrics_dir:
+        raise UsageError("serve --lifeline is for the ingress processes the supervisor starts itself")
+    return metrics_dir
 
 
 def cmd_topology(config: Config, args: argparse.Namespace) -> int:
@@ -77,8 +92,10 @@ def cmd_work(config: Config, args: argparse.Namespace) -> int:
 
     consumers = _select_consumers(config, args.consumer)
     configure_logging(config.logging, "work")
+    supervised = _supervised(args)
+    become_supervised(supervised)
     port = config.worker.metrics_port if args.metrics_port is None else args.metrics_port
-    run_async(work(config, consumers, metrics_port=port))
+    run_async(work(config, consumers, metrics_port=port, supervised=supervised))
     return 0
 
 
@@ -126,55 +143,19 @@ def _local_node(config: Config):
 
 
 def cmd_run(config: Config, args: argparse.Namespace) -> int:
-    """The ingress, one worker and (with HIPCALL_API_KEY set) reconcile as child processes; all stop
-    on Ctrl-C or SIGTERM. On a bare machine, a project-local RabbitMQ node too."""
+    """One supervisor for the ingress processes, a worker and (with HIPCALL_API_KEY set) reconcile; on a
+    bare machine, a project-local RabbitMQ node too."""
+    from .supervisor import supervise
+
+    configure_logging(config.logging, "run")
     node = _local_node(config)
     try:
-        return _run_children(config, args)
+        return supervise(config, args.config, run=True, environ=os.environ)
     finally:
         if node is not None:
             print(f"hipcall-ingest run: stopping RabbitMQ node {node.name} (its data stays in {LOCAL_NODE_DIR}/)",
                   file=sys.stderr, flush=True)
             node.stop()
-
-
-def _run_children(config: Config, args: argparse.Namespace) -> int:
-    command = [sys.executable, "-m", "ingest"]
-    extra = ["--config", args.config] if args.config else []
-    names = ["serve"] + (["work"] if config.enabled_consumers else []) + (["reconcile"] if config.hipcall.api_key else [])
-    # Each child in its own process group: Ctrl-C in a terminal reaches only us, and each child gets
-    # exactly one SIGTERM from us (a terminal's SIGINT plus our SIGTERM could land after a child's
-    # loop has closed, killing it mid-shutdown).
-    children = [subprocess.Popen(command + [name] + extra, process_group=0) for name in names]
-    name_of = {child.pid: name for child, name in zip(children, names)}
-
-    signalled: set[int] = set()
-
-    def stop(signum: int, frame: object) -> None:
-        # Once per child: a second SIGTERM landing after a child's event loop has closed (its handler
-        # gone) would kill it mid-shutdown.
-        for child in children:
-            if child.poll() is None and child.pid not in signalled:
-                signalled.add(child.pid)
-                child.send_signal(signal.SIGTERM)
-
-    signal.signal(signal.SIGTERM, stop)
-    signal.signal(signal.SIGINT, stop)
-    # When either child ends on its own, stop the other: a half-running pipeline is worse than none.
-    failed = []
-    while children:
-        for child in list(children):
-            try:
-                code = child.wait(timeout=0.2)
-            except subprocess.TimeoutExpired:
-                continue
-            children.remove(child)
-            if code != 0:  # a negative code is a signal: -9 is kill -9
-                failed.append(code)
-                what = f"was killed by signal {-code}" if code < 0 else f"exited with {code}"
-                print(f"hipcall-ingest run: `{name_of[child.pid]}` {what}; stopping the rest", file=sys.stderr)
-            stop(signal.SIGTERM, None)
-    return 1 if failed else 0
 
 
 def cmd_reconcile(config: Config, args: argparse.Namespace) -> int:
@@ -189,7 +170,9 @@ def cmd_reconcile(config: Config, args: argparse.Namespace) -> int:
     since = parse_duration_arg(args.since, "--since") if args.since else None
     configure_logging(config.logging, "reconcile", None if not args.once else sys.stderr)
     if not args.once:
-        run_async(reconcile_forever(config))
+        supervised = _supervised(args)
+        become_supervised(supervised)
+        run_async(reconcile_forever(config, supervised))
         return 0
     if since is not None and since > config.reconcile.retention:
         print(f"note: the ledger keeps calls for {config.reconcile.retention / 3600:g}h (reconcile.retention); "
@@ -443,8 +426,11 @@ def build_parser() -> argparse.ArgumentParser:
             sub.add_argument("--once", action="store_true", help="one pass, print what it found, exit")
             sub.add_argument("--since", metavar="DURATION", help='with --once: the window reaches back this far (e.g. "24h")')
             sub.add_argument("--dry-run", action="store_true", help="with --once: list the missing calls, publish nothing")
-        if name == "serve":  # set by the supervisor of several ingress processes, for each of them
+        if name in ("serve", "work", "reconcile"):  # set by the supervisor (ingest/supervisor.py) for its children
             sub.add_argument("--lifeline", type=int, metavar="FD", help=argparse.SUPPRESS)
+            sub.add_argument("--ready", type=int, metavar="FD", help=argparse.SUPPRESS)
+        if name == "serve":
+            sub.add_argument("--listen-fd", type=int, metavar="FD", help=argparse.SUPPRESS)
         if name == "work":
             sub.add_argument("--consumer", action="append", metavar="NAME", help="run only this consumer (repeatable)")
             sub.add_argument("--metrics-port", type=int, metavar="PORT", help="serve Prometheus /metrics on this port")

@@ -16,7 +16,7 @@ from __future__ import annotations
 import asyncio
 import hmac
 import ipaddress
-import signal
+import socket
 import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
@@ -34,7 +34,8 @@ from prometheus_client.multiprocess import MultiProcessCollector
 
 from .broker import BrokerLink, is_blocked
 from .config import Config
-from .errors import CannotListen, PublishFailed, PublishRefused, SpoolFull
+from .errors import PublishFailed, PublishRefused, SpoolFull, UsageError
+from .lifecycle import Supervised, ready, stop_event, stop_reason
 from .message import MAX_DEPTH, SPOOLED, call_uuid, too_deep, webhook_id, webhook_properties
 from .names import EVENT_RE, consumer_queue, entry_exchange
 from .publish import Publisher
@@ -101,6 +102,7 @@ class Ingress:
         # Spooled webhooks a queue refused: the queues that have confirmed them since (message id -> names).
         self._partly_stored: dict[str, set[str]] = {}
         self.refusing: set[str] = set()  # queues that refused a republish in the current drain
+        self.draining = False  # stopping: every answer closes its connection (see serve)
         # Metrics get the event as a label only for events some consumer subscribes to (bounded set).
         self._known_events = frozenset(e for c in config.consumers for e in c.events)
 
@@ -483,7 +485,7 @@ def build_app(config: Config, metrics_dir: str | None = None,
     """The ingress app; with `metrics_dir` (one of several processes), /metrics adds up every process's.
 
     `broker` opens (and at shutdown closes) the broker link and the spool; the unit tests pass their own."""
-    middlewares = [access_log] if config.logging.access else []
+    middlewares = [last_answer_if_draining, *([access_log] if config.logging.access else [])]
     # client_max_size is a backstop; the handler answers 413 itself with a JSON error first.
     app = web.Application(client_max_size=config.http.max_body_bytes, middlewares=middlewares)
     registry = REGISTRY
@@ -499,6 +501,14 @@ def build_app(config: Config, metrics_dir: str | None = None,
     app.router.add_get("/readyz", ingress.readyz)
     app.router.add_get("/metrics", ingress.metrics)
     return app
+
+
+@web.middleware
+async def last_answer_if_draining(request: web.Request, handler) -> web.StreamResponse:
+    response = await handler(request)
+    if request.app[INGRESS].draining:
+        response.force_close()  # `Connection: close`: the client's next request opens a new connection
+    return response
 
 
 @dataclass
@@ -609,16 +619,18 @@ class Connection(web.RequestHandler):
 
 
 class Site(web.BaseSite):
-    """A TCP listener whose connections are `Connection`s."""
+    """Accepts on the supervisor's listening socket; its connections are `Connection`s."""
 
-    def __init__(self, runner: web.AppRunner, config: Config) -> None:
+    def __init__(self, runner: web.AppRunner, config: Config, sock: socket.socket) -> None:
         super().__init__(runner)
         self._config = config.http
         self._allowed = config.auth.allow_ips
+        self._sock = sock
 
     @property
     def name(self) -> str:
-        return f"http://{self._config.host}:{self._config.port}"
+        host, port = self._sock.getsockname()[:2]
+        return f"http://{host}:{port}"
 
     async def start(self) -> None:
         await super().start()
@@ -634,43 +646,45 @@ class Site(web.BaseSite):
                               keepalive_timeout=self._config.idle_timeout, access_log=None,
                               lingering_time=LINGER)
 
-        try:
-            self._server = await loop.create_server(connection, self._config.host, self._config.port,
-                                                    reuse_address=True, reuse_port=self._config.processes > 1,
-                                                    backlog=self._config.max_connections)
-        except OSError as exc:
-            raise CannotListen(self._config.host, self._config.port, exc.strerror or str(exc)) from None
+        self._server = await loop.create_server(connection, sock=self._sock)
 
 
-async def serve(config: Config, lifeline: int | None = None, metrics_dir: str | None = None) -> None:
-    """Serve until SIGTERM or SIGINT, then stop accepting, finish in-flight requests, close, return.
-
-    One of several processes (ingest/processes.py) stops instead when `lifeline`, the read end of a
-    pipe its supervisor holds open, reaches its end: the supervisor asked, or was killed."""
+async def serve(config: Config, supervised: Supervised, metrics_dir: str) -> None:
+    """One ingress process: accept on the supervisor's socket until the supervisor asks it to stop,
+    then stop accepting, finish in-flight requests (http.shutdown_timeout), close, return."""
+    if supervised.listen_fd is None:
+        raise UsageError("serve --lifeline needs --listen-fd: the supervisor's listening socket")
+    sock = socket.socket(fileno=supervised.listen_fd)
     runner = web.AppRunner(build_app(config, metrics_dir), handle_signals=False,
                            shutdown_timeout=config.http.shutdown_timeout)
     await runner.setup()
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    if lifeline is None:
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, stop.set)
-    else:
-        def supervisor_gone() -> None:
-            loop.remove_reader(lifeline)
-            stop.set()
-
-        loop.add_reader(lifeline, supervisor_gone)
+    stop = stop_event(supervised)
     try:
-        await Site(runner, config).start()
-        log.info("serving", host=config.http.host, port=config.http.port, path=config.http.path,
+        site = Site(runner, config, sock)
+        await site.start()
+        log.info("serving", url=site.name, path=config.http.path,
                  auth="on" if config.auth.tokens else "off", tokens=len(config.auth.tokens),
                  allow_ips=len(config.auth.allow_ips))
+        ready(supervised)
         await stop.wait()
-        log.info("stopping", reason="signal" if lifeline is None else "supervisor")
+        log.info("stopping", reason=stop_reason(supervised))
+        await site.stop()  # no new connection: they wait in the socket's queue for the other processes
+        app = runner.app
+        app[INGRESS].draining = True
         for connection in list(runner.server.connections if runner.server else ()):
             if isinstance(connection, Connection):
                 connection.drop_unfinished_body()
+        await _linger(runner, min(config.http.idle_timeout, config.http.shutdown_timeout))
     finally:
         await runner.cleanup()
     log.info("stopped")
+
+
+async def _linger(runner: web.AppRunner, longest: float) -> None:
+    """Keep-alive connections stay open until their next request, which gets its answer with
+    `Connection: close`, or until they time out idle (http.idle_timeout). Closing an idle keep-alive
+    connection at once would reset a request the client sent just before it saw the close: on a reload
+    that is a refused webhook for Hipcall. Requests in flight finish meanwhile."""
+    deadline = asyncio.get_running_loop().time() + longest
+    while runner.server is not None and runner.server.connections and asyncio.get_running_loop().time() < deadline:
+        await asyncio.sleep(0.05)

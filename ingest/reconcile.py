@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import asyncio
 import math
-import signal
 import sqlite3
 import time
 from collections.abc import Callable
@@ -30,13 +29,14 @@ import aio_pika
 import aiormq
 import orjson
 import structlog
-from prometheus_client import Counter, Gauge, start_http_server
+from prometheus_client import Counter, Gauge
 
 from .broker import BrokerLink
 from .config import Config
-from .errors import HipcallError, PublishFailed, StartupError
+from .errors import HipcallError, PublishFailed
 from .hipcall_api import HipcallApi, as_webhook_data, iso, parse_time
 from .ledger import Ledger
+from .lifecycle import Supervised, ready, serve_metrics, stop_event, stop_reason
 from .message import SOURCE, call_uuid, webhook_id, webhook_properties
 from .names import entry_exchange, ledger_queue, reconcile_lock
 from .publish import Publisher
@@ -295,19 +295,13 @@ def window(config: Config, now: datetime, since: float | None = None) -> tuple[d
     return now - timedelta(seconds=lookback), now - timedelta(seconds=config.reconcile.grace)
 
 
-async def reconcile_forever(config: Config) -> None:
+async def reconcile_forever(config: Config, supervised: Supervised | None = None) -> None:
     """The long-running process: `hipcall-ingest reconcile`."""
     rules = config.reconcile
+    stop = stop_event(supervised)
     if rules.metrics_port:
-        try:
-            start_http_server(rules.metrics_port, addr=rules.metrics_host)
-        except OSError as exc:
-            raise StartupError(f"cannot serve reconcile metrics on {rules.metrics_host}:{rules.metrics_port} "
-                               f"(reconcile.metrics_port): {exc.strerror}") from None
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
+        serve_metrics("reconcile", rules.metrics_host, rules.metrics_port, "reconcile.metrics_port")
+    ready(supervised)
     ledger = Ledger(rules.ledger)
     try:
         async with HipcallApi(config.hipcall, rules.rate_limit) as api:
@@ -317,7 +311,7 @@ async def reconcile_forever(config: Config) -> None:
                 async with reconciler.link:
                     passes = asyncio.create_task(_passes(reconciler, config, stop))
                     await stop.wait()
-                    log.info("stopping", reason="signal")
+                    log.info("stopping", reason=stop_reason(supervised))
                     passes.cancel()
                     await asyncio.gather(passes, return_exceptions=True)
             finally:

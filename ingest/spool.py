@@ -65,6 +65,7 @@ DRAIN_BATCH = 500  # republishes in flight at once while draining
 RETRY_OPEN = 2.0  # seconds between tries to open a spool directory that could not be used
 MIN_FREE = 1 << 20  # free bytes a file system needs before a spool that failed to write there is tried again
 STALE_NEW = 60.0  # seconds after which a half-made segment (a crash between create and link) is removed
+ADOPT_INTERVAL = 5.0  # seconds between looks for segments whose process has exited (a reload's old processes)
 
 
 @dataclass(frozen=True)
@@ -287,6 +288,8 @@ class Spool:
         self._refused = False  # a record did not fit; cleared when a drain frees room
         self.unwritable: str | None = None  # why the spool cannot take a record now; None while it can
         self._opened_at = 0.0
+        self._adopted_at = 0.0
+        self._skipped: set[str] = set()  # entries that cannot be segments, logged once each
 
     def open(self) -> None:
         """Create the directory, start a segment, adopt the segments of processes that are gone.
@@ -316,7 +319,9 @@ class Spool:
             try:
                 segment = Segment.claim(path)
             except OSError as exc:
-                log.error("spool_entry_skipped", entry=path.name, error=f"{type(exc).__name__}: {exc.strerror}")
+                if path.name not in self._skipped:
+                    self._skipped.add(path.name)
+                    log.error("spool_entry_skipped", entry=path.name, error=f"{type(exc).__name__}: {exc.strerror}")
                 continue
             if segment is None:
                 continue  # another live ingress owns it, or it is gone
@@ -432,10 +437,18 @@ class Spool:
 
     async def check(self) -> None:
         """The drainer's look (every DRAIN_INTERVAL): put lost segments back on disk, open a spool that
-        could not be opened, clear `unwritable` once the file system has room again."""
+        could not be opened, adopt the segments of processes that have exited since (a reload starts the
+        new processes before the old ones stop), clear `unwritable` once the file system has room again."""
         if self._active is None and time.monotonic() - self._opened_at >= RETRY_OPEN:
             async with self._lock:
                 await asyncio.to_thread(self.open)
+        if self._active is not None and time.monotonic() - self._adopted_at >= ADOPT_INTERVAL:
+            self._adopted_at = time.monotonic()
+            async with self._lock:
+                try:
+                    await asyncio.to_thread(self._adopt)
+                except OSError as exc:  # the directory is gone: the relink below makes it again
+                    log.warning("spool_adopt_failed", error=f"{type(exc).__name__}: {exc.strerror or exc}")
         async with self._lock:
             try:
                 if self._active is not None and not self._active.reachable():

@@ -301,6 +301,9 @@ def node_broker(rabbit_node) -> Broker:
 # --- hipcall-ingest processes ------------------------------------------------------------------------
 
 
+ENDED = ("process_stopped", "process_killed", "process_ended", "process_exited")  # the supervisor's lines
+
+
 @dataclass
 class Proc:
     """A hipcall-ingest command running as a user would run it, its output in a file."""
@@ -369,15 +372,17 @@ class Proc:
         wait_until(check, timeout=timeout, what=f"GET {path} -> {status}")
 
     def _every_process(self, msg: str) -> bool:
-        """Every process of a multi-process ingress has logged `msg` (a request reaches only one)."""
+        """Every live ingress process of the supervisor has logged `msg` (a request reaches only one)."""
         logs = self.logs()
-        started = [l for l in logs if l.get("msg") == "ingress_processes"]
-        if not started:
-            return True
-        pids = set(started[-1]["pids"])
-        for replaced in (l for l in logs if l.get("msg") == "ingress_process_killed"):
-            pids = pids - {replaced["pid"]} | {replaced["replaced_by"]}
-        return pids <= {l.get("pid") for l in logs if l.get("msg") == msg}
+        started = {l["pid"] for l in logs if l.get("msg") == "process_started" and l.get("kind") == "ingress"}
+        ended = {l["pid"] for l in logs if l.get("msg") in ENDED}
+        return (started - ended) <= {l.get("pid") for l in logs if l.get("msg") == msg}
+
+    def ingress_pids(self) -> set[int]:
+        """The ingress processes the supervisor started and has not seen end."""
+        logs = self.logs()
+        started = {l["pid"] for l in logs if l.get("msg") == "process_started" and l.get("kind") == "ingress"}
+        return started - {l["pid"] for l in logs if l.get("msg") in ENDED}
 
 
 def http(method: str, url: str, body: bytes | None = None, headers: dict | None = None) -> tuple[int, dict, bytes]:

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import asyncio
 import functools
-import signal
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -25,11 +24,12 @@ import aio_pika
 import orjson
 import structlog
 from aiormq.abc import DeliveredMessage
-from prometheus_client import Counter, Gauge, Histogram, start_http_server
+from prometheus_client import Counter, Gauge, Histogram
 
 from ingest.broker import BrokerLink
 from ingest.config import Config, ConsumerConfig
-from ingest.errors import PublishFailed, StartupError
+from ingest.errors import PublishFailed
+from ingest.lifecycle import Supervised, ready, serve_metrics, stop_event, stop_reason
 from ingest.message import RECEIVED_AT, delivery_tag, id_of, republish_properties
 from ingest.names import consumer_queue, dead_letter_queue, delay_exchange, retry_routing_key
 from ingest.publish import Publisher
@@ -289,28 +289,22 @@ def _event(name: str, message: DeliveredMessage, attempt: int, mid: str) -> Even
                  headers=headers)
 
 
-async def work(config: Config, consumers: Sequence[ConsumerConfig], metrics_port: int = 0) -> None:
+async def work(config: Config, consumers: Sequence[ConsumerConfig], metrics_port: int = 0,
+               supervised: Supervised | None = None) -> None:
     """Start-up and shutdown of a worker process, top to bottom."""
     handlers = {c.name: load_handler(c) for c in consumers}  # import errors stop start-up here
+    stop = stop_event(supervised)
     if metrics_port:
-        host = config.worker.metrics_host
-        try:
-            start_http_server(metrics_port, addr=host)
-        except OSError as exc:
-            raise StartupError(f"cannot serve worker metrics on {host}:{metrics_port} "
-                               f"(worker.metrics_port or --metrics-port): {exc.strerror}") from None
+        serve_metrics("worker", config.worker.metrics_host, metrics_port, "worker.metrics_port or --metrics-port")
     for handler in handlers.values():
         await handler.start()
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
     worker = Worker(config, consumers, handlers)
     summaries = asyncio.create_task(worker.summarize())
+    ready(supervised)
     try:
         async with worker.link:
             await stop.wait()
-            log.info("stopping", reason="signal")
+            log.info("stopping", reason=stop_reason(supervised))
             await worker.drain(config.worker.grace_period)
     finally:
         summaries.cancel()

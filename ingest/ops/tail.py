@@ -10,7 +10,6 @@ from __future__ import annotations
 import asyncio
 import os
 import secrets
-import signal
 import sys
 from collections.abc import Sequence
 from typing import Any
@@ -20,6 +19,7 @@ from aio_pika.abc import AbstractIncomingMessage
 
 from ..broker import connect
 from ..config import Config
+from ..lifecycle import stop_event
 from ..message import call_uuid
 from ..names import tap_exchange
 from ..topology import Topology, declare, plan
@@ -44,10 +44,7 @@ def tail_line(message: AbstractIncomingMessage) -> str:
 
 async def tail(config: Config, events: Sequence[str]) -> None:
     connection = await connect(config.broker, "hipcall-ingest tail")
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
+    stop = stop_event(None)
     async with connection:
         exchanges = plan(config.broker, config.enabled_consumers).exchanges
         await declare(connection, Topology(exchanges, ()))  # the tap exists before we bind to it

@@ -12,6 +12,7 @@ and holds the slowest answer to the 1 s budget exactly.
 
 from __future__ import annotations
 
+import collections
 import http.client
 import json
 import os
@@ -40,10 +41,13 @@ ROWS: list[str] = []
 
 @dataclass
 class Load:
-    """SENDERS threads posting unique webhooks at RATE per second until stopped."""
+    """SENDERS threads posting unique webhooks at `rate` per second until stopped."""
 
     port: int
+    rate: int = RATE
     answers: list[tuple[str, int, float]] = field(default_factory=list)  # key, status (0: no answer), seconds
+    failed_at: list[float] = field(default_factory=list)  # monotonic time of each request that got no answer
+    errors: collections.Counter = field(default_factory=collections.Counter)  # what the client saw instead
     stop: threading.Event = field(default_factory=threading.Event)
     _lock: threading.Lock = field(default_factory=threading.Lock)
 
@@ -59,7 +63,7 @@ class Load:
             t.join(timeout=30)
 
     def _send(self) -> None:
-        interval = SENDERS / RATE
+        interval = SENDERS / self.rate
         connection = None
         while not self.stop.is_set():
             key = uuid.uuid4().hex
@@ -75,14 +79,18 @@ class Load:
                 if response.will_close:
                     connection.close()
                     connection = None
-            except (OSError, http.client.HTTPException):
+            except (OSError, http.client.HTTPException) as exc:
                 status = 0  # refused or cut off: the ingress was down, nobody promised anything
+                with self._lock:
+                    self.errors[type(exc).__name__] += 1
                 if connection is not None:
                     connection.close()
                 connection = None
             elapsed = time.monotonic() - started
             with self._lock:
                 self.answers.append((key, status, elapsed))
+                if not status:
+                    self.failed_at.append(started + elapsed)
             time.sleep(max(0.0, interval - elapsed))
 
 
@@ -101,9 +109,10 @@ def config(sink: Path, max_length: int = 0) -> str:
             f'[http]\nanswer_timeout = "{ANSWER_BUDGET:g}s"\n[logging]\naccess = false\n')
 
 
-def judge(name: str, load: Load, sink: Path) -> None:
+def judge(name: str, load: Load, sink: Path, unanswered_allowed: bool = True) -> None:
     """Waits for the sink to hold every accepted key, prints the row, and fails unless lost = 0,
-    non-2xx = 0 and the slowest answer is within the budget."""
+    non-2xx = 0 and the slowest answer is within the budget (and, where nothing may be refused,
+    unanswered = 0)."""
     accepted = {k for k, status, _ in load.answers if 200 <= status < 300}
     try:
         wait_until(lambda: accepted <= set(sink_keys(sink)), timeout=90, interval=0.5, what="every accepted key in the sink")
@@ -118,8 +127,9 @@ def judge(name: str, load: Load, sink: Path) -> None:
     row = (f"{name:<34} sent {len(load.answers):>6}  2xx {len(accepted):>6}  non-2xx {non_2xx:>4}  "
            f"unanswered {unanswered:>4}  slowest {slowest:6.3f}s  lost {lost:>3}  duplicated {duplicated:>4}")
     ROWS.append(row)
-    print("\n" + row)
+    print("\n" + row + (f"\n    no answer: {dict(load.errors)}" if load.errors else ""))
     assert (lost, non_2xx) == (0, 0) and slowest <= ANSWER_BUDGET + SLACK, row
+    assert unanswered_allowed or unanswered == 0, row
 
 
 @pytest.fixture
@@ -223,6 +233,69 @@ def test_ingress_killed_while_spooling(pipeline, launch, node_broker, rabbit_nod
     rabbit_node.start()
     _end(load)
     judge("ingress kill -9 while spooling", load, sink)
+
+
+# --- the process model: reload, a killed ingress process, the supervisor upgraded in place -------------
+
+RELOAD_RATE = 300  # webhooks per second under which restarts must go unnoticed
+
+
+def _supervisor_line(proc, msg: str, after: int = 0) -> dict:
+    """Waits for the supervisor's `msg` line past the first `after` of them; returns it."""
+    wait_until(lambda: len([l for l in proc.logs() if l.get("msg") == msg]) > after, timeout=60, interval=0.1,
+               what=f"the supervisor's {msg}")
+    return [l for l in proc.logs() if l.get("msg") == msg][after]
+
+
+def test_serve_reloaded_twice_mid_load(pipeline):
+    """kill -HUP twice: every ingress process is replaced, one at a time, and no request is refused."""
+    ingress, worker, sink, text = pipeline
+    before = ingress.ingress_pids()
+    load = Load(ingress.port, rate=RELOAD_RATE)
+    load.run()
+    time.sleep(SECONDS / 4)
+    for n in range(2):
+        ingress.process.send_signal(signal.SIGHUP)  # the supervisor alone, as systemctl reload sends it
+        _supervisor_line(ingress, "reload_done", after=n)
+        time.sleep(SECONDS / 4)
+    load.finish()
+    judge("serve kill -HUP twice", load, sink, unanswered_allowed=False)
+    after = ingress.ingress_pids()
+    assert len(after) == 2 and not after & before  # both replaced, twice
+    assert ingress.process.poll() is None
+
+
+def test_one_ingress_process_killed_mid_load(pipeline):
+    """kill -9 of one ingress process: only what it had taken may fail, and only at the kill; the
+    connections waiting in the shared socket's queue are the other process's to take."""
+    ingress, worker, sink, text = pipeline
+    load = Load(ingress.port, rate=RELOAD_RATE)
+    _middle(load)
+    victim = min(ingress.ingress_pids())
+    killed_at = time.monotonic()
+    os.kill(victim, signal.SIGKILL)
+    _supervisor_line(ingress, "process_killed")
+    _end(load)
+    late = [round(t - killed_at, 3) for t in load.failed_at if t - killed_at > 0.1]
+    judge(f"one ingress process kill -9 ({len(load.failed_at)} failed)", load, sink)
+    assert all(t >= killed_at - 0.01 for t in load.failed_at), "a request failed before the kill"
+    assert late == [], f"requests failed more than 100 ms after the kill (seconds after it): {late}"
+
+
+def test_supervisor_upgraded_in_place_mid_load(pipeline):
+    """kill -USR2: the supervisor runs itself again from disk with the same pid, keeps the socket and
+    its processes meanwhile, then replaces them one at a time; no request is refused."""
+    ingress, worker, sink, text = pipeline
+    before = ingress.ingress_pids()
+    load = Load(ingress.port, rate=RELOAD_RATE)
+    _middle(load)
+    ingress.process.send_signal(signal.SIGUSR2)
+    upgraded = _supervisor_line(ingress, "supervisor_upgraded")
+    _supervisor_line(ingress, "reload_done")
+    _end(load)
+    judge("supervisor upgraded in place (USR2)", load, sink, unanswered_allowed=False)
+    assert upgraded["pid_kept"] == ingress.process.pid
+    assert not ingress.ingress_pids() & before
 
 
 class FreezingProxy:

@@ -61,7 +61,7 @@ def test_a_killed_process_is_replaced_while_the_other_answers_and_its_spool_is_d
     assert len(spooled) == 2
     victim = min(spooled)
     os.kill(victim, signal.SIGKILL)
-    wait_until(lambda: any(l.get("msg") == "ingress_process_killed" and l["pid"] == victim for l in proc.logs()),
+    wait_until(lambda: any(l.get("msg") == "process_killed" and l["pid"] == victim for l in proc.logs()),
                what="the supervisor to see the kill")
     for n in range(20, 40):  # the survivor answers while a new process starts
         post(n)
@@ -88,7 +88,7 @@ def test_each_process_has_its_share_of_the_spool(launch, node_broker, rabbit_nod
 
 def test_a_killed_supervisor_takes_its_processes_with_it_and_the_next_removes_its_metrics(ingress, launch, broker):
     children = _pids(ingress, "serving")
-    [started] = [l for l in ingress.logs() if l.get("msg") == "ingress_processes"]
+    [started] = [l for l in ingress.logs() if l.get("msg") == "supervisor_started"]
     os.kill(ingress.process.pid, signal.SIGKILL)  # the supervisor alone, not its process group
     ingress.process.wait()
     wait_until(lambda: not any(_alive(pid) for pid in children), what="the processes to stop")
@@ -99,7 +99,7 @@ def test_a_killed_supervisor_takes_its_processes_with_it_and_the_next_removes_it
     assert left.is_dir()  # a serve killed with -9 could not remove it
     after = launch("serve", broker, "", wait="/healthz")
     assert not left.exists()
-    [metrics] = [l["metrics_dir"] for l in after.logs() if l.get("msg") == "ingress_processes"]
+    [metrics] = [l["metrics_dir"] for l in after.logs() if l.get("msg") == "supervisor_started"]
     assert Path(metrics).is_dir()
     assert after.stop() == 0
     assert not Path(metrics).exists()  # a serve that stops removes its own
@@ -130,13 +130,13 @@ def test_a_port_in_use_stops_start_up_with_exit_1(tmp_path, processes):
     assert "Traceback" not in done.stderr + done.stdout
 
 
-def test_port_0_with_several_processes_is_a_config_error_of_serve_only(tmp_path):
-    done = _serve(tmp_path, 0)
-    assert done.returncode == 2
-    assert "http.port is 0" in done.stderr and "http.processes = 1" in done.stderr
-    assert "Traceback" not in done.stderr + done.stdout
-    # the other commands take the same file: they listen on no HTTP port (here: no broker, exit 1, not 2)
-    topology = subprocess.run([sys.executable, "-m", "ingest", "topology", "--config", str(tmp_path / "c.toml")],
-                              capture_output=True, text=True, cwd=tmp_path, timeout=30,
-                              env={**os.environ, "PYTHONPATH": str(ROOT), "HIPCALL_AMQP_URL": "amqp://guest:guest@127.0.0.1:1/"})
-    assert topology.returncode == 1 and "http.port" not in topology.stderr
+def test_port_0_gives_every_process_the_one_free_port_the_supervisor_took(launch, broker):
+    proc = launch("serve", broker, '[http]\nhost = "127.0.0.1"\nprocesses = 2\n', env={"HIPCALL_HTTP_PORT": "0"})
+    wait_until(lambda: len(_pids(proc, "serving")) == 2, what="both processes serving")
+    [started] = [l for l in proc.logs() if l.get("msg") == "supervisor_started"]
+    port = int(started["listening"].rsplit(":", 1)[1])
+    assert port != 0
+    assert {l["url"] for l in proc.logs() if l.get("msg") == "serving"} == {f"http://127.0.0.1:{port}"}
+    proc.port = port
+    assert post_webhook(proc, payload("call_init"))[0] == 202
+    assert proc.stop() == 0

@@ -227,7 +227,7 @@ def test_run_starts_reconcile_as_a_third_process_when_an_api_key_is_set(launch, 
     config = config_for(hipcall_api, extra='interval = "1s"')
     run = launch("run", broker, config, env=key_env(hipcall_api), wait="/readyz")
     wait_until(lambda: sorted(cmd.split(" -m ingest ")[1].split()[0] for _, cmd in children_of(run.process.pid))
-               == ["reconcile", "serve", "work"], what="serve, work and reconcile under run")
+               == ["reconcile", "serve", "serve", "work"], what="two ingress processes, work and reconcile under run")
     wait_until(lambda: any(l.get("msg") == "reconcile_pass" for l in run.logs()), what="a reconcile pass")
     assert run.stop() == 0
     assert hipcall_api.key not in run.output()

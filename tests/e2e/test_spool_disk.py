@@ -47,9 +47,9 @@ def test_restarts_as_a_container_s_pid_1_lose_no_spooled_webhook(launch, broker)
     ids = []
     for run, stop in enumerate((signal.SIGTERM, signal.SIGKILL, signal.SIGTERM)):  # docker restart, docker kill
         proc = launch("serve", broker, FAST, env={**AWAY, **port}, wait="/healthz", wrap=CONTAINER)
-        wait_until(lambda: any(l.get("msg") == "ingress_processes" for l in proc.logs()), what="processes started")  # noqa: B023
-        [started] = [l for l in proc.logs() if l.get("msg") == "ingress_processes"]
-        assert started["pids"] == [2, 3]  # the same pids on every start, as in a container
+        wait_until(lambda: any(l.get("msg") == "supervisor_started" for l in proc.logs()), what="processes started")  # noqa: B023
+        [started] = [l for l in proc.logs() if l.get("msg") == "supervisor_started"]
+        assert started["children"] == {"2": "ingress", "3": "ingress"}  # the same pids on every start, as in a container
         ids += spool_all(proc, [f"run{run}-{n}" for n in range(10)])
         proc.signal(stop)
         assert proc.wait() == (0 if stop == signal.SIGTERM else -signal.SIGKILL)

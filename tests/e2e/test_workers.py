@@ -266,7 +266,7 @@ def test_run_starts_ingress_and_worker_and_sigterm_stops_both(launch, broker, tm
     assert run.stop() == 0
     stopped = [l["process"] for l in run.logs() if l.get("msg") == "stopped"]
     assert sorted(stopped) == ["serve", "serve", "work"]  # the ingress's two processes, the worker
-    assert [l["code"] for l in run.logs() if l.get("msg") == "ingress_processes_stopped"] == [0]
+    assert [l["code"] for l in run.logs() if l.get("msg") == "supervisor_stopped"] == [0]
 
 
 def test_a_retry_the_broker_cannot_store_is_never_acked_so_nothing_is_lost(launch, broker, tmp_path):

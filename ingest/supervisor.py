@@ -1,0 +1,458 @@
+"""The supervisor of `serve` and `run`: one process that holds the listening socket and keeps the others.
+
+Its behaviour follows gunicorn's arbiter and nginx's master process:
+- **One listening socket.** It opens the port once (or takes the socket systemd passes it: socket
+  activation, `deploy/hipcall-ingest.socket`) and every ingress process accepts from that one socket.
+  A killed ingress process loses only the requests it was answering: the connections waiting in the
+  socket's queue are the others' to take, and a replacement starts.
+- **One loop, every child.** `serve` keeps `http.processes` ingress processes; `run` adds a worker (when
+  consumers are enabled) and reconcile (when HIPCALL_API_KEY is set). A child killed by a signal is
+  started again (at most once a second per kind); one that exits with an error of its own stops
+  everything, and the supervisor exits 1 (the child said why in the log).
+- **SIGTERM / SIGINT**: each child is asked to stop (its lifeline closes: ingest/lifecycle.py), finishes
+  what it was doing within its grace period, and exits; one still running after that is killed.
+- **SIGHUP reloads**: the config file is read and checked again; a bad one is logged (`reload_refused`)
+  and the running processes keep going. Otherwise fresh ingress processes start one at a time (new code
+  from disk, the new config), and an old one is asked to stop only once a fresh one accepts on the
+  socket. The worker and reconcile are stopped, then started again: their queues keep what they had
+  not acked. The listening address cannot change on a reload (the socket is kept): that takes a restart.
+- **SIGUSR2 upgrades the supervisor in place**: it checks the config, then runs itself again from disk
+  (exec) with the same pid, handing over the listening socket and its children (their pipes stay open
+  across the exec, and they are still its children). The new supervisor adopts them, logs
+  `supervisor_upgraded`, and reloads them as on SIGHUP. The pid does not change, so systemd and a
+  container runtime see the same main process throughout, and no connection is refused.
+- **Metrics**: prometheus-client's multiprocess mode for the ingress processes, in a fresh directory
+  per supervisor, so a scrape that reaches any of them gets the sum of all.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import select
+import shutil
+import signal
+import socket
+import stat
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Mapping, MutableMapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+import structlog
+
+from .config import Config, HttpConfig, load_config
+from .errors import CannotListen, HipcallError, UsageError
+from .lifecycle import STOP_SIGNALS
+
+log = structlog.get_logger("ingest.supervisor")
+
+METRICS_DIR_ENV = "PROMETHEUS_MULTIPROC_DIR"  # prometheus-client reads it when it is imported
+METRICS_DIR_PREFIX = "hipcall-ingest-metrics-"  # then the supervisor's pid
+RESTART_PAUSE = 1.0  # seconds at least between two starts of one kind: a crash loop is not a busy loop
+READY_TIMEOUT = 30.0  # seconds a fresh process of a reload may take to be ready; then the reload is given up
+POLL = 0.05  # seconds between looks at the children
+KILL_SLACK = 10.0  # seconds past its grace period before a child that was asked to stop is killed
+SYSTEMD_FIRST_FD = 3  # sd_listen_fds(3): the first socket systemd passes
+HANDOVER_ENV = "HIPCALL_SUPERVISOR_HANDOVER"  # what a supervisor passes to itself across an upgrade's exec
+
+
+@dataclass(frozen=True)
+class Kind:
+    """One kind of child: what it runs (`python -m ingest COMMAND ...`), how many, how long a stop may take."""
+
+    name: str  # "ingress", "worker", "reconcile"
+    command: tuple[str, ...]
+    count: int
+    grace: float  # seconds it may take to stop once asked
+    restart_first: bool  # on a reload: start the fresh one before stopping the old (ingress), or after
+
+
+def kinds(config: Config, run: bool) -> list[Kind]:
+    """The children of `serve` (ingress processes), or of `run` (and a worker, and reconcile)."""
+    # An ingress process's stop: keep-alive connections until their last answer (http.idle_timeout at
+    # most), then its in-flight requests (http.shutdown_timeout).
+    found = [Kind("ingress", ("serve",), config.http.processes, config.http.idle_timeout + config.http.shutdown_timeout,
+                  True)]
+    if run and config.enabled_consumers:
+        found.append(Kind("worker", ("work",), 1, config.worker.grace_period, False))
+    if run and config.hipcall.api_key:
+        found.append(Kind("reconcile", ("reconcile",), 1, 30.0, False))
+    return found
+
+
+class Process(Protocol):
+    pid: int
+    returncode: int | None
+
+    def poll(self) -> int | None: ...
+
+    def kill(self) -> None: ...
+
+
+class Adopted:
+    """A child started before an upgrade's exec: still this process's child (waitpid reaps it), but
+    subprocess.Popen's own record of it did not survive the exec."""
+
+    def __init__(self, pid: int) -> None:
+        self.pid = pid
+        self.returncode: int | None = None
+
+    def poll(self) -> int | None:
+        if self.returncode is None:
+            try:
+                pid, status = os.waitpid(self.pid, os.WNOHANG)
+            except ChildProcessError:  # reaped already: nothing more to learn
+                self.returncode = 0
+                return 0
+            if pid:
+                self.returncode = os.waitstatus_to_exitcode(status)
+        return self.returncode
+
+    def kill(self) -> None:
+        try:
+            os.kill(self.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+
+@dataclass(eq=False)
+class Child:
+    kind: Kind
+    process: Process
+    lifeline: int  # write end: closing it asks the child to stop
+    ready: int  # read end: a byte once the child works, its end if the child died first
+    asked_at: float | None = None  # when it was asked to stop
+    on_trial: bool = False  # started by a reload and not ready yet: if it fails, the reload fails, not everything
+
+    @property
+    def pid(self) -> int:
+        return self.process.pid
+
+
+@dataclass
+class Supervisor:
+    config: Config
+    config_file: str | None
+    run: bool  # `run` (ingress, worker, reconcile) rather than `serve`
+    sock: socket.socket
+    environ: MutableMapping[str, str]
+    children: list[Child] = field(default_factory=list)
+    code: int = 0
+    _signals: list[int] = field(default_factory=list)
+    _stopping: bool = False
+    _restarts: list[tuple[float, Kind]] = field(default_factory=list)  # (not before, kind)
+    _last_start: dict[str, float] = field(default_factory=dict)
+    _metrics_dir: str = ""
+    _reloading: bool = False
+
+    def serve(self, handover: dict[str, Any] | None = None) -> int:
+        """Run until SIGTERM or SIGINT (or a child's error); the exit code. With `handover` (an upgrade's
+        exec), adopt the children of the supervisor this process was, then reload them."""
+        for sig in (*STOP_SIGNALS, signal.SIGHUP, signal.SIGUSR2):
+            signal.signal(sig, self._on_signal)
+        try:
+            host, port = self.sock.getsockname()[:2]
+            if handover is None:
+                self._metrics_dir = _metrics_dir()
+                for kind in kinds(self.config, self.run):
+                    for _ in range(kind.count):
+                        self._start(kind)
+                log.info("supervisor_started", listening=f"{host}:{port}", metrics_dir=self._metrics_dir,
+                         children={str(c.pid): c.kind.name for c in self.children})
+            else:
+                self._adopt(handover)
+                log.info("supervisor_upgraded", pid_kept=os.getpid(), listening=f"{host}:{port}",
+                         children={str(c.pid): c.kind.name for c in self.children}, action="reloading them")
+                self._signals.append(signal.SIGHUP)
+            while self.children or not self._stopping:
+                self._tick()
+                time.sleep(POLL)
+        finally:
+            for child in self.children:  # only on an error of our own: never leave a child behind
+                child.process.kill()
+            shutil.rmtree(self._metrics_dir, ignore_errors=True)
+        log.info("supervisor_stopped", code=self.code)
+        return self.code
+
+    # --- the loop -------------------------------------------------------------------------------
+
+    def _on_signal(self, signum: int, frame: object) -> None:
+        self._signals.append(signum)  # handled in the loop, never inside the handler
+
+    def _tick(self) -> None:
+        deferred = []
+        while self._signals:
+            signum = self._signals.pop(0)
+            if signum in STOP_SIGNALS:
+                self._stop_all(signal.Signals(signum).name)
+            elif self._reloading:  # a HUP or USR2 during a reload: once this one is done
+                deferred.append(signum)
+            elif signum == signal.SIGUSR2 and not self._stopping:
+                self._upgrade()
+            elif not self._stopping:
+                self._reloading = True
+                try:
+                    self._reload()
+                finally:
+                    self._reloading = False
+        self._signals[:0] = deferred
+        self._reap()
+        now = time.monotonic()
+        for entry in [r for r in self._restarts if r[0] <= now]:
+            self._restarts.remove(entry)
+            if not self._stopping:
+                self._start(entry[1])
+        for child in self.children:
+            if child.asked_at is not None and now - child.asked_at > child.kind.grace + KILL_SLACK \
+                    and child.process.poll() is None:
+                log.error("process_killed_after_grace", kind=child.kind.name, pid=child.pid,
+                          grace_s=child.kind.grace + KILL_SLACK)
+                child.process.kill()
+                self.code = 1
+
+    def _reap(self) -> None:
+        for child, code in [(c, c.process.poll()) for c in self.children]:
+            if code is None:
+                continue
+            self._forget(child)
+            if child.asked_at is not None or self._stopping:
+                log.info("process_stopped", kind=child.kind.name, pid=child.pid, code=code)
+                if code != 0 and code != -signal.SIGKILL:
+                    self.code = 1
+            elif child.on_trial:  # the reload waiting for it says so
+                log.error("process_exited", kind=child.kind.name, pid=child.pid, code=code, action="reload fails")
+            elif code < 0 or code == 0:  # killed (kill -9, the OOM killer), or gone without an error
+                when = max(time.monotonic(), self._last_start.get(child.kind.name, 0.0) + RESTART_PAUSE)
+                self._restarts.append((when, child.kind))
+                log.error("process_killed" if code < 0 else "process_ended", kind=child.kind.name, pid=child.pid,
+                          **({"signal": -code} if code < 0 else {}), action="starting another",
+                          **({"note": "the new one adopts its spool segments"} if child.kind.name == "ingress" else {}))
+            else:  # an error it reported itself (a port in use, a handler that does not import): stop everything
+                log.error("process_exited", kind=child.kind.name, pid=child.pid, code=code,
+                          action="stopping the others")
+                self.code = 1
+                self._stop_all("a child failed")
+
+    def _stop_all(self, why: str) -> None:
+        if not self._stopping:
+            log.info("supervisor_stopping", reason=why, children=len(self.children))
+        self._stopping = True
+        self._restarts.clear()
+        for child in self.children:
+            self._ask_to_stop(child)
+
+    # --- children -------------------------------------------------------------------------------
+
+    def _start(self, kind: Kind) -> Child:
+        lifeline_read, lifeline = os.pipe()
+        ready, ready_write = os.pipe()
+        command = [sys.executable, "-m", "ingest", *kind.command,
+                   *(["--config", self.config_file] if self.config_file else []),
+                   "--lifeline", str(lifeline_read), "--ready", str(ready_write)]
+        fds = [lifeline_read, ready_write]
+        env = dict(self.environ)
+        if kind.name == "ingress":
+            command += ["--listen-fd", str(self.sock.fileno())]
+            fds.append(self.sock.fileno())
+            env[METRICS_DIR_ENV] = self._metrics_dir
+        try:
+            process = subprocess.Popen(command, pass_fds=fds, env=env)
+        finally:
+            os.close(lifeline_read)
+            os.close(ready_write)
+        child = Child(kind, process, lifeline, ready)
+        self.children.append(child)
+        self._last_start[kind.name] = time.monotonic()
+        log.info("process_started", kind=kind.name, pid=child.pid)
+        return child
+
+    def _ask_to_stop(self, child: Child) -> None:
+        if child.asked_at is None:
+            child.asked_at = time.monotonic()
+            os.close(child.lifeline)
+
+    def _forget(self, child: Child) -> None:
+        self.children.remove(child)
+        if child.asked_at is None:
+            os.close(child.lifeline)
+        os.close(child.ready)
+        if child.kind.name == "ingress":  # its gauges leave the sums; its counters stay (they never go back)
+            from prometheus_client.multiprocess import mark_process_dead
+
+            mark_process_dead(child.pid, self._metrics_dir)
+
+    def _wait_ready(self, child: Child) -> bool:
+        """Until the child says it works (True), dies, or READY_TIMEOUT passes; a stop signal ends the wait."""
+        child.on_trial = True
+        deadline = time.monotonic() + READY_TIMEOUT
+        try:
+            while time.monotonic() < deadline and child in self.children and not self._stopping:
+                readable, _, _ = select.select([child.ready], [], [], POLL)
+                if readable:
+                    return os.read(child.ready, 1) == b"R"
+                self._tick()
+            return False
+        finally:
+            child.on_trial = False
+
+    def _wait_gone(self, child: Child) -> None:
+        """Until the child has exited (its grace period is enforced by the loop's kill), or a stop."""
+        while child in self.children and not self._stopping:
+            self._tick()
+            time.sleep(POLL)
+
+    # --- upgrade in place -----------------------------------------------------------------------
+
+    def _upgrade(self) -> None:
+        try:
+            load_config(self.config_file, self.environ)  # the new supervisor reads it too: never exec into a bad one
+        except HipcallError as exc:
+            log.error("upgrade_refused", error=str(exc), note="the running supervisor and processes keep going")
+            return
+        children = [{"kind": c.kind.name, "pid": c.pid, "ready": c.ready,
+                     "lifeline": c.lifeline if c.asked_at is None else None} for c in self.children]
+        fds = [self.sock.fileno(), *(c.ready for c in self.children),
+               *(c.lifeline for c in self.children if c.asked_at is None)]
+        state = {"socket": self.sock.fileno(), "metrics_dir": self._metrics_dir, "code": self.code, "children": children}
+        command = [sys.executable, "-m", "ingest", *sys.argv[1:]]
+        log.info("supervisor_upgrading", command=command[1:], children=len(children))
+        for fd in fds:
+            os.set_inheritable(fd, True)
+        try:
+            os.execve(sys.executable, command, {**self.environ, HANDOVER_ENV: json.dumps(state)})
+        except OSError as exc:
+            for fd in fds:
+                os.set_inheritable(fd, False)
+            log.error("upgrade_failed", error=f"{type(exc).__name__}: {exc}", note="the running supervisor keeps going")
+
+    def _adopt(self, handover: dict[str, Any]) -> None:
+        self._metrics_dir = handover["metrics_dir"]
+        self.code = handover["code"]
+        known = {k.name: k for k in kinds(self.config, self.run)}
+        for entry in handover["children"]:
+            kind = known.get(entry["kind"]) or Kind(entry["kind"], (), 0, 30.0, False)
+            lifeline = entry["lifeline"]
+            child = Child(kind, Adopted(entry["pid"]), lifeline if lifeline is not None else -1, entry["ready"])
+            if lifeline is None:
+                child.asked_at = time.monotonic()
+            for fd in (child.ready, *([lifeline] if lifeline is not None else [])):
+                os.set_inheritable(fd, False)
+            self.children.append(child)
+
+    # --- reload ---------------------------------------------------------------------------------
+
+    def _reload(self) -> None:
+        try:
+            config = load_config(self.config_file, self.environ)
+        except HipcallError as exc:
+            log.error("reload_refused", error=str(exc), note="the running processes keep going with the config they have")
+            return
+        host, port = self.sock.getsockname()[:2]
+        if (config.http.host, config.http.port) != (self.config.http.host, self.config.http.port):
+            log.warning("reload_keeps_listening", listening=f"{host}:{port}",
+                        note="http.host and http.port change only with a restart: the socket is kept")
+        log.info("reload", children=len(self.children))
+        self.config = config
+        fresh = kinds(config, self.run)
+        for kind in fresh:
+            old = [c for c in self.children if c.kind.name == kind.name and c.asked_at is None]
+            if kind.restart_first:
+                for i in range(max(kind.count, len(old))):
+                    if i < kind.count:
+                        child = self._start(kind)
+                        if not self._wait_ready(child):
+                            if child in self.children:
+                                self._ask_to_stop(child)
+                            if not self._stopping:
+                                log.error("reload_failed", kind=kind.name, pid=child.pid,
+                                          note="a fresh process did not get ready; the others keep going")
+                            return
+                    if i < len(old):
+                        self._ask_to_stop(old[i])
+            else:
+                for child in old:
+                    self._ask_to_stop(child)
+                    self._wait_gone(child)
+                if self._stopping:
+                    return
+                for _ in range(kind.count):
+                    self._start(kind)
+        for child in self.children:  # kinds the new config has no more of (consumers all disabled, no key)
+            if child.kind.name not in {k.name for k in fresh}:
+                self._ask_to_stop(child)
+        log.info("reload_done", children={str(c.pid): c.kind.name for c in self.children if c.asked_at is None})
+
+
+def listening_socket(http: HttpConfig, inherited: int | None) -> socket.socket:
+    """The socket every ingress process accepts from: systemd's (socket activation), or bound here."""
+    if inherited is not None:
+        sock = socket.socket(fileno=inherited)
+        if sock.type != socket.SOCK_STREAM or not sock.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN):
+            raise UsageError(f"the socket passed as file descriptor {inherited} (LISTEN_FDS) is not a listening "
+                             f"TCP socket; check the .socket unit's ListenStream=")
+        return sock
+    try:
+        family = socket.getaddrinfo(http.host, http.port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)[0][0]
+        return socket.create_server((http.host, http.port), family=family, backlog=http.max_connections)
+    except OSError as exc:
+        raise CannotListen(http.host, http.port, exc.strerror or str(exc)) from None
+
+
+def systemd_socket(env: Mapping[str, str], pid: int) -> int | None:
+    """The file descriptor of the socket systemd passed (sd_listen_fds), if it passed one to this process."""
+    if env.get("LISTEN_PID") != str(pid) or not env.get("LISTEN_FDS", "").isdigit() or int(env["LISTEN_FDS"]) < 1:
+        return None
+    if int(env["LISTEN_FDS"]) > 1:
+        raise UsageError(f"systemd passed {env['LISTEN_FDS']} sockets; hipcall-ingest listens on one "
+                         f"(one ListenStream= in the .socket unit)")
+    if not stat.S_ISSOCK(os.fstat(SYSTEMD_FIRST_FD).st_mode):
+        raise UsageError(f"LISTEN_FDS is set but file descriptor {SYSTEMD_FIRST_FD} is not a socket")
+    return SYSTEMD_FIRST_FD
+
+
+def supervise(config: Config, config_file: str | None, run: bool, environ: MutableMapping[str, str]) -> int:
+    """`serve` and `run`: bind the socket (or take systemd's, or after an upgrade's exec the previous
+    supervisor's), then supervise until stopped; the exit code. `environ` is the process's environment:
+    what the children get, and what a reload reads the config with."""
+    handover = _handed_over(environ)
+    inherited = handover["socket"] if handover else systemd_socket(environ, os.getpid())
+    for name in (HANDOVER_ENV, "LISTEN_PID", "LISTEN_FDS", "LISTEN_FDNAMES"):  # never a child's to take
+        environ.pop(name, None)
+    sock = listening_socket(config.http, inherited)
+    if handover is not None:
+        os.set_inheritable(sock.fileno(), False)
+    try:
+        return Supervisor(config, config_file, run, sock, environ).serve(handover)
+    finally:
+        sock.close()
+
+
+def _handed_over(env: Mapping[str, str]) -> dict[str, Any] | None:
+    """After an upgrade's exec: the state the previous supervisor (this process, before) left."""
+    return json.loads(env[HANDOVER_ENV]) if HANDOVER_ENV in env else None
+
+
+def _metrics_dir() -> str:
+    """A new directory for this supervisor's metrics files, in the temporary directory. Those of a
+    supervisor that is gone (killed with -9, so it could not remove its own) are removed first."""
+    base = Path(tempfile.gettempdir())
+    for old in base.glob(f"{METRICS_DIR_PREFIX}*"):
+        pid = old.name.removeprefix(METRICS_DIR_PREFIX).split("-")[0]
+        if pid.isdigit() and not _alive(int(pid)):
+            shutil.rmtree(old, ignore_errors=True)
+    return tempfile.mkdtemp(prefix=f"{METRICS_DIR_PREFIX}{os.getpid()}-")
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        pass
+    return True
