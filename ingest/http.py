@@ -589,11 +589,14 @@ class Connection(web.RequestHandler):
         if self.transport is not None and not self._messages and self._current_request is None:
             self.force_close()
 
-    def drop_unfinished_body(self) -> None:
-        """On SIGTERM: a request still sending its body is closed at once; requests whose body has
-        arrived finish and get their answer."""
+    def stop(self) -> None:
+        """The process stops: a connection that never sent a whole request head (idle, or trickling
+        one) and a request still sending its body are closed at once. A request whose body has arrived
+        finishes and gets its answer; an idle keep-alive connection that has had answers stays until
+        its next request or its idle timeout (see _linger)."""
         request = self._current_request
-        if request is not None and not request.content.is_eof():
+        # aiohttp's own count of the request heads parsed on this connection
+        if (request is not None and not request.content.is_eof()) or (request is None and self._request_count == 0):
             self.force_close()
 
     def log_exception(self, *args, **kwargs) -> None:
@@ -673,7 +676,7 @@ async def serve(config: Config, supervised: Supervised, metrics_dir: str) -> Non
         app[INGRESS].draining = True
         for connection in list(runner.server.connections if runner.server else ()):
             if isinstance(connection, Connection):
-                connection.drop_unfinished_body()
+                connection.stop()
         await _linger(runner, min(config.http.idle_timeout, config.http.shutdown_timeout))
     finally:
         await runner.cleanup()

@@ -154,3 +154,22 @@ def _answers(port: int) -> bool:
 @pytest.mark.parametrize("path", ["Dockerfile", "docker-compose.yml", ".dockerignore"])
 def test_the_container_files_are_in_the_deployment_docs(path):
     assert path in (ROOT / "docs" / "deployment.md").read_text()
+
+
+def test_the_systemd_units_verify_and_reload_with_a_hup(tmp_path):
+    """deploy/systemd/: systemd-analyze (Debian's `systemd` package) finds nothing wrong in either unit,
+    with ExecStart pointed at this venv's command; reload is a SIGHUP to the supervisor alone."""
+    analyze = shutil.which("systemd-analyze")
+    assert analyze, "systemd-analyze is missing: apt-get install systemd"
+    units = ROOT / "deploy" / "systemd"
+    service = (units / "hipcall-ingest.service").read_text()
+    socket_unit = (units / "hipcall-ingest.socket").read_text()
+    command = Path(sys.executable).parent / "hipcall-ingest"
+    (tmp_path / "hipcall-ingest.service").write_text(service.replace("/opt/hipcall-ingest/bin/hipcall-ingest", str(command)))
+    (tmp_path / "hipcall-ingest.socket").write_text(socket_unit)
+    done = subprocess.run([analyze, "verify", "./hipcall-ingest.socket", "./hipcall-ingest.service"], cwd=tmp_path,
+                          capture_output=True, text=True, timeout=60)
+    assert (done.returncode, done.stdout + done.stderr) == (0, "")
+    assert "ExecReload=/bin/kill -HUP $MAINPID" in service and "KillMode=mixed" in service
+    assert "ExecStart=/opt/hipcall-ingest/bin/hipcall-ingest run" in service
+    assert f"Backlog={load_config(None, {}).http.max_connections}" in socket_unit

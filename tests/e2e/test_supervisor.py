@@ -39,17 +39,19 @@ def test_a_reload_with_a_broken_config_is_refused_and_the_running_processes_keep
     assert "Traceback" not in proc.output()
 
 
-def test_run_reloads_its_worker_and_its_ingress_and_keeps_its_pid(launch, broker, tmp_path):
+def test_run_reloads_its_worker_and_its_ingress_processes(launch, broker, tmp_path):
     record = tmp_path / "record.jsonl"
     table = (f'[consumers.crm]\nevents = ["call_hangup"]\nhandler = "workers.builtin:jsonl"\n'
              f'[consumers.crm.options]\npath = "{record}"\n[http]\nhost = "127.0.0.1"\n')
     run = launch("run", broker, table, wait="/readyz")
     wait_until(lambda: _lines(run, "consuming"), what="the worker consuming")
     [first_worker] = [l["pid"] for l in _lines(run, "process_started") if l["kind"] == "worker"]
+    first_ingress = run.ingress_pids()
     run.process.send_signal(signal.SIGHUP)
     wait_until(lambda: _lines(run, "reload_done"), timeout=60, what="the reload done")
     workers = [l["pid"] for l in _lines(run, "process_started") if l["kind"] == "worker"]
     assert len(workers) == 2 and workers[0] == first_worker
+    assert len(run.ingress_pids()) == 2 and not run.ingress_pids() & first_ingress
     wait_until(lambda: len(_lines(run, "consuming")) == 2, what="the new worker consuming")
     assert post_webhook(run, payload("call_hangup"))[0] == 202
     wait_until(lambda: record.exists() and record.read_text().count("call_hangup") >= 1, what="handled by the new worker")

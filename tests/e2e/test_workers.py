@@ -409,13 +409,29 @@ def test_sigterm_finishes_within_the_grace_period_during_a_resource_alarm_and_re
     assert ingress.stop() == 0
 
 
-def test_run_exits_non_zero_when_a_child_is_killed(launch, broker, tmp_path):
-    run = launch("run", broker, consumer(record=str(tmp_path / "r.jsonl")) + '[http]\nhost = "127.0.0.1"\n', wait="/readyz")
+def test_run_starts_a_killed_worker_again_and_handles_on(launch, broker, tmp_path):
+    record = tmp_path / "r.jsonl"
+    run = launch("run", broker, consumer(record=str(record)) + '[http]\nhost = "127.0.0.1"\n', wait="/readyz")
     wait_until(lambda: any(l.get("msg") == "consuming" for l in run.logs()), what="worker consuming")
     [(pid, _)] = [c for c in children_of(run.process.pid) if " work " in c[1] + " "]
     os.kill(pid, signal.SIGKILL)
+    wait_until(lambda: [l for l in run.logs() if l.get("msg") == "process_killed" and l["pid"] == pid], what="the kill seen")
+    [killed] = [l for l in run.logs() if l.get("msg") == "process_killed"]
+    assert (killed["kind"], killed["signal"]) == ("worker", 9)
+    wait_until(lambda: len([l for l in run.logs() if l.get("msg") == "consuming"]) == 2, what="a new worker consuming")
+    assert post_webhook(run, HANGUP)[0] == 202
+    wait_until(lambda: records(record, "done"), what="handled by the new worker")
+    assert run.stop() == 0
+
+
+def test_run_exits_1_when_a_child_fails_on_its_own_naming_it(launch, broker, tmp_path):
+    table = '[consumers.crm]\nevents = ["call_hangup"]\nhandler = "no_such_module:handle"\n[http]\nhost = "127.0.0.1"\n'
+    run = launch("run", broker, table)
     assert run.wait() == 1
-    assert "killed by signal 9" in run.output()
+    [exited] = [l for l in run.logs() if l.get("msg") == "process_exited"]
+    assert (exited["kind"], exited["code"]) == ("worker", 2)
+    assert "no_such_module" in run.output()  # the worker said why
+    assert [l["code"] for l in run.logs() if l.get("msg") == "supervisor_stopped"] == [1]
 
 
 def test_jsonl_dead_letters_a_body_it_cannot_write_instead_of_retrying(launch, broker, tmp_path):
