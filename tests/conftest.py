@@ -462,3 +462,46 @@ def launch(tmp_path):
 def ingress(launch, broker):
     """A running `hipcall-ingest serve` on a fresh vhost, ready (connected to the broker)."""
     return launch("serve", broker, "[http]\nhost = \"127.0.0.1\"\n", wait="/readyz")
+
+
+# --- PostgreSQL (the postgres built-in consumer) ------------------------------------------------------
+
+POSTGRES_URL = os.environ.get("HIPCALL_TEST_POSTGRES_URL", "postgresql://postgres@127.0.0.1:5432/postgres")
+HOW_TO_GET_POSTGRES = (
+    "Start the machine's PostgreSQL (`pg_ctlcluster 15 main start`, or `service postgresql start`; Debian's "
+    "`postgresql` package; user postgres, trust auth on 127.0.0.1), or point HIPCALL_TEST_POSTGRES_URL at a "
+    "PostgreSQL 12+ database whose user may create databases."
+)
+
+
+def _postgres(sql: str, url: str = POSTGRES_URL):
+    import asyncpg
+
+    async def main():
+        connection = await asyncpg.connect(url, timeout=10)
+        try:
+            return await connection.fetch(sql)
+        finally:
+            await connection.close()
+
+    return asyncio.run(main())
+
+
+@pytest.fixture(scope="session")
+def postgres_url():
+    """A database of this test run's own, created here and dropped at the end: its URL."""
+    name = f"hipcall_test_{os.getpid()}"
+    try:
+        _postgres(f"CREATE DATABASE {name}")
+    except OSError as exc:
+        pytest.fail(f"PostgreSQL is not answering at {POSTGRES_URL.split('@')[-1]} ({exc}). {HOW_TO_GET_POSTGRES}")
+    yield POSTGRES_URL.rsplit("/", 1)[0] + f"/{name}"
+    _postgres(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
+
+
+@pytest.fixture
+def postgres_schema(postgres_url, request):
+    """A schema of this test's own in the run's database: (url, schema)."""
+    schema = "t_" + "".join(c if c.isalnum() else "_" for c in request.node.name.lower())[:50]
+    _postgres(f"DROP SCHEMA IF EXISTS {schema} CASCADE", postgres_url)
+    return postgres_url, schema

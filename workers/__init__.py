@@ -4,6 +4,6 @@ A handler is `async def handle(event)` or `def handle(event)`; raise to retry, r
 PermanentError to dead-letter at once, return to acknowledge.
 """
 
-from .handler import Event, PermanentError
+from .handler import Event, PermanentError, RetryLater
 
-__all__ = ["Event", "PermanentError"]
+__all__ = ["Event", "PermanentError", "RetryLater"]

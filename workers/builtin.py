@@ -1,4 +1,6 @@
-"""Built-in handlers: `workers.builtin:log` (the default consumer) and `workers.builtin:jsonl`."""
+"""The built-in handlers by the names users write in the config: `workers.builtin:log` (the default
+consumer) and `jsonl` here; `postgres` (workers/postgres.py, the `postgres` extra), `recordings`
+(workers/recordings.py) and `http_forward` (workers/forward.py) in modules of their own. docs/consumers.md says what each does."""
 
 from __future__ import annotations
 
@@ -11,7 +13,14 @@ import structlog
 
 from ingest.errors import HandlerImportError
 
+from .forward import HttpForward
 from .handler import Event, PermanentError
+from .postgres import Postgres
+from .recordings import Recordings
+
+postgres = Postgres
+http_forward = HttpForward
+recordings = Recordings
 
 _log = structlog.get_logger("workers.builtin")
 

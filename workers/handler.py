@@ -23,13 +23,22 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
-from ingest.config import ConsumerConfig
+from ingest.config import ConsumerConfig, HipcallConfig
 from ingest.errors import HandlerImportError
 from ingest.message import SOURCE
 
 
 class PermanentError(Exception):
     """Raise it from a handler when retrying cannot help: the message goes straight to the DLQ."""
+
+
+class RetryLater(Exception):
+    """Raise it when the other side said when to come back (a Retry-After): the retry takes the first of
+    the consumer's remaining delays at least `seconds` long (or the longest there is)."""
+
+    def __init__(self, seconds: float, message: str) -> None:
+        super().__init__(message)
+        self.seconds = seconds
 
 
 @dataclass(frozen=True)
@@ -60,8 +69,9 @@ class Event:
 class Handler:
     """A loaded handler: call it with an Event; start and close it once per worker process."""
 
-    def __init__(self, consumer: ConsumerConfig, target: Any) -> None:
+    def __init__(self, consumer: ConsumerConfig, target: Any, hipcall: HipcallConfig | None = None) -> None:
         self.consumer = consumer
+        self._context = {"consumer": consumer, "hipcall": hipcall}  # what a start() may ask for by name
         self._instance = target() if inspect.isclass(target) else None
         function = getattr(self._instance, "handle", None) if self._instance is not None else target
         if not callable(function):
@@ -85,7 +95,10 @@ class Handler:
     async def start(self) -> None:
         start = getattr(self._instance, "start", None)
         if start is not None:
-            await start(dict(self.consumer.options))
+            # start(options), or start(options, consumer=..., hipcall=...) for the built-ins that size
+            # themselves by the consumer's concurrency or call Hipcall's API
+            wanted = inspect.signature(start).parameters
+            await start(dict(self.consumer.options), **{k: v for k, v in self._context.items() if k in wanted})
 
     async def close(self) -> None:
         close = getattr(self._instance, "close", None)
@@ -148,7 +161,7 @@ class ThreadPool:
             future.set_result(result)
 
 
-def load_handler(consumer: ConsumerConfig) -> Handler:
+def load_handler(consumer: ConsumerConfig, hipcall: HipcallConfig | None = None) -> Handler:
     """Import `module:name`; any failure is a HandlerImportError naming the consumer and the path."""
     module_name, _, attribute = consumer.handler.partition(":")
     try:
@@ -161,4 +174,4 @@ def load_handler(consumer: ConsumerConfig) -> Handler:
     target = getattr(module, attribute, None)
     if target is None:
         raise HandlerImportError(f"consumer {consumer.name!r}: module {module_name!r} has no {attribute!r} (handler {consumer.handler!r})")
-    return Handler(consumer, target)
+    return Handler(consumer, target, hipcall)

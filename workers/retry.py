@@ -24,9 +24,14 @@ def attempt_of(headers: Mapping[str, Any] | None) -> int:
         return 1
 
 
-def next_delay(retry: RetryConfig, attempt: int) -> float | None:
-    """How long to wait after attempt `attempt` failed; None when the attempts are used up."""
-    return retry.delays[attempt - 1] if attempt <= len(retry.delays) else None
+def next_delay(retry: RetryConfig, attempt: int, at_least: float = 0.0) -> float | None:
+    """How long to wait after attempt `attempt` failed; None when the attempts are used up. With
+    `at_least` (a Retry-After), the first remaining delay that long, else the longest remaining: only
+    the configured delays have queues."""
+    remaining = retry.delays[attempt - 1:]
+    if not remaining:
+        return None
+    return next((d for d in remaining if d >= at_least), max(remaining))
 
 
 def describe_error(exc: BaseException) -> str:

@@ -36,7 +36,7 @@ from ingest.publish import Publisher
 from ingest.topology import declare, plan
 
 from .acks import Acks
-from .handler import Event, Handler, PermanentError, load_handler
+from .handler import Event, Handler, PermanentError, RetryLater, load_handler
 from .retry import attempt_of, dead_letter_headers, describe_error, next_delay, retry_headers
 
 log = structlog.get_logger("workers")
@@ -174,7 +174,8 @@ class Worker:
         if acks.channel.is_closed:  # nothing to replace: the broker has put the message back already
             log.warning("delivery_channel_gone", outcome="failed", action="redelivered by the broker", **fields)
             return
-        delay = None if isinstance(exc, PermanentError) else next_delay(consumer.retry, attempt)
+        delay = None if isinstance(exc, PermanentError) else \
+            next_delay(consumer.retry, attempt, exc.seconds if isinstance(exc, RetryLater) else 0.0)
         if delay is not None:
             exchange, key = delay_exchange(self.config.broker.exchange), retry_routing_key(consumer.name, delay, name)
             headers = retry_headers(message.header.properties.headers, attempt)
@@ -292,7 +293,7 @@ def _event(name: str, message: DeliveredMessage, attempt: int, mid: str) -> Even
 async def work(config: Config, consumers: Sequence[ConsumerConfig], metrics_port: int = 0,
                supervised: Supervised | None = None) -> None:
     """Start-up and shutdown of a worker process, top to bottom."""
-    handlers = {c.name: load_handler(c) for c in consumers}  # import errors stop start-up here
+    handlers = {c.name: load_handler(c, config.hipcall) for c in consumers}  # import errors stop start-up here
     stop = stop_event(supervised)
     if metrics_port:
         serve_metrics("worker", config.worker.metrics_host, metrics_port, "worker.metrics_port or --metrics-port")

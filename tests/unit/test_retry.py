@@ -68,3 +68,11 @@ def test_republished_properties_keep_the_message_and_make_it_persistent():
     assert properties.headers == {"new": bytearray(b"\xff\x00")}  # bytes as AMQP's byte array, byte for byte
     again = republish_properties(Basic.Properties(message_id="kept"), body, {})
     assert again.message_id == "kept"
+
+
+def test_a_retry_after_takes_the_first_remaining_delay_at_least_that_long(retry):
+    assert next_delay(retry, 1, at_least=30) == 60  # 10s is too short: the 1m tier
+    assert next_delay(retry, 1, at_least=60) == 60
+    assert next_delay(retry, 2, at_least=5) == 60  # never shorter than the tier the attempt is at
+    assert next_delay(retry, 4, at_least=100000) == 7200  # longer than any: the longest that remains
+    assert next_delay(retry, 6, at_least=1) is None  # attempts used up
