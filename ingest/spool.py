@@ -207,7 +207,7 @@ class Segment:
             _unlink(temporary)
             raise
         _unlink(temporary)
-        _fsync_dir(path.parent)  # the new file's name is durable before a record goes in
+        fsync_dir(path.parent)  # the new file's name is durable before a record goes in
         return cls(path, fd)
 
     def reachable(self) -> bool:
@@ -263,7 +263,8 @@ def _unlink(path: Path) -> None:
         pass
 
 
-def _fsync_dir(directory: Path) -> None:
+def fsync_dir(directory: Path) -> None:
+    """Make a rename or a new file in `directory` durable (the spool's segments, archived recordings)."""
     fd = os.open(directory, os.O_RDONLY)
     try:
         os.fsync(fd)

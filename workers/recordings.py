@@ -27,6 +27,7 @@ import aiohttp
 
 from ingest.config import ConsumerConfig, HipcallConfig, parse_duration
 from ingest.errors import HandlerImportError
+from ingest.spool import fsync_dir
 
 from .handler import Event, PermanentError
 
@@ -132,7 +133,7 @@ class Recordings:
                         await asyncio.to_thread(out.write, chunk)
                     await asyncio.to_thread(_sync, out)
                 os.rename(partial, path)
-                await asyncio.to_thread(_sync_dir, path.parent)
+                await asyncio.to_thread(fsync_dir, path.parent)
             finally:
                 if partial.exists():
                     partial.unlink()
@@ -144,11 +145,3 @@ class Recordings:
 def _sync(out: Any) -> None:
     out.flush()
     os.fsync(out.fileno())
-
-
-def _sync_dir(directory: Path) -> None:
-    fd = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)

@@ -21,7 +21,8 @@ def test_defaults_alone_are_a_complete_config():
     assert config.http.max_body_bytes == 1024 * 1024
     assert config.retry.delays == (10, 60, 300, 1800, 7200)
     assert [c.name for c in config.consumers] == ["hipcall"]
-    assert config.consumers[0].events == ("call_init", "call_hangup", "task_create", "deal_create")
+    assert config.consumers[0].events == ("call_init", "call_bridged", "call_hangup", "task_create", "deal_create",
+                                          "contact_create", "contact_number_updated")
 
 
 def test_a_file_overlays_only_the_keys_it_sets(tmp_path):
