@@ -61,6 +61,14 @@ class ApiUnauthorized(ApiError):
     """401/403: the key in HIPCALL_API_KEY is wrong or lacks access."""
 
 
+class ApiRefused(ApiError):
+    """Hipcall's API refused what was asked with a 4xx (not 401, 403 or 429): asking again would not help."""
+
+
+class TaskUncertain(ApiError):
+    """A POST to Hipcall's API got no answer: what it asked for may or may not exist now."""
+
+
 class NotADeadLetterQueue(HipcallError):
     """The named queue is not one of the configured consumers' DLQs."""
 

@@ -23,7 +23,7 @@ import structlog
 from prometheus_client import Counter
 
 from .config import HipcallConfig
-from .errors import ApiError, ApiUnauthorized
+from .errors import ApiError, ApiRefused, ApiUnauthorized, TaskUncertain
 
 log = structlog.get_logger("ingest.hipcall_api")
 
@@ -138,6 +138,36 @@ class HipcallApi:
         if not isinstance(data, dict):
             raise ApiError(f"Hipcall's API answered call {uuid} without a data object")
         return data
+
+    async def create_task(self, task: Mapping[str, Any]) -> int:
+        """POST /api/v3/tasks once (a POST is not repeated: it could make a second task); the new task's id.
+        ApiError when Hipcall says it made none (a 429, a 5xx: trying again later is safe), ApiRefused for
+        another 4xx (it would refuse it again), TaskUncertain when no answer came (a task may exist)."""
+        assert self._session is not None, "use HipcallApi in `async with`"
+        await self._limit.take()
+        self.requests += 1
+        try:
+            async with asyncio.timeout(self._config.timeout):
+                async with self._session.post(self._config.api_url + "/api/v3/tasks", json=task) as response:
+                    status, body = response.status, await response.read()
+        except (TimeoutError, aiohttp.ClientError) as exc:
+            REQUESTS.labels("timeout" if isinstance(exc, TimeoutError) else "error").inc()
+            raise TaskUncertain(f"POST /api/v3/tasks got no answer ({type(exc).__name__}); a task may have been "
+                                f"made") from None
+        if status in (401, 403):
+            REQUESTS.labels(str(status)).inc()
+            raise ApiUnauthorized(f"Hipcall's API at {self._config.api_url} refused the key in HIPCALL_API_KEY "
+                                  f"(HTTP {status}) for POST /api/v3/tasks")
+        if status not in (200, 201):
+            REQUESTS.labels("429" if status == 429 else "5xx" if status >= 500 else "4xx").inc()
+            error = ApiError if status == 429 or status >= 500 else ApiRefused  # the latter: the same again fails again
+            raise error(f"Hipcall's API answered POST /api/v3/tasks with HTTP {status}: {_detail(body)}")
+        REQUESTS.labels("ok").inc()
+        try:
+            task_id = orjson.loads(body)["data"]["id"]
+        except (orjson.JSONDecodeError, KeyError, TypeError):
+            raise TaskUncertain("POST /api/v3/tasks answered without a task id; a task may have been made") from None
+        return task_id if isinstance(task_id, int) else 0
 
     async def _get(self, path: str, params: dict[str, str], missing_ok: bool = False) -> Any:
         assert self._session is not None, "use HipcallApi in `async with`"

@@ -63,6 +63,7 @@ class StandinApi:
         self.key = key
         self.per_minute = per_minute
         self.calls: dict[str, dict] = {}
+        self.tasks: list[dict] = []  # POST /api/v3/tasks, as received (the id is their position + 1)
         self.faults: list[str] = []  # taken one per request: "429", "429-negative" (Retry-After: -5), "500", "hang"
         self.ignore_offset = False  # a broken API: every page from offset 0
         self.requests: list[tuple[str, dict, str]] = []  # (path, query, Authorization header)
@@ -96,6 +97,7 @@ class StandinApi:
         app = web.Application(middlewares=[self._gate])
         app.router.add_get("/api/v3/calls", self._list)
         app.router.add_get("/api/v3/calls/{uuid}", self._detail)
+        app.router.add_post("/api/v3/tasks", self._create_task)
         self._runner = web.AppRunner(app, access_log=None, shutdown_timeout=0.5)
         await self._runner.setup()
         site = web.TCPSite(self._runner, "127.0.0.1", 0)
@@ -171,6 +173,23 @@ class StandinApi:
         page = [{**{k: c.get(k) for k in LIST_FIELDS}, "recording_url": c.get("record_url")}
                 for c in chosen[offset:offset + limit]]
         return web.json_response({"data": page, "meta": {"count": len(chosen), "offset": offset, "limit": limit}})
+
+    async def _create_task(self, request: web.Request) -> web.Response:
+        """As Hipcall documents it: name required; description, due_date (ISO 8601 with an offset),
+        assign_to_user_id, contact_ids, company_ids."""
+        try:
+            task = await request.json()
+        except ValueError:
+            return self._error(422, "body is not JSON")
+        if not isinstance(task, dict) or not isinstance(task.get("name"), str) or not task["name"]:
+            return self._error(422, {"name": ["can't be blank"]})
+        due = task.get("due_date")
+        if due is not None and (not isinstance(due, str) or datetime.fromisoformat(due).tzinfo is None):
+            return self._error(422, {"due_date": ["must be ISO 8601 with an offset"]})
+        with self._lock:
+            self.tasks.append(task)
+            number = len(self.tasks)
+        return web.json_response({"data": {"id": number, **task}}, status=201)
 
     async def _detail(self, request: web.Request) -> web.Response:
         if self.detail_delay:

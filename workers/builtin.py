@@ -1,6 +1,7 @@
 """The built-in handlers by the names users write in the config: `workers.builtin:log` (the default
 consumer) and `jsonl` here; `postgres` (workers/postgres.py, the `postgres` extra), `recordings`
-(workers/recordings.py) and `http_forward` (workers/forward.py) in modules of their own. docs/consumers.md says what each does."""
+(workers/recordings.py), `http_forward` (workers/forward.py) and `missed_call_task`
+(workers/missed_calls.py) in modules of their own. docs/consumers.md says what each does."""
 
 from __future__ import annotations
 
@@ -15,12 +16,14 @@ from ingest.errors import HandlerImportError
 
 from .forward import HttpForward
 from .handler import Event, PermanentError
+from .missed_calls import MissedCallTask
 from .postgres import Postgres
 from .recordings import Recordings
 
 postgres = Postgres
 http_forward = HttpForward
 recordings = Recordings
+missed_call_task = MissedCallTask
 
 _log = structlog.get_logger("workers.builtin")
 
