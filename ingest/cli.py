@@ -149,13 +149,43 @@ def cmd_run(config: Config, args: argparse.Namespace) -> int:
 
     configure_logging(config.logging, "run")
     node = _local_node(config)
+    postgres = None
     try:
+        postgres = _local_postgres(config)
         return supervise(config, args.config, run=True, environ=os.environ)
     finally:
+        if postgres is not None:
+            print(f"hipcall-ingest run: stopping PostgreSQL (its data stays in {LOCAL_POSTGRES_DIR}/)",
+                  file=sys.stderr, flush=True)
+            postgres.stop()
         if node is not None:
             print(f"hipcall-ingest run: stopping RabbitMQ node {node.name} (its data stays in {LOCAL_NODE_DIR}/)",
                   file=sys.stderr, flush=True)
             node.stop()
+
+
+LOCAL_POSTGRES_DIR = ".run/postgres"
+
+
+def _local_postgres(config: Config):
+    """A project-local PostgreSQL cluster, started when an enabled postgres consumer's dsn is a local one
+    on which nothing answers (a bare machine): `make run` with config/call-center.toml needs nothing
+    running beforehand."""
+    from .localnode import reachable
+    from .localpostgres import LocalPostgres, local_target
+
+    for consumer in config.enabled_consumers:
+        dsn = consumer.options.get("dsn") if consumer.handler == "workers.builtin:postgres" else None
+        target = local_target(dsn) if isinstance(dsn, str) else None
+        if target is None or reachable("127.0.0.1", target[0]):
+            continue
+        port, user, database = target
+        print(f"hipcall-ingest run: nothing answers at 127.0.0.1:{port} (consumer {consumer.name}'s dsn); starting a "
+              f"project-local PostgreSQL ({LOCAL_POSTGRES_DIR}/, kept between runs)", file=sys.stderr, flush=True)
+        cluster = LocalPostgres(Path(LOCAL_POSTGRES_DIR), port)
+        cluster.start(user, database)
+        return cluster
+    return None
 
 
 def cmd_reconcile(config: Config, args: argparse.Namespace) -> int:

@@ -214,22 +214,28 @@ class Postgres:
         async with self._lock:
             if self._ready:
                 return
-            async with self._pool.acquire() as connection, connection.transaction():
-                await connection.execute("SELECT pg_advisory_xact_lock(hashtext('hipcall-ingest schema'))")
-                for statement in ddl(self._schema):
-                    await connection.execute(statement)
-                version = await connection.fetchval(f"SELECT max(version) FROM {self._schema}.hipcall_schema")
-                if version is None:
-                    await connection.execute(f"INSERT INTO {self._schema}.hipcall_schema VALUES ({SCHEMA_VERSION})")
-                elif version > SCHEMA_VERSION:
-                    raise PermanentError(f"{self._schema}.hipcall_schema is version {version}; this hipcall-ingest "
-                                         f"knows up to {SCHEMA_VERSION}: upgrade it")
-                else:
-                    for step in range(version + 1, SCHEMA_VERSION + 1):
-                        for statement in MIGRATIONS[step]:
-                            await connection.execute(statement)
-                        await connection.execute(f"UPDATE {self._schema}.hipcall_schema SET version = {step}")
+            try:
+                await self._make_tables()
+            except self._asyncpg.InvalidCatalogNameError as exc:  # retried: someone may create it meanwhile
+                raise RuntimeError(f"{exc}: create it (createdb), or name an existing one in options.dsn") from None
             self._ready = True
+
+    async def _make_tables(self) -> None:
+        async with self._pool.acquire() as connection, connection.transaction():
+            await connection.execute("SELECT pg_advisory_xact_lock(hashtext('hipcall-ingest schema'))")
+            for statement in ddl(self._schema):
+                await connection.execute(statement)
+            version = await connection.fetchval(f"SELECT max(version) FROM {self._schema}.hipcall_schema")
+            if version is None:
+                await connection.execute(f"INSERT INTO {self._schema}.hipcall_schema VALUES ({SCHEMA_VERSION})")
+            elif version > SCHEMA_VERSION:
+                raise PermanentError(f"{self._schema}.hipcall_schema is version {version}; this hipcall-ingest "
+                                     f"knows up to {SCHEMA_VERSION}: upgrade it")
+            else:
+                for step in range(version + 1, SCHEMA_VERSION + 1):
+                    for statement in MIGRATIONS[step]:
+                        await connection.execute(statement)
+                    await connection.execute(f"UPDATE {self._schema}.hipcall_schema SET version = {step}")
 
     async def close(self) -> None:
         await self._pool.close()

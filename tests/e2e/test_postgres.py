@@ -4,13 +4,19 @@ schema per test. Events in any order and more than once, a restart of PostgreSQL
 import asyncio
 import itertools
 import json
+import os
+import signal
 import subprocess
+import sys
+import tempfile
 import uuid as uuids
 from datetime import datetime, timezone
+from pathlib import Path
 
 import pytest
 
-from conftest import _postgres, payload, post_webhook, wait_until
+from conftest import ROOT, _postgres, free_port, http, payload, post_webhook, wait_until
+from ingest.localnode import reachable
 from workers import Event
 from workers.postgres import Postgres
 
@@ -162,3 +168,44 @@ def test_a_bad_dsn_stops_the_worker_at_start_naming_the_option(launch, broker, t
     worker = launch("work", broker, config)
     assert worker.wait() == 2
     assert "options.dsn" in worker.output() and "Traceback" not in worker.output()
+
+
+def test_run_on_a_bare_machine_starts_a_project_local_postgresql_and_stops_it_keeping_its_data(broker):
+    """`make run` with a postgres consumer whose dsn is local and unanswered: a cluster under
+    .run/postgres/ of the working directory (initdb, pg_ctl), its database made, stopped on Ctrl-C."""
+    work = Path(tempfile.mkdtemp(prefix="hipcall-localpg-", dir="/tmp"))  # not under pytest's 0700 root-only tree:
+    work.chmod(0o755)  # as root the cluster runs as the postgres user, who must reach it
+    try:
+        pg_port, http_port = free_port(), free_port()
+        dsn = f"postgresql://postgres@127.0.0.1:{pg_port}/calls"
+        (work / "c.toml").write_text(
+            f'[http]\nhost = "127.0.0.1"\nport = {http_port}\n[consumers.hipcall]\nenabled = false\n'
+            f'[consumers.calls]\nevents = ["call_hangup"]\nhandler = "workers.builtin:postgres"\n'
+            f'[consumers.calls.options]\ndsn = "{dsn}"\n')
+        env = {**{k: v for k, v in os.environ.items() if not k.startswith("HIPCALL_")},
+               "PYTHONPATH": str(ROOT), "HIPCALL_AMQP_URL": broker.url}
+        proc = subprocess.Popen([sys.executable, "-m", "ingest", "run", "--config", "c.toml"], cwd=work, env=env,
+                                stdout=open(work / "run.log", "ab"), stderr=subprocess.STDOUT)
+        try:
+            wait_until(lambda: _ready(proc, work, http_port), timeout=120, what="PostgreSQL up and the ingress ready")
+            assert http("POST", f"http://127.0.0.1:{http_port}/webhooks/hipcall", payload("call_hangup"))[0] == 202
+            wait_until(lambda: _count(dsn, "hipcall_calls") == 1, timeout=30, what="the call in the local PostgreSQL")
+            proc.send_signal(signal.SIGINT)  # Ctrl-C
+            assert proc.wait(timeout=90) == 0
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+        output = (work / "run.log").read_text()
+        assert "starting a project-local PostgreSQL" in output and "Traceback" not in output
+        assert not reachable("127.0.0.1", pg_port, 0.5)  # stopped...
+        assert (work / ".run" / "postgres" / "data" / "PG_VERSION").exists()  # ...and its data kept
+    finally:
+        subprocess.run(["rm", "-rf", str(work)], check=False)
+
+
+def _ready(proc, work, http_port: int) -> bool:
+    assert proc.poll() is None, (work / "run.log").read_text()
+    try:
+        return http("GET", f"http://127.0.0.1:{http_port}/readyz")[0] == 200
+    except OSError:
+        return False

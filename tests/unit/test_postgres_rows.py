@@ -6,6 +6,7 @@ import json
 import pytest
 
 from conftest import payload
+from ingest.localpostgres import local_target
 from workers import PermanentError
 from workers.postgres import call_row
 
@@ -49,3 +50,15 @@ def test_newer_is_decided_by_the_call_s_own_times_then_its_stage():
     assert init < same_second < call_row("call_hangup", data("call_init"))["newness"]  # the stage decides
     odd_flow = data("call_init", call_flow=[{"timestamp": "soon"}, 3, {"timestamp": True}])
     assert call_row("call_init", odd_flow)["newness"] == init  # odd steps are no time at all
+
+
+@pytest.mark.parametrize("dsn, target", [
+    ("postgresql://postgres@127.0.0.1:5432/calls", (5432, "postgres", "calls")),
+    ("postgres://hipcall@localhost/calls", (5432, "hipcall", "calls")),
+    ("postgresql://127.0.0.1", (5432, "postgres", "postgres")),
+    ("postgresql://u:pw@127.0.0.1/calls", None),  # a password: somebody else's server, never made here
+    ("postgresql://postgres@db.example.com/calls", None),
+    ("mysql://127.0.0.1/calls", None),
+])
+def test_run_makes_a_local_postgresql_only_for_a_passwordless_local_dsn(dsn, target):
+    assert local_target(dsn) == target
