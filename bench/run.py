@@ -133,12 +133,23 @@ class Bench:
 
     # --- 1. ingress ---------------------------------------------------------------------------------
 
+    def broker_cpu_s(self) -> float:
+        """CPU seconds (user + system) the RabbitMQ node's Erlang VM has used so far."""
+        pid = int((self.node.dir / "pid").read_text().strip())
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime, stime (stat fields 14, 15)
+
     def wrk(self, port: int) -> dict:
+        before = self.broker_cpu_s()
         out = _wrk(port, "post.lua", self.args.seconds, HIPCALL_BENCH_BODY=str(BODY))
+        broker_cpu = self.broker_cpu_s() - before
+        requests = int(re.search(r"(\d+) requests in", out).group(1))
         return {"rps": float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1)),
                 "p50_ms": _ms(re.search(r"\s50%\s+([\d.]+\w+)", out).group(1)),
                 "p99_ms": _ms(re.search(r"\s99%\s+([\d.]+\w+)", out).group(1)),
-                "non_2xx": _non2xx(out)}
+                "non_2xx": _non2xx(out),
+                # what the broker spent per answered webhook while wrk ran
+                "broker_cpu_us": round(broker_cpu * 1e6 / max(1, requests), 1)}
 
     def ingress(self) -> None:
         ours_port, one_port, base_port, bare_port = free_port(), free_port(), free_port(), free_port()
@@ -162,7 +173,8 @@ class Bench:
             self.purge("baseline.call_hangup")
             rounds.append({"ours": a, "ours_one_process": a1, "baseline": b})
             print(f"  ingress round: ours {a['rps']:.0f} req/s p99 {a['p99_ms']} ms | one process {a1['rps']:.0f} "
-                  f"req/s p99 {a1['p99_ms']} ms | baseline {b['rps']:.0f} req/s p99 {b['p99_ms']} ms", flush=True)
+                  f"req/s p99 {a1['p99_ms']} ms | baseline {b['rps']:.0f} req/s p99 {b['p99_ms']} ms | broker CPU per "
+                  f"webhook {a['broker_cpu_us']} / {a1['broker_cpu_us']} / {b['broker_cpu_us']} us", flush=True)
         self.results["ingress_rss_processes_mb"] = self.tree_rss_mb(ours)
         self.results["ingress_rss_mb"] = round(sum(self.results["ingress_rss_processes_mb"]), 1)
         self.stop(base)
@@ -175,13 +187,14 @@ class Bench:
         med = lambda who, key: statistics.median(r[who][key] for r in rounds)  # noqa: E731
         self.results["ingress"] = {
             "rounds": rounds,
-            "ours": {k: med("ours", k) for k in ("rps", "p50_ms", "p99_ms")},
-            "ours_one_process": {k: med("ours_one_process", k) for k in ("rps", "p50_ms", "p99_ms")},
-            "baseline": {k: med("baseline", k) for k in ("rps", "p50_ms", "p99_ms")},
+            "ours": {k: med("ours", k) for k in ("rps", "p50_ms", "p99_ms", "broker_cpu_us")},
+            "ours_one_process": {k: med("ours_one_process", k) for k in ("rps", "p50_ms", "p99_ms", "broker_cpu_us")},
+            "baseline": {k: med("baseline", k) for k in ("rps", "p50_ms", "p99_ms", "broker_cpu_us")},
             "no_publish_ceiling": ceiling,
             "non_2xx": sum(r[w]["non_2xx"] for r in rounds for w in ("ours", "ours_one_process", "baseline")),
         }
         self.results["ingress"]["ratio"] = round(med("ours", "rps") / med("baseline", "rps"), 2)
+        self.results["ingress"]["broker_cpu_ratio"] = round(med("ours", "broker_cpu_us") / med("baseline", "broker_cpu_us"), 2)
 
     async def raw_publish(self, queue: str, n: int, in_flight: int = 500, body: bytes | None = None) -> float:
         body = body or BODY.read_bytes()
@@ -472,6 +485,9 @@ def table(r: dict) -> str:
         f"{'  raw aiormq publisher, 500 in flight':<44} {r['raw_publisher_ceiling_msgs_s']:>8} msgs/s",
         f"  ratio ours / baseline: {i['ratio']}x   defaults / one process: "
         f"{i['ours']['rps'] / i['ours_one_process']['rps']:.2f}x   non-2xx: {i['non_2xx']}",
+        f"  broker CPU per webhook: ours {i['ours']['broker_cpu_us']} us, one process "
+        f"{i['ours_one_process']['broker_cpu_us']} us, baseline {i['baseline']['broker_cpu_us']} us: "
+        f"{i['broker_cpu_ratio']}x the baseline's",
         "",
         f"{'WORKER (drain ' + str(r['settings']['messages']) + ' messages, no-op handler)':<44} {'msgs/s':>8}",
         f"{'  hipcall-ingest work':<44} {w['msgs_s']['ours']:>8}",
