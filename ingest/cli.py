@@ -42,7 +42,6 @@ def cmd_serve(config: Config, args: argparse.Namespace) -> int:
         from .supervisor import supervise
 
         return supervise(config, args.config, run=False, environ=os.environ)
-    become_supervised(supervised)
     from .http import serve
 
     run_async(serve(config, supervised, _metrics_dir_of_supervisor()))
@@ -50,12 +49,15 @@ def cmd_serve(config: Config, args: argparse.Namespace) -> int:
 
 
 def _supervised(args: argparse.Namespace) -> Supervised | None:
-    """The hidden options the supervisor (ingest/supervisor.py) starts its children with."""
+    """A process the supervisor (ingest/supervisor.py) started, from the hidden options it passes, set
+    up as one (lifecycle.become_supervised); None for a process a user started."""
     if getattr(args, "lifeline", None) is None:
         return None
     if args.ready is None:
         raise UsageError("--lifeline and --ready are for the processes the supervisor starts itself")
-    return Supervised(args.lifeline, args.ready, getattr(args, "listen_fd", None))
+    supervised = Supervised(args.lifeline, args.ready, getattr(args, "listen_fd", None))
+    become_supervised(supervised)
+    return supervised
 
 
 def _metrics_dir_of_supervisor() -> str:
@@ -93,7 +95,6 @@ def cmd_work(config: Config, args: argparse.Namespace) -> int:
     consumers = _select_consumers(config, args.consumer)
     configure_logging(config.logging, "work")
     supervised = _supervised(args)
-    become_supervised(supervised)
     port = config.worker.metrics_port if args.metrics_port is None else args.metrics_port
     run_async(work(config, consumers, metrics_port=port, supervised=supervised))
     return 0
@@ -201,7 +202,6 @@ def cmd_reconcile(config: Config, args: argparse.Namespace) -> int:
     configure_logging(config.logging, "reconcile", None if not args.once else sys.stderr)
     if not args.once:
         supervised = _supervised(args)
-        become_supervised(supervised)
         run_async(reconcile_forever(config, supervised))
         return 0
     if since is not None and since > config.reconcile.retention:

@@ -672,8 +672,7 @@ async def serve(config: Config, supervised: Supervised, metrics_dir: str) -> Non
         await stop.wait()
         log.info("stopping", reason=stop_reason(supervised))
         await site.stop()  # no new connection: they wait in the socket's queue for the other processes
-        app = runner.app
-        app[INGRESS].draining = True
+        runner.app[INGRESS].draining = True
         for connection in list(runner.server.connections if runner.server else ()):
             if isinstance(connection, Connection):
                 connection.stop()
@@ -688,6 +687,7 @@ async def _linger(runner: web.AppRunner, longest: float) -> None:
     `Connection: close`, or until they time out idle (http.idle_timeout). Closing an idle keep-alive
     connection at once would reset a request the client sent just before it saw the close: on a reload
     that is a refused webhook for Hipcall. Requests in flight finish meanwhile."""
-    deadline = asyncio.get_running_loop().time() + longest
-    while runner.server is not None and runner.server.connections and asyncio.get_running_loop().time() < deadline:
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + longest
+    while runner.server is not None and runner.server.connections and loop.time() < deadline:
         await asyncio.sleep(0.05)

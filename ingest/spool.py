@@ -417,7 +417,10 @@ class Spool:
         """Copy the records of segments whose names are gone (spool.dir deleted, a volume unmounted)
         into a new segment in the directory made again. `active`: the active segment's (called under
         the write lock); else the closed ones' (called by the drainer, which alone reads those)."""
-        lost = [s for s in ([self._active] if active else self._closed) if s is not None and (active or not s.reachable())]
+        if active:
+            lost = [self._active] if self._active is not None else []
+        else:
+            lost = [s for s in self._closed if not s.reachable()]
         if not lost:
             return
         log.error("spool_dir_lost", dir=str(self._dir), segments=[s.path.name for s in lost],

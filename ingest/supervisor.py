@@ -226,7 +226,7 @@ class Supervisor:
                     self.code = 1
             elif child.on_trial:  # the reload waiting for it says so
                 log.error("process_exited", kind=child.kind.name, pid=child.pid, code=code, action="reload fails")
-            elif code < 0 or code == 0:  # killed (kill -9, the OOM killer), or gone without an error
+            elif code <= 0:  # killed (kill -9, the OOM killer), or gone without an error
                 when = max(time.monotonic(), self._last_start.get(child.kind.name, 0.0) + RESTART_PAUSE)
                 self._restarts.append((when, child.kind))
                 log.error("process_killed" if code < 0 else "process_ended", kind=child.kind.name, pid=child.pid,

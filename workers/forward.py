@@ -22,10 +22,10 @@ from typing import Any
 
 import aiohttp
 
-from ingest.config import ConsumerConfig, parse_duration
+from ingest.config import ConsumerConfig
 from ingest.errors import HandlerImportError
 
-from .handler import Event, PermanentError, RetryLater
+from .handler import Event, PermanentError, RetryLater, duration_option
 
 RETRYABLE_4XX = frozenset({408, 409, 425, 429})
 DEFAULT_PERMANENT = tuple(s for s in range(400, 500) if s not in RETRYABLE_4XX)
@@ -85,10 +85,7 @@ class HttpForward:
         url = options.get("url")
         if not isinstance(url, str) or not url.startswith(("http://", "https://")):
             raise HandlerImportError(f"{where} needs options.url, an http:// or https:// URL")
-        try:
-            timeout = parse_duration(options.get("timeout", "10s"))
-        except Exception:
-            raise HandlerImportError(f'{where}: options.timeout must be a duration such as "10s"') from None
+        timeout = duration_option(options, "timeout", "10s", where)
         headers = options.get("headers", {})
         if not isinstance(headers, Mapping) or not all(isinstance(v, str) for v in headers.values()):
             raise HandlerImportError(f"{where}: options.headers must be a table of strings")

@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
-from ingest.config import ConsumerConfig, HipcallConfig
+from ingest.config import ConsumerConfig, HipcallConfig, parse_duration
 from ingest.errors import HandlerImportError
 from ingest.message import SOURCE
 
@@ -159,6 +159,14 @@ class ThreadPool:
             future.set_exception(error)
         else:
             future.set_result(result)
+
+
+def duration_option(options: Mapping[str, Any], key: str, default: str, handler: str) -> float:
+    """A handler's option that is a duration ("10s", "2h"); HandlerImportError naming it otherwise."""
+    try:
+        return parse_duration(options.get(key, default))
+    except Exception:  # config's own parse error, whatever the value's type
+        raise HandlerImportError(f'{handler}: options.{key} must be a duration such as "{default}"') from None
 
 
 def load_handler(consumer: ConsumerConfig, hipcall: HipcallConfig | None = None) -> Handler:

@@ -26,11 +26,11 @@ from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any
 
-from ingest.config import ConsumerConfig, HipcallConfig, parse_duration
+from ingest.config import ConsumerConfig, HipcallConfig
 from ingest.errors import ApiError, ApiRefused, HandlerImportError, TaskUncertain
 from ingest.hipcall_api import HipcallApi
 
-from .handler import Event, PermanentError
+from .handler import Event, PermanentError, duration_option
 
 PENDING, CREATED = "pending", "created"
 
@@ -104,10 +104,7 @@ class MissedCallTask:
         rate = options.get("rate_limit", 10)
         if isinstance(rate, bool) or not isinstance(rate, int) or not 1 <= rate <= 60:
             raise HandlerImportError(f"{where}: options.rate_limit must be requests a minute, from 1 to 60")
-        try:
-            self._due_in = parse_duration(options.get("due_in", "2h"))
-        except Exception:
-            raise HandlerImportError(f'{where}: options.due_in must be a duration such as "2h"') from None
+        self._due_in = duration_option(options, "due_in", "2h", where)
         ledger = options.get("ledger", ".missed-calls/ledger.sqlite3")
         if not isinstance(ledger, str) or not ledger:
             raise HandlerImportError(f"{where}: options.ledger must be a file path")

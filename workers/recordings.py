@@ -25,11 +25,11 @@ from urllib.parse import urljoin
 
 import aiohttp
 
-from ingest.config import ConsumerConfig, HipcallConfig, parse_duration
+from ingest.config import ConsumerConfig, HipcallConfig
 from ingest.errors import HandlerImportError
 from ingest.spool import fsync_dir
 
-from .handler import Event, PermanentError
+from .handler import Event, PermanentError, duration_option
 
 CHUNK = 1 << 16
 LINKS = (("record_url", ".mp3"), ("voicemail_url", ".voicemail.mp3"))
@@ -52,6 +52,11 @@ def target_path(directory: Path, data: Mapping[str, Any], suffix: str, received:
     return directory / f"{when:%Y}" / f"{when:%m}" / f"{when:%d}" / f"{uuid}{suffix}"
 
 
+def without_query(link: str) -> str:
+    """A link as it may be logged: a pre-signed link's query is its credential."""
+    return link.split("?")[0]
+
+
 class Recordings:
     """Options: dir (required), max_bytes (200 MiB), timeout ("60s"), not_found_attempts (3)."""
 
@@ -71,10 +76,7 @@ class Recordings:
         for key, value in (("max_bytes", self._max), ("not_found_attempts", self._not_found)):
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise HandlerImportError(f"{where}: options.{key} must be a whole number of at least 1")
-        try:
-            timeout = parse_duration(options.get("timeout", "60s"))
-        except Exception:
-            raise HandlerImportError(f'{where}: options.timeout must be a duration such as "60s"') from None
+        timeout = duration_option(options, "timeout", "60s", where)
         self._api_url = hipcall.api_url if hipcall else ""
         self._api_key = hipcall.api_key if hipcall else ""
         limit = consumer.concurrency if consumer else 4
@@ -96,7 +98,7 @@ class Recordings:
             try:
                 await self._fetch(key, link, path, event)
             except (aiohttp.ClientError, TimeoutError) as exc:  # retried; its text may hold the signed URL
-                raise RuntimeError(f"{link.split('?')[0]}: {type(exc).__name__} (retried)") from None
+                raise RuntimeError(f"{without_query(link)}: {type(exc).__name__} (retried)") from None
 
     async def _fetch(self, key: str, link: str, path: Path, event: Event) -> None:
         headers = {}
@@ -108,7 +110,7 @@ class Recordings:
             headers["Authorization"] = f"Bearer {self._api_key}"
         elif not link.startswith(("http://", "https://")):
             raise PermanentError(f"data.{key}: not an http(s) URL or a path: {link[:80]!r}")
-        shown = link.split("?")[0]  # a pre-signed link's query is its credential: never logged
+        shown = without_query(link)
         async with self._session.get(link, headers=headers, allow_redirects=True) as response:
             if response.status == 403:
                 raise PermanentError(f"{shown}: 403, the link has expired (links live 7 days; the call ended "
