@@ -332,6 +332,8 @@ def cmd_dlq(config: Config, args: argparse.Namespace) -> int:
                   f"the rest); its figures are incomplete", file=sys.stderr)
         return 1 if cut else 0
 
+    if args.action == "search":
+        return _search(args, on_broker(lambda c: dlq.search(c, config, dlq.Filter(call_uuid=args.call_uuid), SEARCH_LIMIT)))
     queue = dlq.find_dlq(config, args.queue)
     if args.action == "show":
         return _show(config, args, queue, on_broker)
@@ -339,8 +341,8 @@ def cmd_dlq(config: Config, args: argparse.Namespace) -> int:
         def progress(n: int) -> None:
             print(f"  {n} moved...", file=sys.stderr, flush=True)
 
-        swept = on_broker(lambda c: dlq.replay(c, config, queue, limit=args.limit, events=args.event, ids=args.id,
-                                               progress=progress))
+        which = dlq.Filter(events=tuple(args.event or ()), ids=tuple(args.id or ()), grep=args.grep)
+        swept = on_broker(lambda c: dlq.replay(c, config, queue, limit=args.limit, which=which, progress=progress))
         print(f"replayed {swept.moved} from {queue.name} to {queue.name.removesuffix('.dlq')} "
               f"({swept.seen} of {swept.total} letters examined)")
         swept.check()
@@ -371,6 +373,7 @@ def _show(config: Config, args: argparse.Namespace, queue, on_broker) -> int:
     from .ops import dlq
 
     shown = 0
+    which = dlq.Filter(events=tuple(args.event or ()), grep=args.grep)
     if args.json:
         print("[", end="")
     else:
@@ -378,7 +381,7 @@ def _show(config: Config, args: argparse.Namespace, queue, on_broker) -> int:
 
     def choose(letter: dlq.Letter) -> None:
         nonlocal shown
-        if (args.limit is not None and shown >= args.limit) or not letter.matches(args.event, None, args.grep):
+        if (args.limit is not None and shown >= args.limit) or not which.matches(letter):
             return None
         summary = letter.summary()
         if args.json:
@@ -395,13 +398,33 @@ def _show(config: Config, args: argparse.Namespace, queue, on_broker) -> int:
         shown += 1
         return None
 
-    filtered = bool(args.event or args.grep)
-    prefetch = dlq.PREFETCH if filtered or args.limit is None else max(1, min(args.limit, dlq.PREFETCH))
+    prefetch = dlq.PREFETCH if which or args.limit is None else max(1, min(args.limit, dlq.PREFETCH))
     swept = on_broker(lambda c: dlq.sweep(c, config, queue, choose, prefetch=prefetch,
                                           enough=lambda: args.limit is not None and shown >= args.limit))
     print("\n]" if args.json else f"{shown} shown ({swept.seen} of {swept.total} letters read)")
     swept.check()
     return 0
+
+
+SEARCH_LIMIT = 100  # letters of one call shown per queue: a call has a handful of events
+
+
+def _search(args: argparse.Namespace, found) -> int:
+    """`dlq search CALL_UUID`: every letter of the call, in every DLQ and the unrouted queue."""
+    rows = [{"queue": queue.name, **letter.summary()} for queue, read in found for letter in read.letters]
+    cut = [read.swept for _, read in found if read.swept.cut_short]
+
+    def render() -> None:
+        for row in rows:
+            print(f"{row['queue']}  {row['message_id']}  {row['event'] or '?'}  attempts={row['attempts'] or '-'}  "
+                  f"failed {row['failed_at'] or '-'}\n  {row['error'][:300]}")
+        print(f"{len(rows)} found for call {args.call_uuid} in {len(found)} queues")
+
+    _emit(args, rows, render)
+    for swept in cut:
+        print(f"hipcall-ingest: {swept.queue}: read {swept.seen} of {swept.total} letters (another reader held "
+              f"the rest); search again", file=sys.stderr)
+    return 1 if cut else 0
 
 
 def cmd_unrouted(config: Config, args: argparse.Namespace) -> int:
@@ -484,13 +507,17 @@ def _dlq_arguments(parser: argparse.ArgumentParser) -> None:
     replay = actions.add_parser("replay", parents=[common], help="move dead letters back to their consumer's queue")
     purge = actions.add_parser("purge", parents=[common], help="delete the dead letters of a queue (needs --yes)")
     export = actions.add_parser("export", parents=[common], help="write dead letters to a JSON-lines file (non-destructive)")
+    search = actions.add_parser("search", parents=[common],
+                                help="every letter of one call in every DLQ and the unrouted queue (non-destructive)")
+    search.add_argument("call_uuid", metavar="CALL_UUID")
     imp = actions.add_parser("import", parents=[common], help="put an export back into a DLQ")
     for sub in (show, replay, purge, export):
         sub.add_argument("queue", metavar="QUEUE")
     for sub in (show, replay):
         sub.add_argument("--limit", type=_positive, metavar="N")
         sub.add_argument("--event", action="append", metavar="E")
-    show.add_argument("--grep", metavar="TEXT", help="only letters whose body or error contains TEXT")
+    for sub in (show, replay):
+        sub.add_argument("--grep", metavar="TEXT", help="only letters whose body or error contains TEXT")
     show.add_argument("--body", action="store_true", help="print the payload too")
     replay.add_argument("--id", action="append", metavar="ID", help="only this message id (repeatable)")
     purge.add_argument("--yes", action="store_true")

@@ -83,6 +83,7 @@ class Letter:
 
     message: DeliveredMessage  # aiormq's, as delivered: no wrapper per letter
     limit: int | None = None  # the source queue's delivery limit, for the broker's delivery_limit letters
+    queue_kind: str = "dlq"  # or "unrouted": a webhook no consumer subscribed to, not a failure
 
     @property
     def properties(self) -> Basic.Properties:
@@ -150,12 +151,16 @@ class Letter:
 
     @property
     def error_type(self) -> str:
+        if self.queue_kind == "unrouted":
+            return "unrouted"
         if self.kind == "worker":
             return str(self.headers.get("x-hipcall-error-type"))
         return f"broker:{self._reason}"
 
     @property
     def error(self) -> str:
+        if self.queue_kind == "unrouted":
+            return f"no consumer subscribed to {self.event or 'its event'} when it arrived (`unrouted replay` moves it)"
         if self.kind == "worker":
             return str(self.headers.get("x-hipcall-error"))
         queue = self._death.get("queue") or "its queue"
@@ -179,12 +184,39 @@ class Letter:
                 "kind": self.kind, "attempts": self.attempts, "error_type": self.error_type, "error": self.error,
                 "failed_at": self.failed_at}
 
-    def matches(self, events: list[str] | None, ids: list[str] | None, grep: str | None) -> bool:
-        if events and self.event not in events:
+    @property
+    def failed_time(self) -> datetime | None:
+        """failed_at as a time (UTC when the letter gives no zone); None when it is not one."""
+        return _time(self.failed_at)
+
+
+@dataclass(frozen=True)
+class Filter:
+    """Which letters a read, a replay or a search takes; a field left empty takes every letter."""
+
+    events: tuple[str, ...] = ()
+    ids: tuple[str, ...] = ()
+    grep: str | None = None  # text in the body or the error
+    call_uuid: str | None = None
+    failed_after: datetime | None = None
+    failed_before: datetime | None = None
+
+    def __bool__(self) -> bool:
+        return self != Filter()
+
+    def matches(self, letter: Letter) -> bool:
+        if self.events and letter.event not in self.events:
             return False
-        if ids and self.id not in ids:
+        if self.ids and letter.id not in self.ids:
             return False
-        if grep and grep not in self.message.body.decode("utf-8", "replace") and grep not in self.error:
+        if self.call_uuid and letter.call_uuid != self.call_uuid:
+            return False
+        if self.failed_after or self.failed_before:
+            failed = letter.failed_time
+            if failed is None or (self.failed_after and failed < self.failed_after) or (
+                    self.failed_before and failed >= self.failed_before):
+                return False
+        if self.grep and self.grep not in letter.message.body.decode("utf-8", "replace") and self.grep not in letter.error:
             return False
         return True
 
@@ -301,7 +333,7 @@ async def sweep(connection: AbstractConnection, config: Config, dlq: Queue, choo
                 taken = await take(window)
                 settling: list[tuple[Letter, Target | None]] = []
                 for message in taken:  # in order: `choose` sees the letters as they stand in the queue
-                    letter = Letter(message, limit)
+                    letter = Letter(message, limit, dlq.kind)
                     if letter.headers.get(SWEEP_HEADER) == mark:  # our own copy: every original here was read
                         result.met_own_copy = True
                     if result.met_own_copy or result.seen >= result.total or enough():
@@ -319,7 +351,7 @@ async def sweep(connection: AbstractConnection, config: Config, dlq: Queue, choo
                     if len(taken) < window:  # a delivery may have come after the wait gave up
                         await asyncio.sleep(0.05)
                     while not inbox.empty():
-                        settling.append((Letter(inbox.get_nowait(), limit), None))
+                        settling.append((Letter(inbox.get_nowait(), limit, dlq.kind), None))
                 elif tag is None:
                     window = following
                     tag = await consume(window)
@@ -349,7 +381,7 @@ class Stats:
 
     def add(self, letter: Letter) -> None:
         self.messages += 1
-        failed = _time(letter.failed_at)  # a failed-at that is not a time is no "oldest failure"
+        failed = letter.failed_time  # a failed-at that is not a time is no "oldest failure"
         if failed is not None and (self._oldest is None or failed < self._oldest):
             self._oldest, self.oldest_failure = failed, letter.failed_at
         self.errors[letter.error_type] += 1
@@ -360,23 +392,66 @@ class Stats:
 
 
 async def replay(connection: AbstractConnection, config: Config, dlq: Queue, *, limit: int | None,
-                 events: list[str] | None, ids: list[str] | None, progress: Callable[[int], None]) -> Swept:
+                 which: Filter, progress: Callable[[int], None]) -> Swept:
     """Move the chosen letters back to their consumer's own queue, attempt count reset; keep the rest."""
     target = dlq.name.removesuffix(".dlq")
     chosen = 0
 
     def choose(letter: Letter) -> str | None:
         nonlocal chosen
-        if (limit is None or chosen < limit) and letter.matches(events, ids, None):
+        if (limit is None or chosen < limit) and which.matches(letter):
             chosen += 1
             return target
         return None
 
     # Without a filter, a limit needs only the first `limit` letters; with one, every letter is examined.
-    filtered = bool(events or ids)
     return await sweep(connection, config, dlq, choose, progress=progress,
                        enough=lambda: limit is not None and chosen >= limit,
-                       prefetch=PREFETCH if filtered or limit is None else max(1, min(limit, PREFETCH)))
+                       prefetch=PREFETCH if which or limit is None else max(1, min(limit, PREFETCH)))
+
+
+@dataclass
+class Read:
+    """What `read` found: up to `limit` matching letters, and how many matched in all."""
+
+    letters: list[Letter]
+    matched: int
+    swept: Swept
+
+
+async def read(connection: AbstractConnection, config: Config, queue: Queue, which: Filter, limit: int) -> Read:
+    """The letters of a DLQ (or the unrouted queue) that match, the first `limit` of them held, in one
+    whole pass: the queue is left as it was, in the same order (see sweep)."""
+    found = Read([], 0, Swept(queue.name, 0))
+
+    def choose(letter: Letter) -> None:
+        if which.matches(letter):
+            found.matched += 1
+            if len(found.letters) < limit:
+                found.letters.append(letter)
+        return None
+
+    found.swept = await sweep(connection, config, queue, choose)
+    return found
+
+
+def searched_queues(config: Config) -> list[Queue]:
+    """Where a webhook that failed, or that no consumer took, waits: every DLQ, then the unrouted queue."""
+    topology = plan(config.broker, config.consumers)
+    return [q for q in topology.queues if q.kind == "dlq"] + [q for q in topology.queues if q.kind == "unrouted"]
+
+
+async def search(connection: AbstractConnection, config: Config, which: Filter,
+                 limit: int) -> list[tuple[Queue, Read]]:
+    """`read` over every DLQ and the unrouted queue (a queue never declared is skipped): "what happened
+    to this call?" with Filter(call_uuid=...)."""
+    found = []
+    for queue in searched_queues(config):
+        try:
+            found.append((queue, await read(connection, config, queue, which, limit)))
+        except QueueMissing:
+            continue
+    return found
 
 
 async def replay_unrouted(connection: AbstractConnection, config: Config, *, limit: int | None,
@@ -427,7 +502,7 @@ async def count(connection: AbstractConnection, name: str) -> int:
 # AMQP header values are tagged where JSON has no type of their own: bytes, decimals, timestamps.
 
 
-def _to_json(value: Any) -> Any:
+def json_value(value: Any) -> Any:
     if isinstance(value, datetime):
         return {"$datetime": value.isoformat()}
     if isinstance(value, (bytes, bytearray, memoryview)):
@@ -435,9 +510,9 @@ def _to_json(value: Any) -> Any:
     if isinstance(value, decimal.Decimal):
         return {"$decimal": str(value)}
     if isinstance(value, dict):
-        return {str(k): _to_json(v) for k, v in value.items()}
+        return {str(k): json_value(v) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
-        return [_to_json(v) for v in value]
+        return [json_value(v) for v in value]
     return value
 
 
@@ -460,8 +535,8 @@ def export_line(letter: Letter) -> bytes:
     return orjson.dumps({
         "body_base64": base64.b64encode(letter.message.body).decode(),
         # x-delivery-count is the broker's bookkeeping of this queue, not the letter's
-        "headers": _to_json(own_headers(letter.headers)),
-        "properties": _to_json({"message_id": letter.id, "content_type": p.content_type,
+        "headers": json_value(own_headers(letter.headers)),
+        "properties": json_value({"message_id": letter.id, "content_type": p.content_type,
                                 "content_encoding": p.content_encoding, "timestamp": p.timestamp,
                                 "app_id": p.app_id, "type": p.message_type, "correlation_id": p.correlation_id}),
     }) + b"\n"

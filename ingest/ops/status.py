@@ -23,7 +23,7 @@ async def status(config: Config) -> dict[str, Any]:
     except HipcallError as exc:
         return {"broker": "unreachable", "error": str(exc), "spool": spool}
     queues = [
-        {"queue": q.name, "kind": q.kind, "consumer": q.consumer, "exists": s is not None,
+        {"queue": q.name, "kind": q.kind, "consumer": q.consumer, "event": q.event, "exists": s is not None,
          "ready": s.messages if s else None, "consumers": s.consumers if s else None}
         for q, s in zip(topology.queues, states)
     ]

@@ -2,7 +2,7 @@
 says, and the export file's round trip. Sweeps, replays and purges on a real broker: tests/e2e/test_operators.py."""
 
 import io
-from datetime import datetime, timezone
+from datetime import datetime, timedelta, timezone
 
 import pytest
 from pamqp.commands import Basic
@@ -12,7 +12,7 @@ from fakes import delivered
 from ingest.config import load_config
 from ingest.errors import HipcallError
 from ingest.message import SWEEP_HEADER, message_id
-from ingest.ops.dlq import Letter, Stats, export_line, max_export_line, read_export
+from ingest.ops.dlq import Filter, Letter, Stats, export_line, max_export_line, read_export
 from workers.retry import dead_letter_headers
 
 BODY = payload("call_hangup")
@@ -49,12 +49,23 @@ def test_a_foreign_letter_without_an_id_or_json_body_is_still_shown():
     assert letter.payload_or_text == "\ufffdnot json"
 
 
-def test_filters_match_event_id_and_text_in_body_or_error():
+def test_filters_match_event_id_call_text_and_failure_time():
     letter = worker_letter()
-    assert letter.matches(["call_hangup"], None, None) and not letter.matches(["call_init"], None, None)
-    assert letter.matches(None, [letter.id], None) and not letter.matches(None, ["other"], None)
-    assert letter.matches(None, None, "CRM did not") and letter.matches(None, None, "2483a75a")
-    assert not letter.matches(None, None, "nowhere")
+    assert Filter(events=("call_hangup",)).matches(letter) and not Filter(events=("call_init",)).matches(letter)
+    assert Filter(ids=(letter.id,)).matches(letter) and not Filter(ids=("other",)).matches(letter)
+    assert Filter(grep="CRM did not").matches(letter) and Filter(grep="2483a75a").matches(letter)
+    assert not Filter(grep="nowhere").matches(letter)
+    assert Filter(call_uuid="2483a75a-56a2-41f1-991b-92b1667e324a").matches(letter)
+    assert not Filter(call_uuid="2483a75a").matches(letter)  # the whole uuid, not a part of it
+    failed = letter.failed_time
+    assert failed is not None and Filter(failed_after=failed, failed_before=failed + timedelta(seconds=1)).matches(letter)
+    assert not Filter(failed_before=failed).matches(letter) and not Filter(failed_after=failed + timedelta(1)).matches(letter)
+    assert not Filter() and Filter(grep="x")  # an empty filter is falsy: "no filter"
+
+
+def test_a_letter_of_the_unrouted_queue_is_described_as_unrouted_not_as_a_failure():
+    letter = Letter(delivered(BODY, Basic.Properties(message_id="m")), queue_kind="unrouted")
+    assert letter.error_type == "unrouted" and "no consumer subscribed to call_hangup" in letter.error
 
 
 def test_an_export_line_reads_back_as_the_same_letter_without_the_bookkeeping():
