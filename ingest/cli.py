@@ -444,6 +444,39 @@ def cmd_unrouted(config: Config, args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_console(config: Config, args: argparse.Namespace) -> int:
+    """The operators' console (ingest/console); `console hash-password` prints a hash for [console] users."""
+    if args.action == "hash-password":
+        print(_hash_password())
+        return 0
+    if not config.console.access_configured:
+        raise ConfigError(f"config error: {config.source}: the console needs [console] users (a password hash from "
+                          f"`hipcall-ingest console hash-password`) or [console] tokens (or HIPCALL_CONSOLE_TOKENS): "
+                          f"without either nobody could use it")
+    from .console.app import serve_console
+
+    configure_logging(config.logging, "console")
+    run_async(serve_console(config, _supervised(args)))
+    return 0
+
+
+def _hash_password() -> str:
+    """The password from standard input: asked twice on a terminal, else the first line as it is."""
+    import getpass
+
+    from .console.passwords import hash_password
+
+    if sys.stdin.isatty():
+        password = getpass.getpass("Password: ")
+        if getpass.getpass("Again: ") != password:
+            raise UsageError("the two passwords differ; nothing was printed")
+    else:
+        password = sys.stdin.readline().removesuffix("\n").removesuffix("\r")
+    if not password:
+        raise UsageError("an empty password; give one on standard input")
+    return hash_password(password)
+
+
 COMMANDS: dict[str, tuple[Callable[[Config, argparse.Namespace], int], str]] = {
     "run": (cmd_run, "ingress, a worker for every enabled consumer, and reconcile with HIPCALL_API_KEY set (make run)"),
     "serve": (cmd_serve, "the HTTP ingress"),
@@ -454,6 +487,7 @@ COMMANDS: dict[str, tuple[Callable[[Config, argparse.Namespace], int], str]] = {
     "dlq": (cmd_dlq, "inspect, replay, purge, export and import dead letters"),
     "reconcile": (cmd_reconcile, "recover calls Hipcall never delivered, from its API (needs HIPCALL_API_KEY)"),
     "unrouted": (cmd_unrouted, "move webhooks from the unrouted queue to consumers that now take their event"),
+    "console": (cmd_console, "the operators' web console and its JSON API; `console hash-password` for [console] users"),
 }
 
 
@@ -479,7 +513,10 @@ def build_parser() -> argparse.ArgumentParser:
             sub.add_argument("--once", action="store_true", help="one pass, print what it found, exit")
             sub.add_argument("--since", metavar="DURATION", help='with --once: the window reaches back this far (e.g. "24h")')
             sub.add_argument("--dry-run", action="store_true", help="with --once: list the missing calls, publish nothing")
-        if name in ("serve", "work", "reconcile"):  # set by the supervisor (ingest/supervisor.py) for its children
+        if name == "console":
+            sub.add_argument("action", nargs="?", choices=["hash-password"],
+                             help="hash-password: read a password on standard input, print its hash for [console] users")
+        if name in ("serve", "work", "reconcile", "console"):  # set by the supervisor (ingest/supervisor.py) for its children
             sub.add_argument("--lifeline", type=int, metavar="FD", help=argparse.SUPPRESS)
             sub.add_argument("--ready", type=int, metavar="FD", help=argparse.SUPPRESS)
         if name == "serve":

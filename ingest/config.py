@@ -135,6 +135,22 @@ class WorkerConfig:
 
 
 @dataclass(frozen=True)
+class ConsoleConfig:
+    enabled: bool
+    host: str
+    port: int
+    tokens: tuple[str, ...] = field(repr=False)  # API bearer tokens; also HIPCALL_CONSOLE_TOKENS
+    users: Mapping[str, str] = field(repr=False)  # user name -> password hash (PASSWORD_HASH_RE)
+    readonly: bool
+    session_timeout: float
+
+    @property
+    def access_configured(self) -> bool:
+        """Access is off unless someone can log in or hold a token."""
+        return bool(self.tokens or self.users)
+
+
+@dataclass(frozen=True)
 class ConsumerConfig:
     name: str
     events: tuple[str, ...]
@@ -159,6 +175,7 @@ class Config:
     source: str
     hipcall: HipcallConfig
     reconcile: ReconcileConfig
+    console: ConsoleConfig
 
     @property
     def enabled_consumers(self) -> tuple[ConsumerConfig, ...]:
@@ -276,6 +293,23 @@ def _list(item: Callable[[Any], Any], *, nonempty: bool = False) -> Callable[[An
     return parse
 
 
+# A console password hash, as `hipcall-ingest console hash-password` prints it:
+# scrypt$N$r$p$SALT$KEY, SALT and KEY in base64, N a power of two (ingest/console/passwords.py).
+PASSWORD_HASH_RE = re.compile(r"scrypt\$(\d+)\$(\d+)\$(\d+)\$([A-Za-z0-9+/]+={0,2})\$([A-Za-z0-9+/]+={0,2})")
+_USER_RE = re.compile(r"[A-Za-z0-9_.@-]{1,64}")
+
+
+def _users(value: Any) -> Mapping[str, str]:
+    if not isinstance(value, dict):
+        raise _Bad('a table of user = "password hash" (hipcall-ingest console hash-password prints one)')
+    for user, hashed in value.items():
+        if not _USER_RE.fullmatch(user):
+            raise _Bad(f"user names of letters, digits and _.@- (at most 64), not {user[:64]!r}")
+        if not isinstance(hashed, str) or not PASSWORD_HASH_RE.fullmatch(hashed):
+            raise _Bad(f"for {user}: a password hash printed by `hipcall-ingest console hash-password`")
+    return MappingProxyType(dict(value))
+
+
 def _cidr(value: Any) -> ipaddress.IPv4Network | ipaddress.IPv6Network:
     try:
         return ipaddress.ip_network(_string(value), strict=False)
@@ -368,6 +402,15 @@ _SCHEMA: dict[str, dict[str, Callable[[Any], Any]]] = {
         "concurrency": _integer(1, 10_000),
     },
     "hipcall": {"api_url": _http_url, "api_key": _string, "timeout": _TIMEOUT},
+    "console": {
+        "enabled": _boolean,
+        "host": _nonempty,
+        "port": _integer(1, 65535),
+        "tokens": _list(_token),
+        "users": _users,
+        "readonly": _boolean,
+        "session_timeout": _duration(60, 30 * 86400),
+    },
     "reconcile": {
         "enabled": _boolean,
         "interval": _duration(1, 86400),
@@ -472,6 +515,10 @@ def _build(defaults: dict, user: dict, source: str, env: Mapping[str, str]) -> C
     if rec["retention"] < rec["lookback"]:
         raise fail("reconcile.retention", f"a duration of at least reconcile.lookback ({_spell(rec['lookback'])})",
                    raw["reconcile"]["retention"])
+    console = ConsoleConfig(**parsed["console"])
+    if console.enabled and not console.access_configured:
+        raise ConfigError(f"config error: {origin.get('console.tokens', source)}: console.enabled is true but neither "
+                          f"console.users nor console.tokens is set: nobody could use it (docs/console.md, Access)")
     retry = RetryConfig(**parsed["retry"])
     worker = WorkerConfig(**parsed["worker"])
     consumers = _consumers(defaults.get("consumers", {}), user.get("consumers", {}), source, retry, worker, fail)
@@ -488,6 +535,7 @@ def _build(defaults: dict, user: dict, source: str, env: Mapping[str, str]) -> C
         source=source,
         hipcall=HipcallConfig(**parsed["hipcall"]),
         reconcile=ReconcileConfig(**parsed["reconcile"]),
+        console=console,
     )
 
 
@@ -583,7 +631,7 @@ def _port(value: str) -> Any:
     return int(value) if value.strip().isdigit() else value
 
 
-_SECRET_KEYS = {"auth.tokens", "hipcall.api_key"}
+_SECRET_KEYS = {"auth.tokens", "hipcall.api_key", "console.tokens", "console.users"}
 _ENV_ONLY = {"hipcall.api_key": "HIPCALL_API_KEY"}  # secrets that a file in a repository must not hold
 
 _ENV_OVERRIDES: dict[str, tuple[str, str, Callable[[str], Any]]] = {
@@ -591,6 +639,9 @@ _ENV_OVERRIDES: dict[str, tuple[str, str, Callable[[str], Any]]] = {
     "HIPCALL_HTTP_PORT": ("http", "port", _port),
     "HIPCALL_TOKENS": ("auth", "tokens", _tokens),
     "HIPCALL_API_KEY": ("hipcall", "api_key", str.strip),
+    "HIPCALL_CONSOLE_TOKENS": ("console", "tokens", _tokens),
+    "HIPCALL_CONSOLE_HOST": ("console", "host", str.strip),  # a container's console listens on 0.0.0.0
+    "HIPCALL_CONSOLE_PORT": ("console", "port", _port),
 }
 
 

@@ -92,3 +92,16 @@ class NodeError(HipcallError):
 
 class UsageError(HipcallError):
     """A command-line argument names something that does not exist (exit 2)."""
+
+
+class BadRequest(HipcallError):
+    """A console request that cannot be done as asked (a filter that is not a time, a purge whose
+    count is stale): answered 400 or 409 with this message."""
+
+    status = 400
+
+
+class StaleCount(BadRequest):
+    """A purge confirmed for a count the DLQ no longer has."""
+
+    status = 409

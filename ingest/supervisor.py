@@ -65,7 +65,7 @@ HANDOVER_ENV = "HIPCALL_SUPERVISOR_HANDOVER"  # what a supervisor passes to itse
 class Kind:
     """One kind of child: what it runs (`python -m ingest COMMAND ...`), how many, how long a stop may take."""
 
-    name: str  # "ingress", "worker", "reconcile"
+    name: str  # "ingress", "worker", "reconcile", "console"
     command: tuple[str, ...]
     count: int
     grace: float  # seconds it may take to stop once asked
@@ -73,7 +73,7 @@ class Kind:
 
 
 def kinds(config: Config, run: bool) -> list[Kind]:
-    """The children of `serve` (ingress processes), or of `run` (and a worker, and reconcile)."""
+    """The children of `serve` (ingress processes), or of `run` (and a worker, reconcile, the console)."""
     # An ingress process's stop: keep-alive connections until their last answer (http.idle_timeout at
     # most), then its in-flight requests (http.shutdown_timeout).
     found = [Kind("ingress", ("serve",), config.http.processes, config.http.idle_timeout + config.http.shutdown_timeout,
@@ -82,6 +82,8 @@ def kinds(config: Config, run: bool) -> list[Kind]:
         found.append(Kind("worker", ("work",), 1, config.worker.grace_period, False))
     if run and config.hipcall.api_key:
         found.append(Kind("reconcile", ("reconcile",), 1, 30.0, False))
+    if run and config.console.enabled:
+        found.append(Kind("console", ("console",), 1, 10.0, False))
     return found
 
 

@@ -17,7 +17,8 @@ def _record(path: str, event, **extra) -> None:
 
 
 class Scripted:
-    """options: record (file), mode ("fail" | "permanent" | "sleep" | "sleep_fail" | "together" | "crash" |
+    """options: record (file), mode ("fail" | "permanent" | "until_fixed" (PermanentError until the file
+    `fixed` exists) | "sleep" | "sleep_fail" | "together" | "crash" |
     "slow_one"), fail_times, sleep, together (mode "together": fail once that many deliveries are in flight
     at once), slow_uuid (mode "slow_one": only the call with this uuid sleeps)."""
 
@@ -33,6 +34,8 @@ class Scripted:
             raise RuntimeError(f"boom on attempt {event.attempt}")
         if mode == "permanent":
             raise PermanentError("this record can never be stored")
+        if mode == "until_fixed" and not os.path.exists(o["fixed"]):  # fails for good until the file exists
+            raise PermanentError("CRM refused the record: agent 1042 is unknown")
         if mode in ("sleep", "sleep_fail") or mode == "slow_one" and event.call_uuid == o["slow_uuid"]:
             await asyncio.sleep(o["sleep"])
         if mode == "sleep_fail" and event.attempt <= o.get("fail_times", 0):

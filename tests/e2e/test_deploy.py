@@ -49,6 +49,10 @@ def test_compose_services_run_our_commands_with_our_variables_and_existing_files
     assert services["ingress"]["ports"] == ["8080:8080"]
     assert "ports" not in services["worker"] and "container_name" not in services["worker"]  # --scale worker=N
     assert services["reconcile"]["profiles"] == ["reconcile"] and "HIPCALL_API_KEY" in services["reconcile"]["environment"]
+    console = services["console"]
+    assert console["profiles"] == ["console"] and console["ports"] == ["127.0.0.1:8081:8081"]
+    assert load_config(config_path, {"HIPCALL_CONSOLE_HOST": console["environment"]["HIPCALL_CONSOLE_HOST"]}).console.host == "0.0.0.0"
+    assert "8081/login" in " ".join(console["healthcheck"]["test"])
     spool, ledger = load_config(None, {}).spool.dir, load_config(None, {}).reconcile.ledger
     assert any(v.endswith(f"/var/lib/hipcall-ingest/{spool}") for v in services["ingress"]["volumes"])
     assert any(v.endswith("/var/lib/hipcall-ingest/" + str(Path(ledger).parent)) for v in services["reconcile"]["volumes"])
@@ -142,6 +146,26 @@ def test_the_dockerfile_steps_run_in_a_scratch_venv_and_the_image_serves_its_hea
     finally:
         serve.terminate()
         serve.wait(timeout=30)
+    # The console from the installed package: its templates and stylesheet are in the image.
+    port = free_port()
+    console = subprocess.Popen(entrypoint + ["console"], env={**env, "HIPCALL_CONSOLE_TOKENS": "t",
+                                                              "HIPCALL_CONSOLE_PORT": str(port)},
+                               cwd=workdir, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        page = wait_until(lambda: _get(f"http://127.0.0.1:{port}/login"), what="the console from the image's venv")
+        assert page[0] == 200 and b"Log in" in page[1]
+        assert _get(f"http://127.0.0.1:{port}/static/console.css")[0] == 200
+    finally:
+        console.terminate()
+        console.wait(timeout=30)
+
+
+def _get(url: str):
+    try:
+        status, _, body = http("GET", url)
+        return status, body
+    except OSError:
+        return None
 
 
 def _answers(port: int) -> bool:

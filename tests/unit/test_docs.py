@@ -35,7 +35,7 @@ def test_every_command_and_option_in_help_is_in_the_operators_guide():
     assert len(commands) >= 8
     for command in commands:
         assert f"hipcall-ingest {command}" in OPERATIONS, command
-        text = _help(command) + ("".join(_help(command, a) for a in ("list", "show", "replay", "purge", "export", "import"))
+        text = _help(command) + ("".join(_help(command, a) for a in ("list", "show", "replay", "purge", "export", "import", "search"))
                                  if command == "dlq" else "")
         for option in set(re.findall(r"(?<![\w-])(--[a-z][a-z-]+)", text)) - {"--help"}:
             assert option in OPERATIONS, f"{command} {option}"

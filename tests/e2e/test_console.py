@@ -1,0 +1,147 @@
+"""The console's JSON API against a real RabbitMQ: `hipcall-ingest console` started as a user starts it,
+dead letters in real DLQs, under the delivery-limit policy the dlq tests use. Listing and search leave
+every letter where it was; replay and purge move exactly what they say; each action is logged with who
+did it. The pages, in a real browser: test_console_browser.py."""
+
+import json
+
+from conftest import http, payload
+from ingest.localnode import free_port
+
+TOKEN = "e2e-console-token-7f3a"
+CONFIG = """
+[console]
+port = {port}
+tokens = ["{token}"]
+[consumers.crm]
+events = ["call_hangup", "call_init"]
+handler = "workers.builtin:log"
+"""
+BEARER = {"Authorization": f"Bearer {TOKEN}", "Content-Type": "application/json"}
+
+
+def call(n: int, event: str = "call_hangup") -> bytes:
+    body = payload(event)
+    for uuid in (b"2483a75a-56a2-41f1-991b-92b1667e324a", b"7bc3e1d9-0d5e-4bb7-9c68-fcc5a4ae5b6e"):
+        body = body.replace(uuid, f"uuid-{n:05d}".encode())
+    return body
+
+
+def letter_headers(n: int, error: str = "TimeoutError: CRM did not answer") -> dict:
+    return {"x-hipcall-error": error, "x-hipcall-error-type": error.split(":")[0], "x-hipcall-attempts": 6,
+            "x-hipcall-failed-at": f"2026-12-01T08:{n:02d}:00+00:00"}
+
+
+def start_console(launch, broker, tmp_path, console_keys: str = ""):
+    port = free_port()
+    console = launch("console", broker, CONFIG.format(port=port, token=TOKEN).replace("[console]\n", "[console]\n" + console_keys))
+    console.port = port
+    console.wait_http("/login")
+    return console
+
+
+def api(console, method: str, path: str, body: dict | None = None) -> tuple[int, dict]:
+    status, _, raw = http(method, console.url + path, json.dumps(body).encode() if body is not None else None, BEARER)
+    return status, json.loads(raw)
+
+
+def dead_letters(launch, broker, tmp_path, n: int = 4):
+    """`n` call_hangup letters in crm.call_hangup.dlq (ids id-0..), one call_init letter of call 1 in
+    crm.call_init.dlq, and one webhook of call 1 in the unrouted queue."""
+    path = tmp_path / "topology.toml"
+    path.write_text(CONFIG.format(port=1, token=TOKEN))
+    topology = launch("topology", broker, path.read_text())
+    assert topology.wait() == 0, topology.output()
+    for i in range(n):
+        broker.publish("", "crm.call_hangup.dlq", call(i), letter_headers(i, "TimeoutError: CRM did not answer"
+                                                                          if i % 2 else "ValueError: no such agent"),
+                       message_id=f"id-{i}")
+    broker.publish("", "crm.call_init.dlq", call(1, "call_init"), letter_headers(9), message_id="init-1")
+    broker.publish("", "hipcall.unrouted", call(1).replace(b'"call_hangup"', b'"call_parked"'), message_id="unrouted-1")
+
+
+def test_listing_search_and_detail_leave_every_letter_in_place_under_a_delivery_limit(launch, broker, tmp_path):
+    dead_letters(launch, broker, tmp_path)
+    broker.ctl("set_policy", "-p", "{vhost}", "dlq-limit", r"\.dlq$|unrouted$", '{"delivery-limit": 2}',
+               "--apply-to", "queues")
+    console = start_console(launch, broker, tmp_path)
+    for _ in range(3):  # each read is a whole pass; none may count as a delivery
+        status, listing = api(console, "GET", "/api/dlq")
+        assert status == 200
+        counts = {q["queue"]: q["messages"] for q in listing["queues"]}
+        assert counts["crm.call_hangup.dlq"] == 4 and counts["crm.call_init.dlq"] == 1
+
+        status, letters = api(console, "GET", "/api/dlq/crm.call_hangup.dlq?q=TimeoutError")
+        assert status == 200 and letters["total"] == 4 and letters["matched"] == 2 and letters["complete"]
+        assert [(l["message_id"], l["call_uuid"], l["attempts"]) for l in letters["letters"]] == [
+            ("id-1", "uuid-00001", 6), ("id-3", "uuid-00003", 6)]
+
+        status, found = api(console, "GET", "/api/search?call_uuid=uuid-00001")
+        assert status == 200 and found["complete"]
+        assert sorted((l["queue"], l["message_id"]) for l in found["letters"]) == [
+            ("crm.call_hangup.dlq", "id-1"), ("crm.call_init.dlq", "init-1"), ("hipcall.unrouted", "unrouted-1")]
+        assert "crm.call_hangup.dlq" in found["queues_searched"] and "hipcall.unrouted" in found["queues_searched"]
+
+        status, detail = api(console, "GET", "/api/dlq/crm.call_hangup.dlq/letters/id-1")
+        assert status == 200 and detail["body"]["data"]["uuid"] == "uuid-00001"
+        assert detail["headers"]["x-hipcall-error-type"] == "TimeoutError"
+        assert sorted(l["message_id"] for l in detail["same_call"]) == ["init-1", "unrouted-1"]
+
+    status, window = api(console, "GET", "/api/dlq/crm.call_hangup.dlq?since=2026-12-01T08:01&until=2026-12-01T08:03")
+    assert [l["message_id"] for l in window["letters"]] == ["id-1", "id-2"]  # since inclusive, until exclusive
+    assert api(console, "GET", "/api/dlq/crm.call_hangup.dlq/letters/no-such-id")[0] == 404
+    assert api(console, "GET", "/api/search?call_uuid=nobody")[1]["letters"] == []
+
+    letters = broker.take("crm.call_hangup.dlq", expect=4)
+    assert [m.message_id for m in letters] == ["id-0", "id-1", "id-2", "id-3"]  # same letters, same order
+    assert [m.headers.get("x-delivery-count", 0) for m in letters] == [0, 0, 0, 0]
+    assert [m.message_id for m in broker.take("hipcall.unrouted", expect=1)] == ["unrouted-1"]
+
+
+def test_replay_and_purge_move_exactly_what_they_say_and_are_logged_with_who(launch, broker, tmp_path):
+    dead_letters(launch, broker, tmp_path, n=5)
+    console = start_console(launch, broker, tmp_path)
+
+    status, moved = api(console, "POST", "/api/dlq/crm.call_hangup.dlq/replay", {"ids": ["id-0", "id-3"]})
+    assert status == 200 and (moved["moved"], moved["examined"], moved["total"]) == (2, 5, 5)
+    status, moved = api(console, "POST", "/api/dlq/crm.call_hangup.dlq/replay",
+                        {"all": True, "q": "ValueError", "until": "2026-12-01T08:04"})
+    assert status == 200 and moved["moved"] == 1  # id-2: the ValueErrors are 0, 2 and 4; 0 is gone, 4 is too late
+    replayed = broker.take("crm.call_hangup", expect=3)
+    assert sorted(m.message_id for m in replayed) == ["id-0", "id-2", "id-3"]
+    assert all("x-hipcall-error" not in m.headers and "x-hipcall-replayed-at" in m.headers for m in replayed)
+
+    status, refused = api(console, "POST", "/api/dlq/crm.call_hangup.dlq/purge", {"confirm": 5})
+    assert status == 409 and "holds 2 dead letters now, not the 5 confirmed" in refused["error"]
+    assert broker.count("crm.call_hangup.dlq") == 2  # nothing deleted
+    status, purged = api(console, "POST", "/api/dlq/crm.call_hangup.dlq/purge", {"confirm": 2})
+    assert status == 200 and purged["purged"] == 2 and broker.count("crm.call_hangup.dlq") == 0
+
+    # the unrouted webhook's event gets a consumer: the console's unrouted replay moves it
+    status, moved = api(console, "POST", "/api/unrouted/replay", {})
+    assert status == 200 and moved["moved"] == 0 and broker.count("hipcall.unrouted") == 1  # call_parked: nobody takes it
+
+    actions = [l for l in console.logs() if l.get("msg") == "console_action"]
+    assert [(a["action"], a["user"], a.get("moved", a.get("deleted"))) for a in actions] == [
+        ("replay", "token 1", 2), ("replay", "token 1", 1), ("purge", "token 1", 2), ("replay_unrouted", "token 1", 0)]
+    assert TOKEN not in console.output()
+
+
+def test_a_read_only_console_reads_but_refuses_every_action(launch, broker, tmp_path):
+    dead_letters(launch, broker, tmp_path, n=2)
+    ro = start_console(launch, broker, tmp_path, "readonly = true\n")
+    assert api(ro, "GET", "/api/dlq/crm.call_hangup.dlq")[1]["total"] == 2
+    status, refused = api(ro, "POST", "/api/dlq/crm.call_hangup.dlq/purge", {"confirm": 2})
+    assert status == 403 and "read-only" in refused["error"] and broker.count("crm.call_hangup.dlq") == 2
+
+
+def test_an_unreachable_broker_is_a_503_that_says_so_and_the_pipeline_still_answers(launch, broker, tmp_path):
+    port = free_port()
+    console = launch("console", broker, CONFIG.format(port=port, token=TOKEN),
+                     env={"HIPCALL_AMQP_URL": "amqp://guest:secret-pw@127.0.0.1:1/"})
+    console.port = port
+    console.wait_http("/login")
+    status, answer = api(console, "GET", "/api/dlq/crm.call_hangup.dlq")
+    assert status == 503 and "cannot connect to RabbitMQ" in answer["error"] and "secret-pw" not in answer["error"]
+    status, pipeline = api(console, "GET", "/api/pipeline")
+    assert status == 200 and pipeline["broker"] == "unreachable" and "secret-pw" not in json.dumps(pipeline)

@@ -1,0 +1,255 @@
+"""The console without a broker: password hashes, signed sessions, the config of [console], the charts,
+and every refusal (no login, a wrong token, a missing CSRF token, read-only) through aiohttp's TestClient.
+Reads and actions against a real broker: tests/e2e/test_console.py; in a real browser:
+tests/e2e/test_console_browser.py."""
+
+import asyncio
+import base64
+import hashlib
+import io
+import re
+import xml.etree.ElementTree as ET
+
+import pytest
+from aiohttp.test_utils import TestClient, TestServer
+
+from ingest import cli
+from ingest.config import load_config
+from ingest.console.app import build_console
+from ingest.console.auth import COOKIE, Sessions
+from ingest.console.passwords import hash_password, verify_password
+from ingest.console.samples import Samples, accepted, dead_letters_chart, webhooks_chart
+from ingest.errors import ConfigError
+
+PASSWORD = "correct horse battery staple"
+HASH = hash_password(PASSWORD)  # one hash for the module: each costs about 0.1 s
+TOKEN = "console-token-0123456789"
+
+
+def test_a_hash_verifies_its_password_only_and_carries_its_cost():
+    assert verify_password(PASSWORD, HASH) and not verify_password(PASSWORD + " ", HASH)
+    assert HASH.startswith("scrypt$32768$8$1$") and HASH != hash_password(PASSWORD)  # salted
+    salt = base64.b64decode(HASH.split("$")[4])
+    cheaper = hashlib.scrypt(PASSWORD.encode(), salt=salt, n=1024, r=8, p=1, dklen=32)  # an older, cheaper hash
+    assert verify_password(PASSWORD, f"scrypt$1024$8$1${base64.b64encode(salt).decode()}${base64.b64encode(cheaper).decode()}")
+
+
+@pytest.mark.parametrize("bad", ["", "plain", "scrypt$1000$8$1$AAAA$AAAA", f"scrypt${2**30}$8$1$AAAA$AAAA",
+                                 "scrypt$1024$8$1$!!!!$AAAA", "md5$abc"])
+def test_a_malformed_or_too_costly_hash_verifies_nothing_and_raises_nothing(bad):
+    assert not verify_password(PASSWORD, bad)
+
+
+def test_hash_password_reads_standard_input_and_refuses_an_empty_password(monkeypatch, capsys):
+    monkeypatch.setattr("sys.stdin", io.StringIO(PASSWORD + "\n"))
+    assert cli.main(["console", "hash-password"]) == 0
+    printed = capsys.readouterr().out.strip()
+    assert verify_password(PASSWORD, printed) and PASSWORD not in printed
+    monkeypatch.setattr("sys.stdin", io.StringIO("\n"))
+    assert cli.main(["console", "hash-password"]) == 2
+    assert "empty password" in capsys.readouterr().err
+
+
+def test_a_session_cookie_is_read_back_until_tampered_expired_revoked_or_the_key_changes():
+    sessions = Sessions(60)
+    cookie = sessions.issue("alice")
+    who = sessions.read(cookie)
+    assert who is not None and who.name == "alice" and who.via == "session" and len(who.csrf or "") >= 24
+    body, signature = cookie.split(".")
+    forged = body.replace(body[:4], "eyJ1IjoiYm9i")  # another user's name, same signature
+    assert sessions.read(f"{forged}.{signature}") is None and sessions.read(cookie + "x") is None
+    assert Sessions(60).read(cookie) is None  # a restarted console draws a new key
+    assert Sessions(-1).read(Sessions(-1).issue("alice")) is None  # expired
+    sessions.revoke(who)
+    assert sessions.read(cookie) is None and sessions.read(sessions.issue("alice")) is not None
+
+
+def config_text(tmp_path, text: str, env: dict | None = None):
+    path = tmp_path / "c.toml"
+    path.write_text(text)
+    return load_config(path, env or {})
+
+
+def test_console_config_needs_someone_who_can_use_it_and_never_prints_a_hash_or_token(tmp_path):
+    with pytest.raises(ConfigError, match=r"console.enabled is true but neither console.users nor console.tokens"):
+        config_text(tmp_path, "[console]\nenabled = true\n")
+    with pytest.raises(ConfigError, match=r"console.users: expected .*hash-password") as bad:
+        config_text(tmp_path, '[console.users]\nalice = "s3cret-in-clear"\n')
+    assert "s3cret-in-clear" not in str(bad.value)
+    with pytest.raises(ConfigError, match=r"console.tokens: expected .*not shown"):
+        config_text(tmp_path, '[console]\ntokens = [" padded-secret "]\n')
+    config = config_text(tmp_path, "[console]\nenabled = true\n", {"HIPCALL_CONSOLE_TOKENS": "a-token, b-token"})
+    assert config.console.tokens == ("a-token", "b-token") and "a-token" not in repr(config)
+
+
+METRICS = """# HELP hipcall_ingest_requests_total Webhook requests by HTTP status and event.
+# TYPE hipcall_ingest_requests_total counter
+hipcall_ingest_requests_total{event="call_hangup",status="202"} 40.0
+hipcall_ingest_requests_total{event="call_init",status="202"} 2.0
+hipcall_ingest_requests_total{event="call_init",status="200"} 1.0
+hipcall_ingest_requests_total{event="-",status="401"} 7.0
+"""
+
+
+def test_the_webhook_chart_counts_2xx_answers_per_minute_through_a_counter_reset():
+    assert accepted(METRICS) == 43.0
+    samples = Samples()
+    samples.add(600.0, 43.0, {"crm.call_hangup.dlq": 1})  # the first look only sets the baseline
+    samples.add(610.0, 50.0, None)
+    samples.add(660.0, 5.0, {"crm.call_hangup.dlq": 3})  # the ingress restarted: its counter began again
+    assert [(m.start, m.webhooks, m.dead_letters) for m in samples.minutes] == [
+        (600, 7, {"crm.call_hangup.dlq": 1}), (660, 5, {"crm.call_hangup.dlq": 3})]
+    bars = ET.fromstring(webhooks_chart(samples)).findall("{http://www.w3.org/2000/svg}rect")
+    assert [b.find("{http://www.w3.org/2000/svg}title").text for b in bars] == ["7", "5"]
+    lines = ET.fromstring(dead_letters_chart(samples))
+    assert "crm.call_hangup.dlq (3)" in "".join(lines.itertext())
+
+
+def test_a_queue_name_in_a_chart_is_escaped():
+    samples = Samples()
+    samples.add(0.0, None, {"<script>.dlq": 2})
+    drawn = dead_letters_chart(samples)
+    assert "<script>" not in drawn and "&lt;script&gt;" in drawn
+    ET.fromstring(drawn)
+
+
+# --- refusals, through the app (none of these reach the broker) -------------------------------------
+
+
+def console_config(tmp_path, extra: str = ""):
+    return config_text(tmp_path, f'[console]\ntokens = ["{TOKEN}"]\n{extra}[console.users]\nalice = "{HASH}"\n')
+
+
+def talk(config, *steps):
+    """Run `steps` (async functions of a TestClient) against the console app; their results."""
+
+    async def main():
+        client = TestClient(TestServer(build_console(config, sample=False)))  # no sampler: no broker
+        await client.start_server()
+        try:
+            return [await step(client) for step in steps]
+        finally:
+            await client.close()
+
+    return asyncio.run(main())
+
+
+async def log_in(client, user="alice", password=PASSWORD, next_="/"):
+    form = await (await client.get("/login")).text()
+    csrf = re.search(r'name="csrf" value="([^"]+)"', form).group(1)
+    return await client.post("/login", data={"csrf": csrf, "user": user, "password": password, "next": next_},
+                             allow_redirects=False)
+
+
+def test_without_a_login_pages_redirect_to_it_and_the_api_answers_401(tmp_path):
+    async def page(client):
+        r = await client.get("/dlq", allow_redirects=False)
+        return r.status, r.headers["Location"]
+
+    async def api(client):
+        r = await client.get("/api/dlq")
+        return r.status, (await r.json())["error"], r.headers.get("WWW-Authenticate")
+
+    async def wrong_token(client):
+        r = await client.post("/api/dlq/x.dlq/purge", json={"confirm": 0}, headers={"Authorization": "Bearer nope"})
+        return r.status, await r.text()
+
+    (status, location), (api_status, error, challenge), (wrong, text) = talk(console_config(tmp_path), page, api, wrong_token)
+    assert (status, location) == (303, "/login?next=/dlq")
+    assert api_status == 401 and "Bearer" in error and challenge.startswith("Bearer")
+    assert wrong == 401 and "nope" not in text and TOKEN not in text
+
+
+def test_a_login_needs_the_right_password_and_its_own_form(tmp_path):
+    async def wrong_password(client):
+        r = await log_in(client, password="guess")
+        return r.status, await r.text()
+
+    async def unknown_user(client):
+        return (await log_in(client, user="mallory")).status
+
+    async def forged_form(client):  # a form posted from another site: no login cookie, a made-up token
+        client.session.cookie_jar.clear()
+        r = await client.post("/login", data={"csrf": "x", "user": "alice", "password": PASSWORD}, allow_redirects=False)
+        return r.status
+
+    async def right(client):
+        r = await log_in(client, next_="/dlq")
+        return r.status, r.headers["Location"], r.cookies[COOKIE]["httponly"], r.cookies[COOKIE]["samesite"]
+
+    async def elsewhere(client):  # "after logging in, go to" never leaves the console
+        return (await log_in(client, next_="//evil.example/")).headers["Location"]
+
+    (status, text), unknown, forged, ok, away = talk(console_config(tmp_path), wrong_password, unknown_user, forged_form,
+                                                     right, elsewhere)
+    assert status == 401 and "Wrong user name or password" in text and "guess" not in text
+    assert unknown == 401 and forged == 403
+    assert ok == (303, "/dlq", True, "Strict")
+    assert away == "/"
+
+
+def test_every_action_of_a_session_needs_its_csrf_token(tmp_path):
+    async def without(client):
+        await log_in(client)
+        form = await client.post("/dlq/hipcall.call_hangup.dlq/purge", data={"confirm": "0"}, allow_redirects=False)
+        api = await client.post("/api/dlq/hipcall.call_hangup.dlq/purge", json={"confirm": 0})
+        header = await client.post("/api/dlq/hipcall.call_hangup.dlq/purge", json={"confirm": 0},
+                                   headers={"X-CSRF-Token": "not-the-one"})
+        return form.status, api.status, header.status, await header.text()
+
+    form, api, header, text = talk(console_config(tmp_path), without)[0]
+    assert (form, api, header) == (403, 403, 403) and "CSRF" in text
+
+
+def test_read_only_refuses_every_action_and_hides_the_buttons(tmp_path):
+    async def act(client):
+        r = await client.post("/api/dlq/hipcall.call_hangup.dlq/replay", json={"all": True},
+                              headers={"Authorization": f"Bearer {TOKEN}"})
+        return r.status, (await r.json())["error"]
+
+    async def login_page_then_logout(client):
+        await log_in(client)
+        csrf = re.search(r'name="csrf" value="([^"]+)"', await (await client.get("/login")).text())
+        out = await client.post("/logout", allow_redirects=False)  # logging out is never refused
+        after = await client.get("/dlq", allow_redirects=False)
+        return csrf is not None, out.status, after.status
+
+    (status, error), (_, out, after) = talk(console_config(tmp_path, "readonly = true\n"), act, login_page_then_logout)
+    assert status == 403 and "read-only" in error
+    assert (out, after) == (303, 303)  # logged out: the session no longer opens pages
+
+
+def test_pages_carry_headers_that_keep_them_out_of_frames_and_inline_scripts(tmp_path):
+    async def headers(client):
+        r = await client.get("/login")
+        return r.headers
+
+    got = talk(console_config(tmp_path), headers)[0]
+    assert "frame-ancestors 'none'" in got["Content-Security-Policy"] and "script-src 'self'" in got["Content-Security-Policy"]
+    assert got["X-Content-Type-Options"] == "nosniff" and got["Cache-Control"] == "no-store"
+
+
+def test_a_bad_filter_or_body_is_a_400_that_says_what_is_wrong(tmp_path):
+    bearer = {"Authorization": f"Bearer {TOKEN}"}
+
+    async def bad_time(client):
+        r = await client.get("/api/dlq/hipcall.call_hangup.dlq?since=yesterday", headers=bearer)
+        return r.status, (await r.json())["error"]
+
+    async def bad_body(client):
+        r = await client.post("/api/dlq/hipcall.call_hangup.dlq/replay", data=b"{not json", headers=bearer)
+        return r.status, (await r.json())["error"]
+
+    async def bad_replay(client):
+        r = await client.post("/api/dlq/hipcall.call_hangup.dlq/replay", json={"ids": []}, headers=bearer)
+        return r.status, (await r.json())["error"]
+
+    async def not_a_dlq(client):
+        r = await client.get("/api/dlq/hipcall.call_hangup", headers=bearer)
+        return r.status, (await r.json())["error"]
+
+    answers = talk(console_config(tmp_path), bad_time, bad_body, bad_replay, not_a_dlq)
+    assert answers[0][0] == 400 and "since: expected a time" in answers[0][1]
+    assert answers[1][0] == 400 and "not JSON" in answers[1][1]
+    assert answers[2][0] == 400 and '"ids" is a non-empty list' in answers[2][1]
+    assert answers[3][0] == 404 and "is not a dead-letter queue" in answers[3][1]
