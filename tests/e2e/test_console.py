@@ -145,3 +145,16 @@ def test_an_unreachable_broker_is_a_503_that_says_so_and_the_pipeline_still_answ
     assert status == 503 and "cannot connect to RabbitMQ" in answer["error"] and "secret-pw" not in answer["error"]
     status, pipeline = api(console, "GET", "/api/pipeline")
     assert status == 200 and pipeline["broker"] == "unreachable" and "secret-pw" not in json.dumps(pipeline)
+
+
+def test_a_broker_restart_under_the_console_is_a_503_then_the_console_goes_on(launch, node_broker, rabbit_node, tmp_path):
+    console = start_console(launch, node_broker, tmp_path)
+    assert api(console, "GET", "/api/dlq")[0] == 200  # the console's connection is open now
+    rabbit_node.stop()
+    status, answer = api(console, "GET", "/api/dlq/crm.call_hangup.dlq")
+    assert status == 503 and "RabbitMQ" in answer["error"]
+    assert api(console, "GET", "/api/pipeline")[1]["broker"] == "unreachable"
+    rabbit_node.start()
+    status, listing = api(console, "GET", "/api/dlq")
+    assert status == 200 and "crm.call_hangup.dlq" in {q["queue"] for q in listing["queues"]}
+    assert console.process.poll() is None and "Traceback" not in console.output()
