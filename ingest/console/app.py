@@ -30,6 +30,7 @@ from ..lifecycle import Supervised, ready, stop_event, stop_reason
 from ..message import own_headers
 from ..ops import dlq
 from ..ops.status import status, unreachable
+from ..topology import Queue
 from .auth import (
     COOKIE,
     CSRF_FIELD,
@@ -125,20 +126,9 @@ class Console:
         async with self.locks[name]:
             return await self._broker(lambda c: dlq.read(c, self.config, queue, which, limit))
 
-    async def search(self, call_uuid: str) -> list[tuple[Any, dlq.Read]]:
-        which = dlq.Filter(call_uuid=call_uuid)
-
-        async def each(connection) -> list[tuple[Any, dlq.Read]]:
-            found = []
-            for queue in dlq.searched_queues(self.config):
-                async with self.locks[queue.name]:
-                    try:
-                        found.append((queue, await dlq.read(connection, self.config, queue, which, SEARCH_LIMIT)))
-                    except QueueMissing:
-                        continue
-            return found
-
-        return await self._broker(each)
+    async def search(self, call_uuid: str) -> list[tuple[Queue, dlq.Read]]:
+        return await self._broker(lambda c: dlq.search(c, self.config, dlq.Filter(call_uuid=call_uuid), SEARCH_LIMIT,
+                                                       hold=lambda queue: self.locks[queue.name]))
 
     async def replay(self, who: Who, name: str, which: dlq.Filter) -> dlq.Swept:
         queue = dlq.find_dlq(self.config, name)
@@ -444,7 +434,7 @@ def _read_dict(read: dlq.Read) -> dict[str, Any]:
             "complete": not read.swept.cut_short, "letters": [_letter_dict(l) for l in read.letters]}
 
 
-def _search_dict(call_uuid: str, found: list[tuple[Any, dlq.Read]]) -> dict[str, Any]:
+def _search_dict(call_uuid: str, found: list[tuple[Queue, dlq.Read]]) -> dict[str, Any]:
     return {"call_uuid": call_uuid, "complete": not any(read.swept.cut_short for _, read in found),
             "queues_searched": [queue.name for queue, _ in found],
             "letters": [{"queue": queue.name, "queue_kind": queue.kind, **_letter_dict(letter)}

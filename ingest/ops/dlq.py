@@ -20,12 +20,14 @@ from __future__ import annotations
 import asyncio
 import base64
 import collections
+import contextlib
 import decimal
 import os
 import secrets
 import stat
 import sys
 from collections.abc import Callable
+from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from functools import cached_property
@@ -441,16 +443,19 @@ def searched_queues(config: Config) -> list[Queue]:
     return [q for q in topology.queues if q.kind == "dlq"] + [q for q in topology.queues if q.kind == "unrouted"]
 
 
-async def search(connection: AbstractConnection, config: Config, which: Filter,
-                 limit: int) -> list[tuple[Queue, Read]]:
+async def search(connection: AbstractConnection, config: Config, which: Filter, limit: int,
+                 hold: Callable[[Queue], AbstractAsyncContextManager[Any]] = lambda queue: contextlib.nullcontext()
+                 ) -> list[tuple[Queue, Read]]:
     """`read` over every DLQ and the unrouted queue (a queue never declared is skipped): "what happened
-    to this call?" with Filter(call_uuid=...)."""
+    to this call?" with Filter(call_uuid=...). Each queue is read inside `hold(queue)` (the console's
+    lock on it)."""
     found = []
     for queue in searched_queues(config):
-        try:
-            found.append((queue, await read(connection, config, queue, which, limit)))
-        except QueueMissing:
-            continue
+        async with hold(queue):
+            try:
+                found.append((queue, await read(connection, config, queue, which, limit)))
+            except QueueMissing:
+                continue
     return found
 
 
