@@ -14,11 +14,15 @@ $(BIN)/hipcall-ingest: pyproject.toml
 run: $(BIN)/hipcall-ingest
 	$(BIN)/hipcall-ingest run --config $(CONFIG)
 
-# The unit tier first (one process, no broker, seconds), then the real-broker tier: end to end, and the
-# chaos scenarios at 5 s each. tests/README.md says what goes where.
+# The unit tier first (one process, no broker, seconds), then the real-broker tiers: end to end in
+# E2E_WORKERS processes at once (pytest-xdist; each has its own throwaway RabbitMQ node), then the chaos
+# scenarios at 5 s each, one at a time (they load the machine). tests/README.md says what goes where.
+E2E_WORKERS ?= 2
 test: $(BIN)/hipcall-ingest
+	@$(BIN)/python -c "import xdist" 2>/dev/null || $(BIN)/pip install -q -e '.[test]'
 	$(BIN)/python -m pytest tests/unit $(PYTEST_ARGS)
-	$(BIN)/python -m pytest tests/e2e tests/chaos $(PYTEST_ARGS)
+	$(BIN)/python -m pytest -n $(E2E_WORKERS) tests/e2e $(PYTEST_ARGS)
+	$(BIN)/python -m pytest tests/chaos $(PYTEST_ARGS)
 
 test-fast: $(BIN)/hipcall-ingest
 	$(BIN)/python -m pytest tests/unit $(PYTEST_ARGS)

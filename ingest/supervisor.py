@@ -27,6 +27,7 @@ Its behaviour follows gunicorn's arbiter and nginx's master process:
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import select
@@ -150,6 +151,7 @@ class Supervisor:
     _restarts: list[tuple[float, Kind]] = field(default_factory=list)  # (not before, kind)
     _last_start: dict[str, float] = field(default_factory=dict)
     _metrics_dir: str = ""
+    _metrics_lock: int = -1  # held while this supervisor runs (see _metrics_dir)
     _reloading: bool = False
 
     def serve(self, handover: dict[str, Any] | None = None) -> int:
@@ -160,7 +162,7 @@ class Supervisor:
         try:
             host, port = self.sock.getsockname()[:2]
             if handover is None:
-                self._metrics_dir = _metrics_dir()
+                self._metrics_dir, self._metrics_lock = _metrics_dir()
                 for kind in kinds(self.config, self.run):
                     for _ in range(kind.count):
                         self._start(kind)
@@ -178,6 +180,8 @@ class Supervisor:
             for child in self.children:  # only on an error of our own: never leave a child behind
                 child.process.kill()
             shutil.rmtree(self._metrics_dir, ignore_errors=True)
+            if self._metrics_lock >= 0:
+                os.close(self._metrics_lock)
         log.info("supervisor_stopped", code=self.code)
         return self.code
 
@@ -318,9 +322,10 @@ class Supervisor:
             return
         children = [{"kind": c.kind.name, "pid": c.pid, "ready": c.ready,
                      "lifeline": c.lifeline if c.asked_at is None else None} for c in self.children]
-        fds = [self.sock.fileno(), *(c.ready for c in self.children),
+        fds = [self.sock.fileno(), self._metrics_lock, *(c.ready for c in self.children),
                *(c.lifeline for c in self.children if c.asked_at is None)]
-        state = {"socket": self.sock.fileno(), "metrics_dir": self._metrics_dir, "code": self.code, "children": children}
+        state = {"socket": self.sock.fileno(), "metrics_dir": self._metrics_dir, "metrics_lock": self._metrics_lock,
+                 "code": self.code, "children": children}
         command = [sys.executable, "-m", "ingest", *sys.argv[1:]]
         log.info("supervisor_upgrading", command=command[1:], children=len(children))
         for fd in fds:
@@ -333,7 +338,8 @@ class Supervisor:
             log.error("upgrade_failed", error=f"{type(exc).__name__}: {exc}", note="the running supervisor keeps going")
 
     def _adopt(self, handover: dict[str, Any]) -> None:
-        self._metrics_dir = handover["metrics_dir"]
+        self._metrics_dir, self._metrics_lock = handover["metrics_dir"], handover["metrics_lock"]
+        os.set_inheritable(self._metrics_lock, False)
         self.code = handover["code"]
         known = {k.name: k for k in kinds(self.config, self.run)}
         for entry in handover["children"]:
@@ -439,22 +445,36 @@ def _handed_over(env: Mapping[str, str]) -> dict[str, Any] | None:
     return json.loads(env[HANDOVER_ENV]) if HANDOVER_ENV in env else None
 
 
-def _metrics_dir() -> str:
-    """A new directory for this supervisor's metrics files, in the temporary directory. Those of a
-    supervisor that is gone (killed with -9, so it could not remove its own) are removed first."""
+OWNER_LOCK = "owner.lock"  # in a metrics directory: flock'd by its supervisor for as long as it runs
+
+
+def _metrics_dir() -> tuple[str, int]:
+    """A new directory for this supervisor's metrics files, and the descriptor of the lock it holds on it
+    for as long as it runs (an upgrade's exec keeps it open). Directories whose lock nobody holds (their
+    supervisor was killed with -9, so it could not remove its own) are removed first. The lock, not the
+    pid in the name, says whether one is in use: a supervisor in another pid namespace that shares this
+    temporary directory (a container's pid 1) sees other pids as gone, and must not remove their files."""
     base = Path(tempfile.gettempdir())
     for old in base.glob(f"{METRICS_DIR_PREFIX}*"):
-        pid = old.name.removeprefix(METRICS_DIR_PREFIX).split("-")[0]
-        if pid.isdigit() and not _alive(int(pid)):
+        if _abandoned(old):
             shutil.rmtree(old, ignore_errors=True)
-    return tempfile.mkdtemp(prefix=f"{METRICS_DIR_PREFIX}{os.getpid()}-")
+    path = tempfile.mkdtemp(prefix=f"{METRICS_DIR_PREFIX}{os.getpid()}-")
+    lock = os.open(os.path.join(path, OWNER_LOCK), os.O_CREAT | os.O_RDWR | os.O_CLOEXEC, 0o600)
+    fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    return path, lock
 
 
-def _alive(pid: int) -> bool:
+def _abandoned(directory: Path) -> bool:
+    """True when nobody holds the directory's lock. One without a lock file is left alone: it is being
+    made right now (the lock follows the directory), or is not ours to judge."""
     try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
+        fd = os.open(directory / OWNER_LOCK, os.O_RDWR | os.O_CLOEXEC)
+    except OSError:
         return False
-    except PermissionError:  # another user's process
-        pass
-    return True
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        return True
+    except BlockingIOError:
+        return False
+    finally:
+        os.close(fd)  # and with it the lock, if it was taken here
