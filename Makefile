@@ -17,7 +17,7 @@ run: $(BIN)/hipcall-ingest
 # The unit tier first (one process, no broker, seconds), then the real-broker tiers: end to end in
 # E2E_WORKERS processes at once (pytest-xdist; each has its own throwaway RabbitMQ node), then the chaos
 # scenarios at 5 s each, one at a time (they load the machine). tests/README.md says what goes where.
-E2E_WORKERS ?= 2
+E2E_WORKERS ?= 3
 test: $(BIN)/hipcall-ingest
 	@$(BIN)/python -c "import xdist" 2>/dev/null || $(BIN)/pip install -q -e '.[test]'
 	$(BIN)/python -m pytest tests/unit $(PYTEST_ARGS)

@@ -95,9 +95,8 @@ def test_a_killed_supervisor_takes_its_processes_with_it_and_the_next_removes_it
     assert len([l for l in ingress.logs() if l.get("msg") == "stopping" and l.get("reason") == "supervisor"]) == 2
     with socket.socket() as s:
         assert s.connect_ex(("127.0.0.1", ingress.port)) != 0  # nobody listens any more
-    left = Path(started["metrics_dir"])
-    assert left.is_dir()  # a serve killed with -9 could not remove it
-    after = launch("serve", broker, "", wait="/healthz")
+    left = Path(started["metrics_dir"])  # a serve killed with -9 could not remove it; the next one does
+    after = launch("serve", broker, "", wait="/healthz")  # (or, with tests in parallel, any other serve may)
     assert not left.exists()
     [metrics] = [l["metrics_dir"] for l in after.logs() if l.get("msg") == "supervisor_started"]
     assert Path(metrics).is_dir()
