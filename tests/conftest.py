@@ -28,7 +28,7 @@ import aio_pika
 import pytest
 
 from ingest.errors import NodeError
-from ingest.localnode import LocalNode, free_port, reachable
+from ingest.localnode import LocalNode, reachable
 
 FIXTURES = Path(__file__).parent / "fixtures"
 ROOT = Path(__file__).parent.parent
@@ -39,6 +39,25 @@ HOW_TO_GET_A_BROKER = (
     "or point HIPCALL_TEST_AMQP_URL at a RabbitMQ 3.10+ whose node `rabbitmqctl` on this machine can manage "
     "(HIPCALL_TEST_RABBITMQ_NODE names it)."
 )
+
+
+# Ports for the processes a test starts: each pytest-xdist worker (gw0, gw1, ...) takes its own block
+# below Linux's ephemeral range (32768-60999), so no two workers, and no outgoing connection's port, can
+# ever pick the same one. (The kernel's bind-to-0 could: one worker then spoke to another's server.)
+_PORT_BLOCK = 2000
+_ports = itertools.count(20000 + _PORT_BLOCK * int(os.environ.get("PYTEST_XDIST_WORKER", "gw0").removeprefix("gw") or 0))
+
+
+def free_port() -> int:
+    """The next port of this worker's block that nobody listens on."""
+    for port in _ports:
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    raise AssertionError("no free port left")  # itertools.count never ends; for the type checker
 
 
 def payload(name: str) -> bytes:
@@ -269,7 +288,7 @@ class RabbitNode(LocalNode):
     def __init__(self, directory: Path) -> None:
         port = free_port()
         try:
-            super().__init__(directory, f"hipcalltest{port}@localhost", port)
+            super().__init__(directory, f"hipcalltest{port}@localhost", port, dist_port=free_port())
         except NodeError as exc:
             pytest.fail(f"{exc}. {HOW_TO_GET_A_BROKER}")
 

@@ -5,8 +5,7 @@ did it. The pages, in a real browser: test_console_browser.py."""
 
 import json
 
-from conftest import http, payload
-from ingest.localnode import free_port
+from conftest import free_port, http, payload
 
 TOKEN = "e2e-console-token-7f3a"
 CONFIG = """

@@ -10,9 +10,8 @@ import shutil
 
 import pytest
 
-from conftest import ROOT, payload, post_webhook, wait_until
+from conftest import ROOT, free_port, payload, post_webhook, wait_until
 from ingest.console.passwords import hash_password
-from ingest.localnode import free_port
 
 CHROMIUM = os.environ.get("HIPCALL_TEST_CHROMIUM", "/usr/bin/chromium")
 HOW_TO_GET_A_BROWSER = ("the console's browser test needs Debian's chromium (`apt-get install chromium`; .ci/run "
