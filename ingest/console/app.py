@@ -164,7 +164,7 @@ class Console:
     def _log(self, who: Who, action: str, queue: str, swept: dlq.Swept, which: dlq.Filter) -> None:
         log.info("console_action", action=action, user=who.name, via=who.via, queue=queue, moved=swept.moved,
                  examined=swept.seen, total=swept.total, complete=not swept.cut_short,
-                 filter={k: v for k, v in _filter_dict(which).items() if v})
+                 filter={k: v for k, v in {**_filter_dict(which), "ids": list(which.ids)}.items() if v})
 
     # --- the JSON API --------------------------------------------------------------------------------
 

@@ -121,6 +121,7 @@ def test_replay_and_purge_move_exactly_what_they_say_and_are_logged_with_who(lau
     assert status == 200 and moved["moved"] == 0 and broker.count("hipcall.unrouted") == 1  # call_parked: nobody takes it
 
     actions = [l for l in console.logs() if l.get("msg") == "console_action"]
+    assert actions[0]["filter"] == {"ids": ["id-0", "id-3"]} and actions[1]["filter"]["q"] == "ValueError"
     assert [(a["action"], a["user"], a.get("moved", a.get("deleted"))) for a in actions] == [
         ("replay", "token 1", 2), ("replay", "token 1", 1), ("purge", "token 1", 2), ("replay_unrouted", "token 1", 0)]
     assert TOKEN not in console.output()
