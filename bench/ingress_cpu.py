@@ -24,8 +24,12 @@ SEED_UUID = "2483a75a-56a2-41f1-991b-92b1667e324a"
 
 
 def cpu_seconds(pid: int) -> float:
+    """User + system CPU of `pid` and every process under it: `serve` is a supervisor, and its ingress
+    process is its child (whose CPU /proc/PID/stat of the supervisor does not show while it runs)."""
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    own = (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    children = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
+    return own + sum(cpu_seconds(int(child)) for child in children)
 
 
 async def send(rate: int, seconds: int) -> list[int]:
