@@ -327,10 +327,7 @@ def cmd_dlq(config: Config, args: argparse.Namespace) -> int:
                 print(f"{row['queue'][:32]:<32} {count:>6}  {(row['oldest_failure'] or '-')[:19]:<20} {top[:18]}")
 
         _emit(args, rows, render)
-        for swept in cut:
-            print(f"hipcall-ingest: {swept.queue}: read {swept.seen} of {swept.total} letters (another reader held "
-                  f"the rest); its figures are incomplete", file=sys.stderr)
-        return 1 if cut else 0
+        return _cut_short(cut, "its figures are incomplete")
 
     if args.action == "search":
         return _search(args, on_broker(lambda c: dlq.search(c, config, dlq.Filter(call_uuid=args.call_uuid), SEARCH_LIMIT)))
@@ -421,9 +418,14 @@ def _search(args: argparse.Namespace, found) -> int:
         print(f"{len(rows)} found for call {args.call_uuid} in {len(found)} queues")
 
     _emit(args, rows, render)
+    return _cut_short(cut, "search again")
+
+
+def _cut_short(cut: list, advice: str) -> int:
+    """A line for each read another reader cut short (nothing lost; its output is partial); exit 1 if any."""
     for swept in cut:
         print(f"hipcall-ingest: {swept.queue}: read {swept.seen} of {swept.total} letters (another reader held "
-              f"the rest); search again", file=sys.stderr)
+              f"the rest); {advice}", file=sys.stderr)
     return 1 if cut else 0
 
 

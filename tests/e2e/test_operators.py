@@ -473,3 +473,15 @@ def test_a_deleted_consumer_queue_is_declared_again_and_unrouted_replay_brings_i
     moved = broker.take("crm.task_create", expect=3)
     assert len(moved) == 3 and {m.message_id for m in moved} == set(ids)
     assert [m.message_id for m in broker.take("hipcall.unrouted")] == [other]  # no consumer: it stays
+
+
+def test_search_finds_a_call_in_every_dlq_and_replay_grep_moves_only_the_matching(launch, broker, tmp_path):
+    path, ids = make_dead_letters(launch, broker, tmp_path, n=3)
+    found = json.loads(cli(broker, path, "dlq", "search", "uuid-00001", "--json").stdout)
+    assert [(l["queue"], l["message_id"], l["call_uuid"]) for l in found] == [("crm.call_hangup.dlq", ids[1], "uuid-00001")]
+    done = cli(broker, path, "dlq", "search", "uuid-00001")
+    assert done.returncode == 0 and "1 found for call uuid-00001" in done.stdout and "PermanentError" in done.stdout
+    assert "0 found" in cli(broker, path, "dlq", "search", "nobody").stdout
+    moved = cli(broker, path, "dlq", "replay", "crm.call_hangup.dlq", "--grep", "uuid-00002")
+    assert moved.returncode == 0 and "replayed 1 from crm.call_hangup.dlq" in moved.stdout
+    assert [m.message_id for m in broker.take("crm.call_hangup", expect=1)] == [ids[2]]
