@@ -330,7 +330,7 @@ def cmd_dlq(config: Config, args: argparse.Namespace) -> int:
         return _cut_short(cut, "its figures are incomplete")
 
     if args.action == "search":
-        return _search(args, on_broker(lambda c: dlq.search(c, config, dlq.Filter(call_uuid=args.call_uuid), SEARCH_LIMIT)))
+        return _search(args, on_broker(lambda c: dlq.search(c, config, dlq.Filter(call_uuid=args.call_uuid))))
     queue = dlq.find_dlq(config, args.queue)
     if args.action == "show":
         return _show(config, args, queue, on_broker)
@@ -401,9 +401,6 @@ def _show(config: Config, args: argparse.Namespace, queue, on_broker) -> int:
     print("\n]" if args.json else f"{shown} shown ({swept.seen} of {swept.total} letters read)")
     swept.check()
     return 0
-
-
-SEARCH_LIMIT = 100  # letters of one call shown per queue: a call has a handful of events
 
 
 def _search(args: argparse.Namespace, found) -> int:

@@ -51,7 +51,6 @@ log = structlog.get_logger("ingest.console")
 
 HERE = Path(__file__).parent
 LIST_LIMIT = 200  # letters a DLQ page shows (the count of every match is shown beside)
-SEARCH_LIMIT = 100  # letters of one call per queue
 REFRESH = 15  # seconds between the pipeline page's reloads
 _DUMMY_HASH = hash_password("not anyone's password")  # checked for an unknown user: same time as a known one
 
@@ -127,7 +126,7 @@ class Console:
             return await self._broker(lambda c: dlq.read(c, self.config, queue, which, limit))
 
     async def search(self, call_uuid: str) -> list[tuple[Queue, dlq.Read]]:
-        return await self._broker(lambda c: dlq.search(c, self.config, dlq.Filter(call_uuid=call_uuid), SEARCH_LIMIT,
+        return await self._broker(lambda c: dlq.search(c, self.config, dlq.Filter(call_uuid=call_uuid),
                                                        hold=lambda queue: self.locks[queue.name]))
 
     async def replay(self, who: Who, name: str, which: dlq.Filter) -> dlq.Swept:
@@ -296,32 +295,31 @@ class Console:
     # --- logging in ----------------------------------------------------------------------------------
 
     async def login_form(self, request: web.Request) -> web.Response:
-        # The token already in the browser stays: a second tab's login form (or the favicon's redirect here)
-        # must not make the first one stale.
+        return self._login_page(request, request.query.get("next"))
+
+    def _login_page(self, request: web.Request, after: str | None, error: str | None = None) -> web.Response:
+        # The token already in the browser stays: a second tab's login form (or the favicon's redirect
+        # here) must not make the first one stale.
         token = request.cookies.get(LOGIN_COOKIE) or login_token()
-        response = self._page(request, "login.html", login_csrf=token, next=_local(request.query.get("next")),
-                              users=bool(self.config.console.users), error=None)
+        response = self._page(request, "login.html", login_csrf=token, next=_local(after), error=error,
+                              users=bool(self.config.console.users))
         response.set_cookie(LOGIN_COOKIE, token, httponly=True, samesite="Strict", secure=cookie_secure(request),
                             max_age=3600)
+        if error:
+            response.set_status(401)
         return response
 
     async def login(self, request: web.Request) -> web.Response:
         form = await request.post()
-        user, password = str(form.get("user", "")), str(form.get("password", ""))
+        user, password, after = str(form.get("user", "")), str(form.get("password", "")), str(form.get("next", ""))
         if not login_token_ok(request.cookies.get(LOGIN_COOKIE), str(form.get(CSRF_FIELD, ""))):
             return refuse(request, 403, "the login form is stale; open /login again")
         hashed = self.config.console.users.get(user, _DUMMY_HASH)
-        good = await asyncio.to_thread(verify_password, password, hashed) and user in self.config.console.users
-        if not good:
+        if not (await asyncio.to_thread(verify_password, password, hashed) and user in self.config.console.users):
             log.info("console_login_refused", user=user[:64])
-            token = login_token()
-            response = self._page(request, "login.html", login_csrf=token, next=_local(str(form.get("next", ""))),
-                                  users=bool(self.config.console.users), error="Wrong user name or password.")
-            response.set_status(401)
-            response.set_cookie(LOGIN_COOKIE, token, httponly=True, samesite="Strict", secure=cookie_secure(request))
-            return response
+            return self._login_page(request, after, "Wrong user name or password.")
         log.info("console_login", user=user)
-        response = web.HTTPSeeOther(_local(str(form.get("next", ""))) or "/")
+        response = web.HTTPSeeOther(_local(after) or "/")
         response.set_cookie(COOKIE, self.sessions.issue(user), httponly=True, samesite="Strict",
                             secure=cookie_secure(request), max_age=int(self.sessions.timeout))
         response.del_cookie(LOGIN_COOKIE)

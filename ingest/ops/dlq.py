@@ -49,6 +49,7 @@ IN_FLIGHT = 500  # republishes awaiting their confirm at once
 PREFETCH = 200  # letters a sweep takes at once (a window): bounds its memory whatever the DLQ's size
 EXPORT_ENVELOPE = 1 << 20  # bytes of an export line besides the body: headers (an error of 1 KiB), properties
 IDLE = 2.0  # seconds without a delivery after which a sweep decides someone else holds the rest
+SEARCH_LIMIT = 100  # letters a search holds per queue: one call has a handful of events
 
 
 def dead_letter_queues(config: Config) -> list[Queue]:
@@ -443,7 +444,7 @@ def searched_queues(config: Config) -> list[Queue]:
     return [q for q in topology.queues if q.kind == "dlq"] + [q for q in topology.queues if q.kind == "unrouted"]
 
 
-async def search(connection: AbstractConnection, config: Config, which: Filter, limit: int,
+async def search(connection: AbstractConnection, config: Config, which: Filter, limit: int = SEARCH_LIMIT,
                  hold: Callable[[Queue], AbstractAsyncContextManager[Any]] = lambda queue: contextlib.nullcontext()
                  ) -> list[tuple[Queue, Read]]:
     """`read` over every DLQ and the unrouted queue (a queue never declared is skipped): "what happened
