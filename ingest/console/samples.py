@@ -150,6 +150,8 @@ def dead_letters_chart(samples: Samples) -> str:
                           for i, m in enumerate(minutes))
         body.append(f'<polyline points="{points}" class="s{n}">'
                     f'<title>{escape(queue)}</title></polyline>')
+        body += [f'<circle cx="{_x(offset + i) + 4:.1f}" cy="{_y(m.dead_letters.get(queue, 0), top):.1f}" r="2.5" '
+                 f'class="s{n}"/>' for i, m in enumerate(minutes)]  # a point per minute: one sample shows too
     legend = [f'<text x="{PAD + 4}" y="{14 + 12 * n}" class="legend s{n}">{escape(queue)} ({peak[queue]})</text>'
               for n, queue in enumerate(shown)]
     return _frame("dead letters per DLQ", top, body + legend)
