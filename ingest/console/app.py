@@ -214,7 +214,7 @@ class Console:
         who = request.get(WHO)
         response = aiohttp_jinja2.render_template(
             template, request, {"who": who, "csrf": who.csrf if who else None, "readonly": self.config.console.readonly,
-                                "unrouted": self.config.broker.unrouted, **context})
+                                **context})
         response.headers["Cache-Control"] = "no-store"
         return response
 

@@ -95,6 +95,13 @@ def test_a_supervisor_finds_a_failed_call_by_its_uuid_and_replays_it(launch, bro
             assert page.locator("#dlq-total").inner_text() == "1"  # the other call's letter stays
             assert OTHER_CALL in page.locator("table.letters").inner_text() and CALL not in page.locator("table.letters").inner_text()
             page.screenshot(path=SCREENSHOTS / "console-dlq.png", full_page=True)
+
+            page.goto(f"{console}/dlq?event=call_hangup")  # the other pages render too
+            assert "crm.call_hangup.dlq" in page.locator("table").inner_text()
+            page.goto(f"{console}/dlq/crm.call_hangup.dlq/purge")  # shown, not pressed
+            assert page.locator("button.danger").inner_text() == "Delete 1 dead letters"
+            answer = page.goto(f"{console}/dlq/crm.call_hangup.dlq?since=yesterday")
+            assert answer.status == 400 and "since: expected a time" in page.locator("p.error").inner_text()
         finally:
             chromium.close()
 
