@@ -448,10 +448,7 @@ def cmd_console(config: Config, args: argparse.Namespace) -> int:
     if args.action == "hash-password":
         print(_hash_password())
         return 0
-    if not config.console.access_configured:
-        raise ConfigError(f"config error: {config.source}: the console needs [console] users (a password hash from "
-                          f"`hipcall-ingest console hash-password`) or [console] tokens (or HIPCALL_CONSOLE_TOKENS): "
-                          f"without either nobody could use it")
+    config.console.check_access(config.source)
     from .console.app import serve_console
 
     configure_logging(config.logging, "console")

@@ -144,10 +144,12 @@ class ConsoleConfig:
     readonly: bool
     session_timeout: float
 
-    @property
-    def access_configured(self) -> bool:
-        """Access is off unless someone can log in or hold a token."""
-        return bool(self.tokens or self.users)
+    def check_access(self, where: str) -> None:
+        """Access is off unless someone can log in or hold a token: a console nobody could use stops start-up."""
+        if not (self.tokens or self.users):
+            raise ConfigError(f"config error: {where}: neither console.users nor console.tokens is set (password "
+                              f"hashes from `hipcall-ingest console hash-password`; tokens also in HIPCALL_CONSOLE_TOKENS): "
+                              f"nobody could use the console (docs/console.md, Access)")
 
 
 @dataclass(frozen=True)
@@ -516,9 +518,8 @@ def _build(defaults: dict, user: dict, source: str, env: Mapping[str, str]) -> C
         raise fail("reconcile.retention", f"a duration of at least reconcile.lookback ({_spell(rec['lookback'])})",
                    raw["reconcile"]["retention"])
     console = ConsoleConfig(**parsed["console"])
-    if console.enabled and not console.access_configured:
-        raise ConfigError(f"config error: {origin.get('console.tokens', source)}: console.enabled is true but neither "
-                          f"console.users nor console.tokens is set: nobody could use it (docs/console.md, Access)")
+    if console.enabled:
+        console.check_access(origin.get("console.tokens", source))
     retry = RetryConfig(**parsed["retry"])
     worker = WorkerConfig(**parsed["worker"])
     consumers = _consumers(defaults.get("consumers", {}), user.get("consumers", {}), source, retry, worker, fail)

@@ -50,6 +50,13 @@ def test_hash_password_reads_standard_input_and_refuses_an_empty_password(monkey
     assert "empty password" in capsys.readouterr().err
 
 
+def test_the_console_command_without_users_or_tokens_exits_2_naming_both(tmp_path, capsys):
+    path = tmp_path / "c.toml"
+    path.write_text("")  # enabled = false: `console` itself still refuses to serve nobody
+    assert cli.main(["console", "--config", str(path)]) == 2
+    assert "neither console.users nor console.tokens is set" in capsys.readouterr().err
+
+
 def test_a_session_cookie_is_read_back_until_tampered_expired_revoked_or_the_key_changes():
     sessions = Sessions(60)
     cookie = sessions.issue("alice")
@@ -71,7 +78,7 @@ def config_text(tmp_path, text: str, env: dict | None = None):
 
 
 def test_console_config_needs_someone_who_can_use_it_and_never_prints_a_hash_or_token(tmp_path):
-    with pytest.raises(ConfigError, match=r"console.enabled is true but neither console.users nor console.tokens"):
+    with pytest.raises(ConfigError, match=r"neither console.users nor console.tokens is set"):
         config_text(tmp_path, "[console]\nenabled = true\n")
     with pytest.raises(ConfigError, match=r"console.users: expected .*hash-password") as bad:
         config_text(tmp_path, '[console.users]\nalice = "s3cret-in-clear"\n')
