@@ -18,18 +18,10 @@ import uuid
 from pathlib import Path
 
 import aiohttp
+from cpu import tree_cpu_s
 
 BODY = (Path(__file__).resolve().parent.parent / "tests" / "fixtures" / "call_hangup.json").read_text()
 SEED_UUID = "2483a75a-56a2-41f1-991b-92b1667e324a"
-
-
-def cpu_seconds(pid: int) -> float:
-    """User + system CPU of `pid` and every process under it: `serve` is a supervisor, and its ingress
-    process is its child (whose CPU /proc/PID/stat of the supervisor does not show while it runs)."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    own = (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-    children = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
-    return own + sum(cpu_seconds(int(child)) for child in children)
 
 
 async def send(rate: int, seconds: int) -> list[int]:
@@ -62,9 +54,9 @@ def main() -> None:
                             env={**os.environ, "PYTHONPATH": checkout})
     try:
         time.sleep(3)
-        before = cpu_seconds(proc.pid)
+        before = tree_cpu_s(proc.pid)
         statuses = asyncio.run(send(rate, seconds))
-        used = cpu_seconds(proc.pid) - before
+        used = tree_cpu_s(proc.pid) - before
     finally:
         proc.terminate()
         proc.wait(timeout=30)
