@@ -36,6 +36,7 @@ from .broker import BrokerLink, is_blocked
 from .config import Config
 from .errors import PublishFailed, PublishRefused, SpoolFull, UsageError
 from .lifecycle import Supervised, ready, stop_event, stop_reason
+from .logs import AccessLog
 from .message import MAX_DEPTH, SPOOLED, call_uuid, too_deep, webhook_id, webhook_properties
 from .names import EVENT_RE, consumer_queue, entry_exchange
 from .publish import Publisher
@@ -123,8 +124,7 @@ class Ingress:
         if request.content_length is not None and request.content_length > limit:
             return self._reject(request, 413, f"body larger than {limit} bytes")
         try:
-            async with asyncio.timeout(self.config.http.body_timeout):
-                body = await request.read()
+            body = await _read_body(request, self.config.http.body_timeout)
         except web.HTTPRequestEntityTooLarge:
             return self._reject(request, 413, f"body larger than {limit} bytes")
         except TimeoutError:
@@ -153,18 +153,15 @@ class Ingress:
         if state == "connected" and publisher is not None:
             started = time.perf_counter()
             try:
-                async with asyncio.timeout(self._direct_budget):
-                    await publisher.publish(body, self._exchange, event,
-                                                 webhook_properties(mid, received, client))
-            except PublishFailed as exc:  # returned, refused, channel gone: not stored
+                await publisher.publish(body, self._exchange, event, webhook_properties(mid, received, client),
+                                        timeout=self._direct_budget)
+            except PublishFailed as exc:  # returned, refused, no confirm within the budget, channel gone
                 reason = str(exc)
                 if isinstance(exc, PublishRefused):
                     refused = True
                     REFUSED.labels(label).inc()
                     log.warning("publish_refused", _event=event, message_id=mid, queues_with_max_length=[
                         consumer_queue(c.name, event) for c in self._limited if event in c.events])
-            except TimeoutError:
-                reason = f"no confirm within {self._direct_budget:g}s (the answer budget)"
             else:
                 PUBLISH_SECONDS.observe(time.perf_counter() - started)
                 return self._accepted(label, mid)
@@ -313,6 +310,15 @@ class Ingress:
         return response
 
 
+async def _read_body(request: web.Request, timeout: float) -> bytes:
+    """The request's body, waiting at most `timeout` for the rest of it. A webhook's body has mostly
+    arrived with its head: then there is no wait to bound (and no timer to set, per request)."""
+    if request.content.is_eof():
+        return await request.read()
+    async with asyncio.timeout(timeout):
+        return await request.read()
+
+
 def _validate(body: bytes) -> tuple[dict, str | None]:
     """(payload, None) for a valid webhook, ({}, what is wrong) otherwise."""
     if not body.strip():
@@ -378,20 +384,24 @@ def _within(text: str | None, networks: tuple) -> bool:
     return address is not None and any(address in network for network in networks)
 
 
-@web.middleware
-async def access_log(request: web.Request, handler) -> web.StreamResponse:
-    started = time.perf_counter()
-    response = await handler(request)
-    log.info(
-        "request",
-        method=request.method,
-        path=request.path,  # never the query string: it may carry ?token=
-        status=response.status,
-        latency_ms=round((time.perf_counter() - started) * 1000, 2),
-        remote=request.get(CLIENT_ADDRESS, request.remote),
-        **request.get(LOG_FIELDS, {}),
-    )
-    return response
+def access_log(lines: AccessLog) -> Callable:
+    """The middleware that writes one `request` line per request."""
+
+    @web.middleware
+    async def middleware(request: web.Request, handler) -> web.StreamResponse:
+        started = time.perf_counter()
+        response = await handler(request)
+        lines.request({
+            "method": request.method,
+            "path": request.path,  # never the query string: it may carry ?token=
+            "status": response.status,
+            "latency_ms": round((time.perf_counter() - started) * 1000, 2),
+            "remote": request.get(CLIENT_ADDRESS, request.remote),
+            **request.get(LOG_FIELDS, {}),
+        })
+        return response
+
+    return middleware
 
 
 async def broker_context(app: web.Application) -> AsyncIterator[None]:
@@ -485,9 +495,15 @@ def build_app(config: Config, metrics_dir: str | None = None,
     """The ingress app; with `metrics_dir` (one of several processes), /metrics adds up every process's.
 
     `broker` opens (and at shutdown closes) the broker link and the spool; the unit tests pass their own."""
-    middlewares = [last_answer_if_draining, *([access_log] if config.logging.access else [])]
+    lines = AccessLog(config.logging)
+    middlewares = [last_answer_if_draining, *([access_log(lines)] if lines.enabled else [])]
     # client_max_size is a backstop; the handler answers 413 itself with a JSON error first.
     app = web.Application(client_max_size=config.http.max_body_bytes, middlewares=middlewares)
+
+    async def flush_access_log(app: web.Application) -> None:
+        lines.flush()
+
+    app.on_cleanup.append(flush_access_log)
     registry = REGISTRY
     if metrics_dir is not None:
         registry = CollectorRegistry()

@@ -54,14 +54,18 @@ class Publisher:
     def is_open(self) -> bool:
         return not self.channel.is_closed
 
-    async def publish(self, body: bytes, exchange: str, routing_key: str, properties: Basic.Properties) -> None:
-        """Returns once the broker stored the message; raises PublishFailed (saying why) otherwise."""
+    async def publish(self, body: bytes, exchange: str, routing_key: str, properties: Basic.Properties,
+                      timeout: float | None = None) -> None:
+        """Returns once the broker stored the message; raises PublishFailed (saying why) otherwise.
+        `timeout` replaces the publisher's own for this publish (the ingress's answer budget)."""
+        timeout = self._timeout if timeout is None else timeout
         if self._slots is None:
-            return await self._publish(body, exchange, routing_key, properties)
+            return await self._publish(body, exchange, routing_key, properties, timeout)
         async with self._slots:
-            return await self._publish(body, exchange, routing_key, properties)
+            return await self._publish(body, exchange, routing_key, properties, timeout)
 
-    async def _publish(self, body: bytes, exchange: str, routing_key: str, properties: Basic.Properties) -> None:
+    async def _publish(self, body: bytes, exchange: str, routing_key: str, properties: Basic.Properties,
+                       timeout: float) -> None:
         mid = properties.message_id
         if not mid:
             raise ValueError("every message published here carries a message id")
@@ -69,7 +73,7 @@ class Publisher:
         if self.channel.is_closed:
             raise PublishFailed(f"not stored at {where}: the channel is closed (broker connection lost)")
         try:
-            async with asyncio.timeout(self._timeout):
+            async with asyncio.timeout(timeout):
                 while (earlier := self._busy.get(mid)) is not None:
                     await asyncio.shield(earlier)
                 done = asyncio.get_running_loop().create_future()
@@ -83,7 +87,7 @@ class Publisher:
                     del self._busy[mid]
                     done.set_result(None)
         except TimeoutError:
-            raise PublishTimeout(f"not stored at {where}: no confirm within {self._timeout:g}s") from None
+            raise PublishTimeout(f"not stored at {where}: no confirm within {timeout:g}s") from None
         except aiormq.exceptions.PublishError:
             raise PublishReturned(f"not stored at {where}: returned, no queue is bound for it") from None
         except aiormq.exceptions.DeliveryError:  # aiormq's way of reporting a nack
