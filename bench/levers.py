@@ -22,7 +22,7 @@ import aio_pika
 
 from ingest.config import Config
 from ingest.message import webhook_properties
-from ingest.names import entry_exchange
+from ingest.names import entry_exchange, tap_exchange
 from ingest.publish import Publisher
 from ingest.topology import Queue, Topology, declare, plan
 
@@ -36,6 +36,7 @@ class Variant:
     topology: Topology
     exchange: str  # where a call_hangup is published ("" = the default exchange)
     routing_key: str
+    exchange_bindings: tuple[tuple[str, str, str], ...] = ()  # (destination, source, key) beyond the topology's
 
 
 def variants(config: Config) -> list[Variant]:
@@ -53,9 +54,15 @@ def variants(config: Config) -> list[Variant]:
     stream = with_queues(stream, lambda q: q if q.kind != "ledger" else dataclasses.replace(q, arguments={
         "x-queue-type": "stream", "x-max-age": f"{round(config.reconcile.retention)}s",
         "x-stream-max-segment-size-bytes": 50_000_000}))
+    classic, classic_x = ours("classic")
+    classic = with_queues(classic, lambda q: q if q.kind != "ledger" else dataclasses.replace(q, arguments={
+        "x-queue-type": "classic", "x-queue-version": 2, "x-message-ttl": round(config.reconcile.retention * 1000)}))
     no_ledger, no_ledger_x = ours("noledger", reconcile=False)
+    tap_first, tap_first_x = ours("tapfirst")  # no entry fanout: the tap gets the publish and feeds the events exchange
+    tap_first = Topology(tuple(dataclasses.replace(x, bound_to=()) for x in tap_first.exchanges
+                               if x.name != entry_exchange(tap_first_x)), tap_first.queues)
     direct, direct_x = ours("direct")
-    direct = Topology(tuple(dataclasses.replace(x, type="direct") if x.name in (direct_x, f"{direct_x}.tap") else x
+    direct = Topology(tuple(dataclasses.replace(x, type="direct") if x.name in (direct_x, tap_exchange(direct_x)) else x
                             for x in direct.exchanges), direct.queues)
     no_hop, no_hop_x = ours("nohop")  # the ledger bound to the events exchange, which gets the publish
     no_hop = with_queues(no_hop, lambda q: q if q.kind != "ledger" else dataclasses.replace(q, bindings=((no_hop_x, "call_hangup"),)))
@@ -64,10 +71,14 @@ def variants(config: Config) -> list[Variant]:
         Variant("shipped", "as shipped (entry fanout, topic events + tap, quorum ledger)", shipped,
                 entry_exchange(shipped_x), "call_hangup"),
         Variant("stream_ledger", "the ledger as a stream", stream, entry_exchange(stream_x), "call_hangup"),
+        Variant("classic_ledger", "the ledger as a classic queue (version 2)", classic, entry_exchange(classic_x),
+                "call_hangup"),
         Variant("no_ledger", "no ledger ([reconcile] enabled = false)", no_ledger, entry_exchange(no_ledger_x),
                 "call_hangup"),
         Variant("direct", "direct events and tap exchanges", direct, entry_exchange(direct_x), "call_hangup"),
-        Variant("no_entry_hop", "no entry hop: published into the events exchange*", no_hop, no_hop_x, "call_hangup"),
+        Variant("tap_first", "no entry fanout: into the tap, bound to events with #", tap_first,
+                tap_exchange(tap_first_x), "call_hangup", ((tap_first_x, tap_exchange(tap_first_x), "#"),)),
+        Variant("no_entry_hop", "into the events exchange, the ledger bound there*", no_hop, no_hop_x, "call_hangup"),
         Variant("baseline", "the minimal ingress's: default exchange, one queue", baseline, "", "lever-baseline"),
     ]
 
@@ -94,10 +105,14 @@ async def measure(url: str, config: Config, body: bytes, seconds: float, rounds:
     connection = await aio_pika.connect(url)
     try:
         chosen = variants(config)
+        channel = await connection.channel()
         for variant in chosen:
             await declare(connection, variant.topology)
+            for destination, source, key in variant.exchange_bindings:
+                await (await channel.get_exchange(destination)).bind(source, key)
         publisher = await Publisher.open(connection, timeout=30)
-        channel = await connection.channel()
+        for variant in chosen:  # the node's first seconds under load are slower: warm it up, unmeasured
+            await publish_for(publisher, variant, body, 1.0)
         results: dict = {v.name: {"title": v.title, "rounds": []} for v in chosen}
         for _ in range(rounds):
             for variant in chosen:
