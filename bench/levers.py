@@ -64,8 +64,9 @@ def variants(config: Config) -> list[Variant]:
     direct, direct_x = ours("direct")
     direct = Topology(tuple(dataclasses.replace(x, type="direct") if x.name in (direct_x, tap_exchange(direct_x)) else x
                             for x in direct.exchanges), direct.queues)
-    no_hop, no_hop_x = ours("nohop")  # the ledger bound to the events exchange, which gets the publish
-    no_hop = with_queues(no_hop, lambda q: q if q.kind != "ledger" else dataclasses.replace(q, bindings=((no_hop_x, "call_hangup"),)))
+    into_events, into_events_x = ours("intoevents")  # the ledger bound to the events exchange, which gets the publish
+    into_events = with_queues(into_events, lambda q: q if q.kind != "ledger"
+                              else dataclasses.replace(q, bindings=((into_events_x, "call_hangup"),)))
     baseline = Topology((), (Queue("lever-baseline", "consumer", {"x-queue-type": "quorum"}, ()),))
     return [
         Variant("shipped", "as shipped (entry fanout, topic events + tap, quorum ledger)", shipped,
@@ -78,7 +79,8 @@ def variants(config: Config) -> list[Variant]:
         Variant("direct", "direct events and tap exchanges", direct, entry_exchange(direct_x), "call_hangup"),
         Variant("tap_first", "no entry fanout: into the tap, bound to events with #", tap_first,
                 tap_exchange(tap_first_x), "call_hangup", ((tap_first_x, tap_exchange(tap_first_x), "#"),)),
-        Variant("no_entry_hop", "into the events exchange, the ledger bound there*", no_hop, no_hop_x, "call_hangup"),
+        Variant("into_events", "into the events exchange, the ledger bound there*", into_events, into_events_x,
+                "call_hangup"),
         Variant("baseline", "the minimal ingress's: default exchange, one queue", baseline, "", "lever-baseline"),
     ]
 
