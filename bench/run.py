@@ -144,10 +144,13 @@ class Bench:
     def wrk(self, port: int, proc: subprocess.Popen | None = None) -> dict:
         """wrk's figures, and what each process spent per request while it ran: the broker, wrk itself
         and (given `proc`) the ingress with every process under it."""
-        before, ingress_before, wrk_before = self.broker_cpu_s(), (tree_cpu_s(proc.pid) if proc else 0.0), finished_children_cpu_s()
+        def ingress_cpu_s() -> float:
+            return tree_cpu_s(proc.pid) if proc else 0.0
+
+        before, ingress_before, wrk_before = self.broker_cpu_s(), ingress_cpu_s(), finished_children_cpu_s()
         out = _wrk(port, "post.lua", self.args.seconds, HIPCALL_BENCH_BODY=str(BODY))
         broker_cpu = self.broker_cpu_s() - before
-        ingress_cpu, wrk_cpu = (tree_cpu_s(proc.pid) if proc else 0.0) - ingress_before, finished_children_cpu_s() - wrk_before
+        ingress_cpu, wrk_cpu = ingress_cpu_s() - ingress_before, finished_children_cpu_s() - wrk_before
         requests = int(re.search(r"(\d+) requests in", out).group(1))
         return {"rps": float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1)),
                 "p50_ms": _ms(re.search(r"\s50%\s+([\d.]+\w+)", out).group(1)),
