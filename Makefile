@@ -3,7 +3,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 CONFIG ?= config/hipcall.toml
 
-.PHONY: run test test-fast lint chaos bench topology clean
+.PHONY: run test test-tools test-fast lint chaos bench topology clean
 
 $(BIN)/hipcall-ingest: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -18,11 +18,22 @@ run: $(BIN)/hipcall-ingest
 # E2E_WORKERS processes at once (pytest-xdist; each has its own throwaway RabbitMQ node), then the chaos
 # scenarios at 5 s each, one at a time (they load the machine). tests/README.md says what goes where.
 E2E_WORKERS ?= 3
-test: $(BIN)/hipcall-ingest
+test: $(BIN)/hipcall-ingest test-tools
 	@$(BIN)/python -c "import xdist" 2>/dev/null || $(BIN)/pip install -q -e '.[test]'
 	$(BIN)/python -m pytest tests/unit $(PYTEST_ARGS)
 	$(BIN)/python -m pytest -n $(E2E_WORKERS) tests/e2e $(PYTEST_ARGS)
 	$(BIN)/python -m pytest tests/chaos $(PYTEST_ARGS)
+
+# What the real-broker tiers use beside Python's, by Debian package name: util-linux's unshare (the spool's
+# disk tests), systemd-analyze (deploy/'s units), chromium (the console's browser test). Installed here when
+# missing (as root, like `make bench` installs wrk), or one line says how.
+TEST_TOOLS := unshare:util-linux systemd-analyze:systemd chromium:chromium
+test-tools:
+	@missing=""; for t in $(TEST_TOOLS); do command -v $${t%%:*} >/dev/null || missing="$$missing $${t#*:}"; done; \
+	if [ -n "$$missing" ]; then \
+	  if [ "$$(id -u)" = 0 ]; then echo "make test: installing$$missing (Debian packages the tests use)"; \
+	    apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q$$missing; \
+	  else echo "make test needs Debian's$$missing: sudo apt-get install$$missing"; exit 1; fi; fi
 
 test-fast: $(BIN)/hipcall-ingest
 	$(BIN)/python -m pytest tests/unit $(PYTEST_ARGS)
@@ -43,7 +54,7 @@ bench: $(BIN)/hipcall-ingest
 	$(BIN)/python bench/run.py $(BENCH_ARGS)
 
 # The chaos suite at full length (30 s of load per scenario; `make test` runs each for 5 s).
-chaos: $(BIN)/hipcall-ingest
+chaos: $(BIN)/hipcall-ingest test-tools
 	HIPCALL_CHAOS_SECONDS=$${HIPCALL_CHAOS_SECONDS:-30} HIPCALL_CHAOS_SLACK=0 $(BIN)/python -m pytest -s -q tests/chaos $(PYTEST_ARGS)
 
 topology: $(BIN)/hipcall-ingest

@@ -14,7 +14,7 @@ from conftest import ROOT, free_port, payload, post_webhook, wait_until
 from ingest.console.passwords import hash_password
 
 CHROMIUM = os.environ.get("HIPCALL_TEST_CHROMIUM", "/usr/bin/chromium")
-HOW_TO_GET_A_BROWSER = ("the console's browser test needs Debian's chromium (`apt-get install chromium`; .ci/run "
+HOW_TO_GET_A_BROWSER = ("the console's browser test needs Debian's chromium (`apt-get install chromium`; `make test` "
                         "installs it) and Playwright for Python (`pip install -e '.[test]'`)")
 SCREENSHOTS = ROOT / "docs" / "screenshots"
 PASSWORD = "on-call supervisor 7"
