@@ -65,7 +65,9 @@ def payload(name: str) -> bytes:
     return (FIXTURES / f"{name}.json").read_bytes()
 
 
-def wait_until(check, timeout: float = 20.0, interval: float = 0.05, what: str = "condition"):
+def wait_until(check, timeout: float = 60.0, interval: float = 0.05, what: str = "condition"):
+    """Polls `check` until it is true (returned) or `timeout` passes (a failure naming `what`). The default
+    bound is generous: the machine may be loaded; a test waits for what it asserts, never for a time."""
     deadline = time.monotonic() + timeout
     while True:
         value = check()
@@ -374,7 +376,7 @@ class Proc:
             self.process.send_signal(signal.SIGTERM)
         return self.process.wait(timeout=timeout)
 
-    def wait_http(self, path: str, status: int = 200, timeout: float = 20) -> None:
+    def wait_http(self, path: str, status: int = 200, timeout: float = 60) -> None:
         """Until GET path answers `status`; for /readyz 200 also until the broker is connected (the
         ingress is ready earlier, with the spool taking webhooks), in every ingress process."""
         def check():

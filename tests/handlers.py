@@ -19,7 +19,7 @@ def _record(path: str, event, **extra) -> None:
 class Scripted:
     """options: record (file), mode ("fail" | "permanent" | "until_fixed" (PermanentError until the file
     `fixed` exists) | "sleep" | "sleep_fail" | "together" | "crash" |
-    "slow_one"), fail_times, sleep, together (mode "together": fail once that many deliveries are in flight
+    "slow_one"), fail_times, sleep, release (sleep modes: a file whose creation ends the sleep early), together (mode "together": fail once that many deliveries are in flight
     at once), slow_uuid (mode "slow_one": only the call with this uuid sleeps)."""
 
     async def start(self, options):
@@ -37,7 +37,12 @@ class Scripted:
         if mode == "until_fixed" and not os.path.exists(o["fixed"]):  # fails for good until the file exists
             raise PermanentError("CRM refused the record: agent 1042 is unknown")
         if mode in ("sleep", "sleep_fail") or mode == "slow_one" and event.call_uuid == o["slow_uuid"]:
-            await asyncio.sleep(o["sleep"])
+            if "release" in o:  # until the test creates this file (at most `sleep` seconds): no race with its steps
+                deadline = time.monotonic() + o["sleep"]
+                while not os.path.exists(o["release"]) and time.monotonic() < deadline:
+                    await asyncio.sleep(0.02)
+            else:
+                await asyncio.sleep(o["sleep"])
         if mode == "sleep_fail" and event.attempt <= o.get("fail_times", 0):
             _record(o["record"], event, phase="failed")
             raise RuntimeError(f"slow failure on attempt {event.attempt}")

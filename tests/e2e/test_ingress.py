@@ -399,8 +399,14 @@ def test_x_forwarded_for_entries_with_a_port_are_parsed_and_a_trusted_hop_with_a
     assert post_webhook(proc, body, {"X-Forwarded-For": "[2001:db8::1]:443"})[0] == 202
     assert post_webhook(proc, body, {"X-Forwarded-For": "203.0.113.7:1, 10.1.1.1:8080"})[0] == 202
     assert post_webhook(proc, body, {"X-Forwarded-For": "203.0.113.7, 198.51.100.4:443"})[0] == 403
-    requests = [l for l in proc.logs() if l.get("msg") == "request"]
-    assert [r["remote"] for r in requests[-4:]] == ["203.0.113.7", "2001:db8::1", "203.0.113.7", "198.51.100.4"]
+    # Each process writes its lines at the end of its loop turn: wait for the four webhooks' own lines (not
+    # the last four lines of the file, where a /readyz of the other process may stand), whatever their order.
+    def webhook_lines():
+        lines = [(l["status"], l["remote"]) for l in proc.logs() if l.get("msg") == "request" and l["path"] == "/webhooks/hipcall"]
+        return lines if len(lines) >= 4 else None
+
+    assert sorted(wait_until(webhook_lines, what="the four webhooks' request lines")) == [
+        (202, "2001:db8::1"), (202, "203.0.113.7"), (202, "203.0.113.7"), (403, "198.51.100.4")]
 
 
 def test_a_request_is_authorized_when_any_token_it_presents_is_right(launch, broker):

@@ -51,7 +51,8 @@ def test_run_reloads_its_worker_and_its_ingress_processes(launch, broker, tmp_pa
     wait_until(lambda: _lines(run, "reload_done"), timeout=60, what="the reload done")
     workers = [l["pid"] for l in _lines(run, "process_started") if l["kind"] == "worker"]
     assert len(workers) == 2 and workers[0] == first_worker
-    assert len(run.ingress_pids()) == 2 and not run.ingress_pids() & first_ingress
+    wait_until(lambda: len(run.ingress_pids()) == 2 and not run.ingress_pids() & first_ingress,
+               what="two fresh ingress processes, the old ones' ends logged")
     wait_until(lambda: len(_lines(run, "consuming")) == 2, what="the new worker consuming")
     assert post_webhook(run, payload("call_hangup"))[0] == 202
     wait_until(lambda: record.exists() and record.read_text().count("call_hangup") >= 1, what="handled by the new worker")

@@ -326,12 +326,16 @@ def test_a_consumer_cancelled_by_the_broker_consumes_again(launch, broker, tmp_p
 
 def test_a_handler_that_finishes_after_a_reconnect_neither_publishes_nor_acks(launch, broker, tmp_path):
     record = tmp_path / "record.jsonl"
-    config = consumer(delays='["300ms"]', record=str(record), mode="sleep_fail", sleep=2, fail_times=1)
+    release = tmp_path / "release"  # the handler finishes once the connection it started on is gone
+    config = consumer(delays='["300ms"]', record=str(record), mode="sleep_fail", sleep=60, fail_times=1,
+                      release=str(release))
     config += '[broker]\nreconnect_max = "300ms"\n'
     ingress, worker = start(launch, broker, config)
     post_webhook(ingress, HANGUP)
     wait_until(lambda: records(record, "start"), what="handler started")
     broker.ctl("close_all_connections", "-p", "{vhost}", "test: a connection blip")
+    wait_until(lambda: any(l.get("msg") == "broker_connection_lost" for l in worker.logs()), what="the blip seen")
+    release.touch()
     wait_until(lambda: any(l.get("msg") == "delivery_channel_gone" for l in worker.logs()), timeout=20,
                what="the first handler finishing on its dead channel")
     wait_until(lambda: records(record, "done"), timeout=20, what="the redelivery retried and done")
