@@ -3,7 +3,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 CONFIG ?= config/hipcall.toml
 
-.PHONY: run test test-tools test-fast lint chaos bench topology clean
+.PHONY: run test test-tools test-fast lint chaos nemesis bench topology clean
 
 $(BIN)/hipcall-ingest: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -23,6 +23,7 @@ test: $(BIN)/hipcall-ingest test-tools
 	$(BIN)/python -m pytest tests/unit $(PYTEST_ARGS)
 	$(BIN)/python -m pytest -n $(E2E_WORKERS) tests/e2e $(PYTEST_ARGS)
 	$(BIN)/python -m pytest tests/chaos $(PYTEST_ARGS)
+	NEMESIS_SECONDS=$${NEMESIS_SECONDS:-60} $(BIN)/python -m pytest -s -q tests/nemesis $(PYTEST_ARGS)
 
 # What the real-broker tiers use beside Python's, by Debian package name: util-linux's unshare (the spool's
 # disk tests), systemd-analyze (deploy/'s units), chromium (the console's browser test). Installed here when
@@ -56,6 +57,12 @@ bench: $(BIN)/hipcall-ingest
 # The chaos suite at full length (30 s of load per scenario; `make test` runs each for 5 s).
 chaos: $(BIN)/hipcall-ingest test-tools
 	HIPCALL_CHAOS_SECONDS=$${HIPCALL_CHAOS_SECONDS:-30} HIPCALL_CHAOS_SLACK=0 $(BIN)/python -m pytest -s -q tests/chaos $(PYTEST_ARGS)
+
+# Faults in random, overlapping order on a whole deployment (tests/nemesis/, docs/guarantees.md): a seeded
+# schedule of NEMESIS_SECONDS (default an hour; `make test` runs 60 s), NEMESIS_SEED=N replays one. It
+# prints a table and writes .run/nemesis/result.json; it fails on a lost webhook or a broken promise.
+nemesis: $(BIN)/hipcall-ingest test-tools
+	NEMESIS_SECONDS=$${NEMESIS_SECONDS:-3600} $(BIN)/python -m pytest -s -q tests/nemesis $(PYTEST_ARGS)
 
 topology: $(BIN)/hipcall-ingest
 	$(BIN)/hipcall-ingest topology --config $(CONFIG)

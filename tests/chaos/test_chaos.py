@@ -17,8 +17,6 @@ import http.client
 import json
 import os
 import signal
-import socket
-import struct
 import threading
 import time
 import uuid
@@ -28,6 +26,7 @@ from pathlib import Path
 import pytest
 
 from conftest import Broker, RabbitNode, payload, post_webhook, wait_until
+from netproxy import Proxy
 
 SECONDS = float(os.environ.get("HIPCALL_CHAOS_SECONDS", "5"))
 SENDERS = 8
@@ -298,70 +297,12 @@ def test_supervisor_upgraded_in_place_mid_load(pipeline):
     assert not ingress.ingress_pids() & before
 
 
-class FreezingProxy:
-    """A TCP proxy in front of the broker that can stop forwarding without closing (no confirm ever
-    comes, nothing tells the client), then reset every connection."""
-
-    def __init__(self, target_port: int) -> None:
-        self.target = target_port
-        self.server = socket.create_server(("127.0.0.1", 0))
-        self.port = self.server.getsockname()[1]
-        self.frozen = threading.Event()
-        self.sockets: list[socket.socket] = []
-        threading.Thread(target=self._accept, daemon=True).start()
-
-    def _accept(self) -> None:
-        while True:
-            try:
-                client, _ = self.server.accept()
-            except OSError:
-                return
-            upstream = socket.create_connection(("127.0.0.1", self.target))
-            self.sockets += [client, upstream]
-            for a, b in ((client, upstream), (upstream, client)):
-                threading.Thread(target=self._pump, args=(a, b), daemon=True).start()
-
-    def _pump(self, source: socket.socket, target: socket.socket) -> None:
-        try:
-            while True:
-                while self.frozen.is_set():
-                    time.sleep(0.01)
-                data = source.recv(65536)
-                if not data:
-                    break
-                while self.frozen.is_set():  # read but not passed on: as if the network dropped it
-                    time.sleep(0.01)
-                target.sendall(data)
-        except OSError:
-            pass
-        for s in (source, target):
-            try:
-                s.close()
-            except OSError:
-                pass
-
-    def reset(self) -> None:
-        """Every connection cut at once (RST), forwarding on again for new ones."""
-        for s in self.sockets:
-            try:
-                s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
-                s.close()
-            except OSError:
-                pass
-        self.sockets = []
-        self.frozen.clear()
-
-    def close(self) -> None:
-        self.reset()
-        self.server.close()
-
-
 def test_network_cut_between_ingress_and_broker(launch, node_broker, rabbit_node, tmp_path):
     sink = tmp_path / "sink.jsonl"
     text = config(sink)
-    proxy = FreezingProxy(int(node_broker.url.rsplit(":", 1)[1].split("/")[0]))
+    proxy = Proxy(int(node_broker.url.rsplit(":", 1)[1].split("/")[0]))
     try:
-        proxied = node_broker.url.replace(f":{proxy.target}/", f":{proxy.port}/")
+        proxied = proxy.url(node_broker.url)
         ingress = launch("serve", node_broker, text, env={"HIPCALL_AMQP_URL": proxied}, wait="/readyz")
         worker = launch("work", node_broker, text)
         wait_until(lambda: any(l.get("msg") == "consuming" for l in worker.logs()), what="worker consuming")
