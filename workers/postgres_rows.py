@@ -62,9 +62,9 @@ def call_row(event: str, data: Mapping[str, Any], message_id: str = "") -> CallR
         if why:
             errors[column] = why
 
-    uuid, why = fit_text(data.get("uuid"))
+    uuid, why = fit_text(data.get("uuid"), "the call's uuid (text)")
     if not uuid:
-        uuid, errors["uuid"] = None, why or "expected the call's uuid (a string)"
+        uuid, errors["uuid"] = None, why or f"expected the call's uuid (text), got {_shown(data.get('uuid'))}"
     for key in TEXTS:
         put(key, fit_text(data.get(key)))
     for key in IDS:

@@ -123,11 +123,15 @@ def test_an_odd_field_loses_nothing_the_raw_event_is_stored_and_the_field_is_nul
         status, _, answer = post_webhook(ingress, body)
         assert status == 202
         ids[answer["id"]] = uuid
-    wait_until(lambda: max(_count(url, f"{schema}.hipcall_events"), 0) + broker.count("pg.call_hangup.dlq") == 6,
-               timeout=30, what="six events each stored or dead-lettered")
+    no_uuid = {**fixture_data("call_hangup"), "uuid": 2483}  # no call row can take it: the event is kept
+    assert post_webhook(ingress, json.dumps({"event": "call_hangup", "data": no_uuid}).encode())[0] == 202
+    wait_until(lambda: max(_count(url, f"{schema}.hipcall_events"), 0) + broker.count("pg.call_hangup.dlq") == 7,
+               timeout=30, what="seven events each stored or dead-lettered")
     assert broker.count("pg.call_hangup.dlq") == 0, [l.headers.get("x-hipcall-error") for l in broker.take("pg.call_hangup.dlq")]
     wait_until(lambda: _count(url, f"{schema}.hipcall_calls") == 6, timeout=30, what="six calls")
     events = {r["call_uuid"]: r for r in _postgres(f"SELECT * FROM {schema}.hipcall_events", url)}
+    assert json.loads(events[None]["payload"])["data"] == no_uuid
+    assert json.loads(events[None]["field_errors"]) == {"uuid": "expected the call's uuid (text), got 2483"}
     rows = {r["uuid"]: r for r in calls(url, schema)}
     errors = {uuid: json.loads(r["field_errors"]) if r["field_errors"] else {} for uuid, r in rows.items()}
 
@@ -150,10 +154,10 @@ def test_an_odd_field_loses_nothing_the_raw_event_is_stored_and_the_field_is_nul
         assert json.loads(events[uuid]["payload"])["data"]["uuid"] == uuid
         assert (row["last_event"], row["hangup_by"], row["caller_number"]) == ("call_hangup", "user", "+902582440032")
     assert worker.stop() == 0 and ingress.stop() == 0
-    said = {ids[line["message_id"]]: line for line in worker.logs() if line.get("msg") == "postgres_field_errors"}
+    said = {ids.get(line["message_id"]): line for line in worker.logs() if line.get("msg") == "postgres_field_errors"}
     assert {uuid: line["fields"] for uuid, line in said.items()} == \
         {"nul": ["call_flow", "caller_type", "payload"], "object-id": ["user_id"], "past-bigint": ["caller_id"],
-         "far-future": ["ended_at"]}  # the fields' names, never their values
+         "far-future": ["ended_at"], None: ["uuid"]}  # the fields' names, never their values
     assert "1121" not in json.dumps(said["object-id"]) and "9999" not in json.dumps(said["far-future"])
 
 

@@ -42,10 +42,15 @@ def test_a_value_that_does_not_fit_its_column_is_none_with_its_reason_and_the_re
     assert row.uuid == "2483a75a-56a2-41f1-991b-92b1667e324a" and row.values["hangup_by"] == "user"
 
 
-@pytest.mark.parametrize("uuid", [None, 7, "", "a\x00b"])
-def test_an_event_without_a_usable_uuid_has_no_call_row_and_says_why(uuid):
+@pytest.mark.parametrize("uuid, says", [
+    (None, "expected the call's uuid (text), got None"),
+    (7, "expected the call's uuid (text), got 7"),
+    ("", "expected the call's uuid (text), got ''"),
+    ("a\x00b", "contains U+0000, which a text column cannot hold"),
+])
+def test_an_event_without_a_usable_uuid_has_no_call_row_and_says_why(uuid, says):
     row = call_row("call_hangup", data("call_hangup", uuid=uuid))
-    assert row.uuid is None and "uuid" in row.errors
+    assert row.uuid is None and row.errors == {"uuid": says}
 
 
 @pytest.mark.parametrize("field, value, stored", [
