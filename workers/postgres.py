@@ -1,54 +1,50 @@
 """`workers.builtin:postgres`: every event in `hipcall_events`, every call in `hipcall_calls` (asyncpg).
 
 Events come in any order and more than once. `hipcall_events` keeps one row per message id (a
-redelivery changes nothing). `hipcall_calls` keeps one row per call uuid, merged from call_init,
-call_bridged and call_hangup (and reconcile's rebuilt call_hangup): each event has a `newness` taken
-from the call's own data (its latest call_flow timestamp or time field, then the event's stage), never
-from arrival order. A field an event sets replaces the stored one only if the event is at least as new
-as what the row holds; an older event only fills fields still empty. So a call_hangup before its
-call_init still gives the ended call, and a late call_init changes nothing it knows less about.
+redelivery changes nothing; Hipcall's own call_hangup replaces reconcile's rebuild of it). `hipcall_calls`
+keeps one row per call uuid, merged from every call_init, call_bridged and call_hangup stored for it
+(workers/postgres_rows.py: the later stage wins a field both carry, a missing field never erases a
+known one), recomputed from them under a per-call lock: a function of the set of events, never of
+their arrival order.
+
+No odd value loses an event: the body is always stored (jsonb cannot hold U+0000 or a lone surrogate:
+they become U+FFFD there and the body as sent is kept in `raw_body`), and a field that does not fit its
+column is null with its reason in `field_errors`.
 
 The tables are made on the first message (idempotent DDL under an advisory lock, so several workers
-can start at once); `hipcall_schema` records the version, and a database of a newer version than this
-code knows stops the handler rather than writing what it does not understand. The SQL is in
-docs/consumers.md. A database that is down or restarting fails the message, which is retried after the
-consumer's delays (then dead-lettered); a payload that does not fit the columns is a PermanentError
-naming the field.
+can start at once); `hipcall_schema` records the version, an older one is migrated in place, and a
+database of a newer version than this code knows stops the handler rather than writing what it does
+not understand. The SQL is in docs/consumers.md. A database that is down or restarting fails the
+message, which is retried after the consumer's delays (then dead-lettered).
 """
 
 from __future__ import annotations
 
 import asyncio
 import re
-from collections.abc import Mapping
-from datetime import datetime, timezone
 from typing import Any
 
 import orjson
+import structlog
 
 from ingest.config import ConsumerConfig
 from ingest.errors import HandlerImportError
 from ingest.message import SPOOLED
 
 from .handler import Event, PermanentError
+from .postgres_rows import CALL_EVENTS, COLUMNS, CallRow, call_row, fit_text, loads, merge, storable_body
 
-SCHEMA_VERSION = 1
-CALL_EVENTS = {"call_init": 1, "call_bridged": 2, "call_hangup": 3}  # the stage: a tie-breaker of newness
-TIMES = ("started_at", "answered_at", "bridged_at", "ended_at")
-INTEGERS = ("call_duration", "first_touch_duration")
-IDS = ("caller_id", "callee_id", "user_id", "contact_id", "company_id")
-TEXTS = ("direction", "caller_number", "callee_number", "caller_type", "callee_type", "hangup_by",
-         "missing_call_reason", "voicemail_url", "record_url")
-# the merged columns, in the order of the DDL (uuid, newness, last_event are the row's own)
-COLUMNS = (*TEXTS[:5], *IDS, *TIMES, *INTEGERS, "hangup_by", "missing_call", "missing_call_reason",
-           "voicemail_id", "voicemail_url", "record_url", "call_flow")
-ROW = ("uuid", *COLUMNS, "newness", "last_event")  # the upsert's parameters, in order
+log = structlog.get_logger("workers.postgres")
+
+SCHEMA_VERSION = 2
+ROW = ("uuid", *COLUMNS, "newness", "last_event", "field_errors")  # the upsert's parameters, in order
+JSONB = ("call_flow", "field_errors")
 SCHEMA_RE = re.compile(r"[a-z_][a-z0-9_]{0,62}")
-INT64 = 2**63
 
 
 def ddl(schema: str) -> list[str]:
-    """The statements that make version 1 of the tables in `schema`; each is safe to run again."""
+    """The statements that make the current version of the tables in `schema`; each is safe to run again.
+    Columns added by a migration come last, so a migrated table is the same as a new one."""
     return [
         f"CREATE SCHEMA IF NOT EXISTS {schema}",
         f"CREATE TABLE IF NOT EXISTS {schema}.hipcall_schema (version integer NOT NULL)",
@@ -58,8 +54,10 @@ def ddl(schema: str) -> list[str]:
     source      text NOT NULL,          -- webhook, spool (waited in the ingress's disk spool), reconcile
     received_at timestamptz,            -- when the ingress received it
     call_uuid   text,                   -- data.uuid of call events
-    payload     jsonb NOT NULL,         -- the webhook's body
-    stored_at   timestamptz NOT NULL DEFAULT now()
+    payload     jsonb NOT NULL,         -- the webhook's body (U+0000, lone surrogates: U+FFFD)
+    stored_at   timestamptz NOT NULL DEFAULT now(),
+    raw_body    bytea,                  -- the body as sent, only when payload is not it
+    field_errors jsonb                  -- "payload" or a column -> why it is not stored as sent
 )""",
         f"CREATE INDEX IF NOT EXISTS hipcall_events_call_uuid ON {schema}.hipcall_events (call_uuid)",
         f"""CREATE TABLE IF NOT EXISTS {schema}.hipcall_calls (
@@ -86,89 +84,61 @@ def ddl(schema: str) -> list[str]:
     voicemail_id         text,
     voicemail_url        text,
     record_url           text,
-    call_flow            jsonb,          -- as Hipcall sent it (newest first), from the newest event
+    call_flow            jsonb,          -- as Hipcall sent it (newest first), from the latest stage with one
     recording_path       text,           -- the archived recording (workers.builtin:recordings)
-    newness              bigint NOT NULL, -- the newest event merged in: its latest time * 4 + its stage
-    last_event           text NOT NULL,  -- the event name of that newest event
+    newness              bigint NOT NULL, -- last_event's latest time (unix seconds) * 4 + its stage
+    last_event           text NOT NULL,  -- the latest stage merged in (call_hangup once there is one)
     updated_at           timestamptz NOT NULL DEFAULT now(),
     missed               boolean GENERATED ALWAYS AS
                            (direction = 'inbound' AND missing_call IS TRUE AND voicemail_id IS NULL) STORED,
     voicemail            boolean GENERATED ALWAYS AS (voicemail_id IS NOT NULL) STORED,
-    unanswered_outbound  boolean GENERATED ALWAYS AS (direction = 'outbound' AND call_duration = 0) STORED
+    unanswered_outbound  boolean GENERATED ALWAYS AS (direction = 'outbound' AND call_duration = 0) STORED,
+    field_errors         jsonb           -- a column -> "event: why" for each value not stored as sent
 )""",
         f"CREATE INDEX IF NOT EXISTS hipcall_calls_ended_at ON {schema}.hipcall_calls (ended_at)",
     ]
 
 
-MIGRATIONS: dict[int, list[str]] = {}  # version -> the statements that bring version - 1 up to it
+def migrations(schema: str) -> dict[int, list[str]]:
+    """version -> the statements that bring version - 1 up to it (in place, keeping every row)."""
+    return {
+        2: [f"ALTER TABLE {schema}.hipcall_events ADD COLUMN IF NOT EXISTS raw_body bytea, "
+            f"ADD COLUMN IF NOT EXISTS field_errors jsonb",
+            f"ALTER TABLE {schema}.hipcall_calls ADD COLUMN IF NOT EXISTS field_errors jsonb"],
+    }
 
 
-def call_row(event: str, data: Mapping[str, Any]) -> dict[str, Any]:
-    """The columns a call event sets, checked and converted; PermanentError naming the field that does not fit."""
-    uuid = data.get("uuid")
-    if not isinstance(uuid, str) or not uuid:
-        raise PermanentError("data.uuid: expected the call's uuid (a string)")
-    row: dict[str, Any] = {"uuid": uuid}
-    for key in TEXTS:
-        row[key] = _text(data, key)
-    for key in IDS:
-        row[key] = _integer(data, key)
-    for key in INTEGERS:
-        value = _integer(data, key)
-        if value is not None and not -2**31 <= value < 2**31:
-            raise PermanentError(f"data.{key}: {value} does not fit an integer column")
-        row[key] = value
-    for key in TIMES:
-        row[key] = _time(data, key)
-    missing = data.get("missing_call")
-    if missing is not None and not isinstance(missing, bool):
-        raise PermanentError(f"data.missing_call: expected true, false or null, got {_shown(missing)}")
-    row["missing_call"] = missing
-    voicemail = data.get("voicemail_id")
-    if voicemail is not None and (isinstance(voicemail, bool) or not isinstance(voicemail, (int, str))):
-        raise PermanentError(f"data.voicemail_id: expected an id, got {_shown(voicemail)}")
-    row["voicemail_id"] = None if voicemail is None else str(voicemail)
-    flow = data.get("call_flow")
-    if flow is not None and not isinstance(flow, list):
-        raise PermanentError(f"data.call_flow: expected a list, got {_shown(flow)}")
-    row["call_flow"] = None if flow is None else orjson.dumps(flow).decode()
-    row["newness"] = newness(event, flow or [], row)
-    row["last_event"] = event
-    return row
-
-
-def newness(event: str, flow: list, row: Mapping[str, Any]) -> int:
-    """How far along the call this event is, from the call's own data: its latest call_flow timestamp
-    or time field (seconds), then its stage (init < bridged < hangup) for events of the same second."""
-    latest = 0
-    for step in flow:
-        stamp = step.get("timestamp") if isinstance(step, dict) else None
-        if isinstance(stamp, (int, float)) and not isinstance(stamp, bool) and 0 <= stamp < 2**40:
-            latest = max(latest, int(stamp))
-    for key in TIMES:
-        if row.get(key) is not None:
-            latest = max(latest, int(row[key].timestamp()))
-    return latest * 4 + CALL_EVENTS.get(event, 3)
+def insert_event_sql(schema: str) -> str:
+    """Store an event once per message id; Hipcall's own call_hangup replaces reconcile's rebuild of it
+    (the same id), so which body a call keeps does not depend on which came first. RETURNING: written."""
+    columns = ("message_id", "event", "source", "received_at", "call_uuid", "payload", "raw_body", "field_errors")
+    return (f"INSERT INTO {schema}.hipcall_events AS e ({', '.join(columns)})\n"
+            f"VALUES ($1, $2, $3, $4, $5, $6::jsonb, $7, $8::jsonb)\n"
+            f"ON CONFLICT (message_id) DO UPDATE SET "
+            f"{', '.join(f'{c} = EXCLUDED.{c}' for c in columns[1:])}, stored_at = now()\n"
+            f"WHERE e.source = 'reconcile' AND EXCLUDED.source <> 'reconcile'\nRETURNING true")
 
 
 def upsert_sql(schema: str) -> str:
-    """One statement: insert the call, or merge it into the stored row (see the module's docstring)."""
-    names = ROW
-    newer = "EXCLUDED.newness >= c.newness"
-    merged = ",\n    ".join(
-        f"{col} = CASE WHEN {newer} THEN COALESCE(EXCLUDED.{col}, c.{col}) ELSE COALESCE(c.{col}, EXCLUDED.{col}) END"
-        for col in COLUMNS)
-    return (f"INSERT INTO {schema}.hipcall_calls AS c ({', '.join(names)})\n"
-            f"VALUES ({', '.join(f'${i}' + ('::jsonb' if n == 'call_flow' else '') for i, n in enumerate(names, 1))})\n"
-            f"ON CONFLICT (uuid) DO UPDATE SET\n    {merged},\n"
-            f"    last_event = CASE WHEN {newer} THEN EXCLUDED.last_event ELSE c.last_event END,\n"
-            f"    newness = GREATEST(c.newness, EXCLUDED.newness),\n    updated_at = now()")
+    """One statement: the call's row as merged from all its events (made under the call's lock)."""
+    values = ", ".join(f"${i}" + ("::jsonb" if n in JSONB else "") for i, n in enumerate(ROW, 1))
+    updates = ",\n    ".join(f"{col} = EXCLUDED.{col}" for col in ROW[1:])
+    return (f"INSERT INTO {schema}.hipcall_calls ({', '.join(ROW)})\nVALUES ({values})\n"
+            f"ON CONFLICT (uuid) DO UPDATE SET\n    {updates},\n    updated_at = now()")
 
 
 def source_of(event: Event) -> str:
     if event.source == "reconcile":
         return "reconcile"
     return "spool" if event.headers.get(SPOOLED) == "true" else "webhook"
+
+
+def stored_row(record: Any) -> CallRow | None:
+    """A stored call event's contribution, read back from the body it was stored with."""
+    body = record["raw_body"] if record["raw_body"] is not None else record["payload"]
+    payload = loads(body)
+    data = payload.get("data") if isinstance(payload, dict) else None
+    return call_row(record["event"], data, record["message_id"]) if isinstance(data, dict) else None
 
 
 class Postgres:
@@ -188,6 +158,7 @@ class Postgres:
         self._asyncpg = asyncpg
         self._schema = schema
         self._upsert = upsert_sql(schema)
+        self._insert_event = insert_event_sql(schema)
         self._ready = False
         self._lock = asyncio.Lock()
         # No connection yet (min_size 0): a database that is down at start fails messages, which retry.
@@ -195,20 +166,36 @@ class Postgres:
                                                command_timeout=30)
 
     async def handle(self, event: Event) -> None:
-        row = call_row(event.name, event.data) if event.name in CALL_EVENTS else None
-        payload = event.body.decode("utf-8", "replace")  # JSON, as the ingress checked it
+        row = call_row(event.name, event.data, event.id) if event.name in CALL_EVENTS else None
+        payload, raw_body, why = storable_body(event.body)
+        errors = {**({"payload": why} if why else {}), **(row.errors if row else {})}
+        if errors:  # the event is stored all the same; the values themselves stay out of the log
+            log.warning("postgres_field_errors", message_id=event.id, event_name=event.name, fields=sorted(errors))
+        uuid = row.uuid if row else None
+        call_uuid = uuid if row else fit_text(event.call_uuid)[0]
         if not self._ready:
             await self._prepare()
         try:
             async with self._pool.acquire() as connection, connection.transaction():
-                await connection.execute(
-                    f"INSERT INTO {self._schema}.hipcall_events (message_id, event, source, received_at, call_uuid, payload) "
-                    f"VALUES ($1, $2, $3, $4, $5, $6::jsonb) ON CONFLICT (message_id) DO NOTHING",
-                    event.id, event.name, source_of(event), event.received_at, event.call_uuid, payload)
-                if row is not None:
-                    await connection.execute(self._upsert, *(row[name] for name in ROW))
+                if uuid is not None:  # one transaction per call at a time: each sees the events before it
+                    await connection.execute("SELECT pg_advisory_xact_lock(hashtext('hipcall_calls'), hashtext($1))", uuid)
+                written = await connection.fetchval(
+                    self._insert_event, event.id, event.name, source_of(event), event.received_at, call_uuid, payload,
+                    raw_body, orjson.dumps(errors).decode() if errors else None)
+                if uuid is not None:
+                    await connection.execute(self._upsert, *await self._merged(connection, uuid, row if written else None))
         except self._asyncpg.DataError as exc:  # a value PostgreSQL refuses for its column: no retry helps
             raise PermanentError(f"PostgreSQL refused a value: {exc}") from None
+
+    async def _merged(self, connection: Any, uuid: str, written: CallRow | None) -> list[Any]:
+        """The upsert's parameters: the call merged from every call event stored for it (`written`, the
+        one just stored, is taken as it is rather than read back)."""
+        records = await connection.fetch(
+            f"SELECT message_id, event, payload, raw_body FROM {self._schema}.hipcall_events "
+            f"WHERE call_uuid = $1 AND event = ANY($2::text[])", uuid, list(CALL_EVENTS))
+        rows = [written if written and r["message_id"] == written.message_id else stored_row(r) for r in records]
+        merged = merge(r for r in rows if r is not None and r.uuid == uuid)
+        return [merged[name] for name in ROW]
 
     async def _prepare(self) -> None:
         async with self._lock:
@@ -232,43 +219,11 @@ class Postgres:
                 raise PermanentError(f"{self._schema}.hipcall_schema is version {version}; this hipcall-ingest "
                                      f"knows up to {SCHEMA_VERSION}: upgrade it")
             else:
+                steps = migrations(self._schema)
                 for step in range(version + 1, SCHEMA_VERSION + 1):
-                    for statement in MIGRATIONS[step]:
+                    for statement in steps[step]:
                         await connection.execute(statement)
                     await connection.execute(f"UPDATE {self._schema}.hipcall_schema SET version = {step}")
 
     async def close(self) -> None:
         await self._pool.close()
-
-
-def _text(data: Mapping[str, Any], key: str) -> str | None:
-    value = data.get(key)
-    if value is not None and not isinstance(value, str):
-        raise PermanentError(f"data.{key}: expected text, got {_shown(value)}")
-    return value
-
-
-def _integer(data: Mapping[str, Any], key: str) -> int | None:
-    value = data.get(key)
-    if value is None:
-        return None
-    if isinstance(value, bool) or not isinstance(value, int) or not -INT64 <= value < INT64:
-        raise PermanentError(f"data.{key}: expected a whole number, got {_shown(value)}")
-    return value
-
-
-def _time(data: Mapping[str, Any], key: str) -> datetime | None:
-    value = data.get(key)
-    if value is None:
-        return None
-    try:
-        moment = datetime.fromisoformat(value) if isinstance(value, str) else None
-    except ValueError:
-        moment = None
-    if moment is None:
-        raise PermanentError(f"data.{key}: expected an ISO 8601 time such as 2024-11-17T10:41:06Z, got {_shown(value)}")
-    return (moment if moment.tzinfo else moment.replace(tzinfo=timezone.utc)).astimezone(timezone.utc)
-
-
-def _shown(value: Any) -> str:
-    return repr(value)[:60]

@@ -1,5 +1,6 @@
 """`workers.builtin:postgres` against the machine's real PostgreSQL: a database of this run's own, a
-schema per test. Events in any order and more than once, a restart of PostgreSQL mid-stream."""
+schema per test. Events in any order and more than once, odd fields that lose nothing, an upgrade of
+a version 1 database in place, a restart of PostgreSQL mid-stream."""
 
 import asyncio
 import itertools
@@ -91,6 +92,247 @@ def test_a_missed_inbound_call_and_a_voicemail_are_told_apart(postgres_schema):
     assert [tuple(r) for r in sources] == [("m-1", "webhook"), ("v-1", "reconcile")]
 
 
+def _odd_calls() -> dict[str, tuple[bytes, dict]]:
+    """Issue 29's six call_hangups that each lost the whole event: uuid -> (the body as sent, its data)."""
+    base = fixture_data("call_hangup")
+    odd = {
+        "nul": {"caller_type": "us\u0000er", "call_flow": [{"action": "hangup", "detail": {"note": "a\u0000b"},
+                                                             "timestamp": 1731840066}]},
+        "text-number": {"call_duration": "60"},
+        "object-id": {"user_id": {"id": 1121}},
+        "unix-seconds": {"ended_at": 1731840066},
+        "past-bigint": {"caller_id": 2**70},
+        "far-future": {"ended_at": "9999-12-31T23:59:59-05:00"},
+    }
+    bodies = {}
+    for uuid, changes in odd.items():
+        data = {**base, **changes, "uuid": uuid}
+        bodies[uuid] = (json.dumps({"event": "call_hangup", "data": data}).encode(), data)
+    return bodies
+
+
+def test_an_odd_field_loses_nothing_the_raw_event_is_stored_and_the_field_is_null_with_its_reason(
+        launch, broker, postgres_schema):
+    url, schema = postgres_schema
+    config = _worker_config(url, schema, delays='["200ms"]')
+    ingress = launch("serve", broker, config, wait="/readyz")
+    worker = launch("work", broker, config)
+    odd = _odd_calls()
+    ids = {}
+    for uuid, (body, _) in odd.items():
+        status, _, answer = post_webhook(ingress, body)
+        assert status == 202
+        ids[answer["id"]] = uuid
+    no_uuid = {**fixture_data("call_hangup"), "uuid": 2483}  # no call row can take it: the event is kept
+    assert post_webhook(ingress, json.dumps({"event": "call_hangup", "data": no_uuid}).encode())[0] == 202
+    wait_until(lambda: max(_count(url, f"{schema}.hipcall_events"), 0) + broker.count("pg.call_hangup.dlq") == 7,
+               timeout=30, what="seven events each stored or dead-lettered")
+    assert broker.count("pg.call_hangup.dlq") == 0, [l.headers.get("x-hipcall-error") for l in broker.take("pg.call_hangup.dlq")]
+    wait_until(lambda: _count(url, f"{schema}.hipcall_calls") == 6, timeout=30, what="six calls")
+    events = {r["call_uuid"]: r for r in _postgres(f"SELECT * FROM {schema}.hipcall_events", url)}
+    assert json.loads(events[None]["payload"])["data"] == no_uuid
+    assert json.loads(events[None]["field_errors"]) == {"uuid": "expected the call's uuid (text), got 2483"}
+    rows = {r["uuid"]: r for r in calls(url, schema)}
+    errors = {uuid: json.loads(r["field_errors"]) if r["field_errors"] else {} for uuid, r in rows.items()}
+
+    # NUL: jsonb holds U+FFFD where the body had \u0000, the body as sent is kept byte for byte
+    assert bytes(events["nul"]["raw_body"]) == odd["nul"][0]
+    stored = json.loads(events["nul"]["payload"])["data"]
+    assert stored["caller_type"] == "us\ufffder" and stored["call_flow"][0]["detail"]["note"] == "a\ufffdb"
+    assert "U+0000" in json.loads(events["nul"]["field_errors"])["payload"]
+    assert rows["nul"]["caller_type"] is None and "U+0000" in errors["nul"]["caller_type"]
+    assert json.loads(rows["nul"]["call_flow"])[0]["detail"]["note"] == "a\ufffdb" and "call_flow" in errors["nul"]
+    assert all(events[u]["raw_body"] is None for u in odd if u != "nul")  # only when payload is not the body
+    # the others: each stored as sent, the field coerced or null with its reason, the rest of the call kept
+    assert rows["text-number"]["call_duration"] == 60 and errors["text-number"] == {}
+    assert rows["object-id"]["user_id"] is None
+    assert errors["object-id"] == {"user_id": "call_hangup: expected a whole number, got {'id': 1121}"}
+    assert rows["unix-seconds"]["ended_at"] == datetime(2024, 11, 17, 10, 41, 6, tzinfo=timezone.utc)
+    assert rows["past-bigint"]["caller_id"] is None and "bigint" in errors["past-bigint"]["caller_id"]
+    assert rows["far-future"]["ended_at"] is None and "out of range" in errors["far-future"]["ended_at"]
+    for uuid, row in rows.items():
+        assert json.loads(events[uuid]["payload"])["data"]["uuid"] == uuid
+        assert (row["last_event"], row["hangup_by"], row["caller_number"]) == ("call_hangup", "user", "+902582440032")
+    assert worker.stop() == 0 and ingress.stop() == 0
+    said = {ids.get(line["message_id"]): line for line in worker.logs() if line.get("msg") == "postgres_field_errors"}
+    assert {uuid: line["fields"] for uuid, line in said.items()} == \
+        {"nul": ["call_flow", "caller_type", "payload"], "object-id": ["user_id"], "past-bigint": ["caller_id"],
+         "far-future": ["ended_at"], None: ["uuid"]}  # the fields' names, never their values
+    assert "1121" not in json.dumps(said["object-id"]) and "9999" not in json.dumps(said["far-future"])
+
+
+def test_a_lone_surrogate_jsonb_cannot_hold_is_stored_as_u_fffd_and_kept_as_sent(postgres_schema):
+    """Valid JSON text that orjson refuses and PostgreSQL's jsonb too (issue 29 item 10 has the ingress
+    accept it): the handler stores it all the same."""
+    url, schema = postgres_schema
+    body = payload("call_hangup").replace(b'"hangup_by": "user"', b'"hangup_by": "us\\ud800er"', 1)
+    data = json.loads(body)["data"]
+    assert data["hangup_by"] == "us\ud800er"
+    store(url, schema, [Event(name="call_hangup", data=data, id="surrogate", attempt=1, received_at=None, body=body)])
+    [stored] = _postgres(f"SELECT payload, raw_body, field_errors FROM {schema}.hipcall_events", url)
+    assert json.loads(stored["payload"])["data"]["hangup_by"] == "us\ufffder" and bytes(stored["raw_body"]) == body
+    [call] = calls(url, schema)
+    assert call["hangup_by"] is None and json.loads(call["field_errors"]) == {
+        "hangup_by": "call_hangup: contains a lone surrogate, which a text column cannot hold"}
+    assert call["ended_at"] == datetime(2024, 11, 17, 10, 41, 6, tzinfo=timezone.utc)
+
+
+def _variants() -> dict[str, list[tuple[str, str, dict]]]:
+    """Sets of one call's events, (message id, event, data), where the newest lacks fields the others have."""
+    init, bridged, hangup = fixture_data("call_init"), bridged_data(), fixture_data("call_hangup")
+    inbound = {"direction": "inbound", "callee_type": "smart_ivr"}
+    no_times = {"started_at": None, "answered_at": None, "bridged_at": None, "ended_at": None, "call_flow": None}
+    return {
+        # issue 29: h,i,b kept smart_ivr (init's) where every other order gave user (bridged's)
+        "callee_type": [("i", "call_init", {**init, **inbound}),
+                        ("b", "call_bridged", {**bridged, **inbound, "callee_type": "user"}),
+                        ("h", "call_hangup", {k: v for k, v in {**hangup, **inbound}.items() if k != "callee_type"})],
+        # a hangup without times: a late call_init looked newer, and the ended call showed as in progress
+        "no_times": [("i", "call_init", init), ("b", "call_bridged", bridged),
+                     ("h", "call_hangup", {**hangup, **no_times, "user_id": None})],
+        # two call_bridged (bridged twice): the later one's user wins what the hangup does not say
+        "bridged_twice": [("i", "call_init", init), ("b1", "call_bridged", bridged),
+                          ("b2", "call_bridged", {**bridged, "user_id": 2242, "bridged_at": "2024-11-17T10:41:04Z"}),
+                          ("h", "call_hangup", {**hangup, "user_id": None, "call_flow": None})],
+    }
+
+
+def _call_events(uuid: str, events: list[tuple[str, str, dict]]) -> list[Event]:
+    made = []
+    for mid, name, data in events:
+        data = {**data, "uuid": uuid}
+        made.append(Event(name=name, data=data, id=f"{uuid}-{mid}", attempt=1, received_at=datetime.now(timezone.utc),
+                          body=json.dumps({"event": name, "data": data}).encode(), headers={}))
+    return made
+
+
+def test_the_merge_is_a_function_of_the_set_of_events_not_of_their_order(postgres_schema):
+    """Every order of each variant's events, each delivered twice, one after another and all at once
+    (concurrent transactions), through the consumer's handle() into the real PostgreSQL: one row."""
+    url, schema = postgres_schema
+    runs = {}
+
+    async def main():
+        handler = Postgres()
+        await handler.start({"dsn": url, "schema": schema})
+        try:
+            for variant, events in _variants().items():
+                for n, order in enumerate(itertools.permutations(events)):
+                    for mode in ("sequential", "concurrent"):
+                        uuid = f"{variant}-{n}-{mode}"
+                        made = [e for e in _call_events(uuid, list(order)) for _ in range(2)]
+                        if mode == "sequential":
+                            for e in made:
+                                await handler.handle(e)
+                        else:
+                            await asyncio.gather(*(handler.handle(e) for e in made))
+                        runs[uuid] = (variant, [mid for mid, _, _ in order])
+        finally:
+            await handler.close()
+
+    asyncio.run(main())
+    rows = {r["uuid"]: r for r in calls(url, schema)}
+    assert len(rows) == len(runs)
+    by_variant: dict = {}
+    for uuid, (variant, order) in runs.items():
+        row = {k: v for k, v in rows[uuid].items() if k != "uuid"}
+        by_variant.setdefault(variant, {}).setdefault(json.dumps(row, default=str, sort_keys=True), []).append(order)
+    assert {v: len(groups) for v, groups in by_variant.items()} == {v: 1 for v in by_variant}, \
+        {v: [orders[0] for orders in groups.values()] for v, groups in by_variant.items()}
+    first = {variant: rows[next(u for u, (v, _) in runs.items() if v == variant)] for variant in by_variant}
+    assert (first["callee_type"]["callee_type"], first["callee_type"]["hangup_by"]) == ("user", "user")
+    ended = first["no_times"]  # the hangup wins over earlier stages: the call has ended
+    assert (ended["last_event"], ended["hangup_by"], ended["user_id"]) == ("call_hangup", "user", 1121)
+    assert ended["started_at"] == datetime(2024, 11, 17, 10, 41, tzinfo=timezone.utc) and ended["ended_at"] is None
+    assert json.loads(ended["call_flow"]) == bridged_data()["call_flow"]  # the hangup has none: bridged's stays
+    twice = first["bridged_twice"]
+    assert (twice["user_id"], twice["last_event"], twice["call_duration"]) == (2242, "call_hangup", 0)
+    assert twice["bridged_at"] == datetime(2024, 11, 17, 10, 41, 4, tzinfo=timezone.utc)
+
+
+def test_hipcall_s_own_call_hangup_replaces_reconcile_s_rebuild_of_it_whichever_came_first(postgres_schema):
+    """Reconcile's rebuilt call_hangup has the real webhook's message id: one row per id, so the body a call
+    is merged from must not depend on which of the two came first. Hipcall's own wins."""
+    url, schema = postgres_schema
+    real = fixture_data("call_hangup")
+    rebuilt = {**real, "hangup_by": "system", "call_flow": None}  # as rebuilt from the API, say
+    for uuid, first, second in (("rebuilt-first", rebuilt, real), ("real-first", real, rebuilt)):
+        made = [Event(name="call_hangup", data=(data := {**sent, "uuid": uuid}), id=f"hangup-{uuid}", attempt=1,
+                      received_at=datetime.now(timezone.utc), body=json.dumps({"event": "call_hangup", "data": data}).encode(),
+                      headers={"x-hipcall-source": "reconcile"} if sent is rebuilt else {}) for sent in (first, second)]
+        store(url, schema, made)
+    events = {r["call_uuid"]: r for r in _postgres(f"SELECT * FROM {schema}.hipcall_events", url)}
+    assert {u: (r["source"], json.loads(r["payload"])["data"]["hangup_by"]) for u, r in events.items()} == \
+        {"rebuilt-first": ("webhook", "user"), "real-first": ("webhook", "user")}
+    rows = {r["uuid"]: r for r in calls(url, schema)}
+    assert {u: (r["hangup_by"], json.loads(r["call_flow"])) for u, r in rows.items()} == \
+        {u: ("user", real["call_flow"]) for u in ("rebuilt-first", "real-first")}
+
+
+V1_TABLES = """
+CREATE SCHEMA {s};
+CREATE TABLE {s}.hipcall_schema (version integer NOT NULL);
+INSERT INTO {s}.hipcall_schema VALUES (1);
+CREATE TABLE {s}.hipcall_events (message_id text PRIMARY KEY, event text NOT NULL, source text NOT NULL,
+    received_at timestamptz, call_uuid text, payload jsonb NOT NULL, stored_at timestamptz NOT NULL DEFAULT now());
+CREATE INDEX hipcall_events_call_uuid ON {s}.hipcall_events (call_uuid);
+CREATE TABLE {s}.hipcall_calls (uuid text PRIMARY KEY, direction text, caller_number text, callee_number text,
+    caller_type text, callee_type text, caller_id bigint, callee_id bigint, user_id bigint, contact_id bigint,
+    company_id bigint, started_at timestamptz, answered_at timestamptz, bridged_at timestamptz, ended_at timestamptz,
+    call_duration integer, first_touch_duration integer, hangup_by text, missing_call boolean,
+    missing_call_reason text, voicemail_id text, voicemail_url text, record_url text, call_flow jsonb,
+    recording_path text, newness bigint NOT NULL, last_event text NOT NULL,
+    updated_at timestamptz NOT NULL DEFAULT now(),
+    missed boolean GENERATED ALWAYS AS (direction = 'inbound' AND missing_call IS TRUE AND voicemail_id IS NULL) STORED,
+    voicemail boolean GENERATED ALWAYS AS (voicemail_id IS NOT NULL) STORED,
+    unanswered_outbound boolean GENERATED ALWAYS AS (direction = 'outbound' AND call_duration = 0) STORED);
+CREATE INDEX hipcall_calls_ended_at ON {s}.hipcall_calls (ended_at);
+"""  # version 1 as it shipped (workers/postgres.py before issue 29), with a call_init stored by it below
+
+
+def _script(sql: str, url: str) -> None:
+    """Several statements in one go (conftest's _postgres prepares one)."""
+    import asyncpg
+
+    async def main():
+        connection = await asyncpg.connect(url, timeout=10)
+        try:
+            await connection.execute(sql)
+        finally:
+            await connection.close()
+
+    asyncio.run(main())
+
+
+def _columns(url: str, schema: str) -> list[tuple]:
+    return [tuple(r) for r in _postgres(
+        "SELECT table_name, ordinal_position, column_name, data_type, is_nullable, column_default, "
+        f"generation_expression FROM information_schema.columns WHERE table_schema = '{schema}' "
+        "ORDER BY table_name, ordinal_position", url)]
+
+
+def test_a_version_1_database_is_upgraded_in_place_and_its_calls_merge_with_new_events(postgres_schema):
+    url, schema = postgres_schema
+    init = {**fixture_data("call_init"), "uuid": "old-call"}
+    body = json.dumps({"event": "call_init", "data": init})
+    _script(V1_TABLES.format(s=schema) + (
+        f"INSERT INTO {schema}.hipcall_events (message_id, event, source, call_uuid, payload) "
+        f"VALUES ('old-init', 'call_init', 'webhook', 'old-call', $${body}$$);"
+        f"INSERT INTO {schema}.hipcall_calls (uuid, direction, started_at, recording_path, newness, last_event) "
+        f"VALUES ('old-call', 'outbound', '2024-11-17T10:41:00Z', '/archive/old-call.mp3', 6927360241, 'call_init');"), url)
+    hangup = {**fixture_data("call_hangup"), "uuid": "old-call", "started_at": None, "ended_at": None,
+              "call_flow": None, "user_id": {"id": 1121}}  # no times, and a field that does not fit
+    store(url, schema, [event("call_hangup", hangup)])
+    store(url, schema + "_new", [event("call_init", fixture_data("call_init"))])  # a fresh database, for comparison
+    assert _postgres(f"SELECT version FROM {schema}.hipcall_schema", url)[0]["version"] == 2
+    assert _columns(url, schema) == _columns(url, schema + "_new")  # the same tables as a new database's
+    [call] = calls(url, schema)
+    assert (call["last_event"], call["hangup_by"], call["caller_number"]) == ("call_hangup", "user", "+902582440032")
+    assert call["started_at"] == datetime(2024, 11, 17, 10, 41, tzinfo=timezone.utc)  # from the old call_init
+    assert call["recording_path"] == "/archive/old-call.mp3"  # not the merge's: kept
+    assert json.loads(call["field_errors"]) == {"user_id": "call_hangup: expected a whole number, got {'id': 1121}"}
+
+
 def _worker_config(url: str, schema: str, delays: str = '["200ms", "500ms", "1s", "2s", "3s", "5s"]') -> str:
     return (f'[consumers.hipcall]\nenabled = false\n'
             f'[consumers.pg]\nevents = ["call_init", "call_hangup", "deal_create", "task_create"]\n'
@@ -116,19 +358,6 @@ def test_every_fixture_through_the_ingress_and_a_worker_lands_once(launch, broke
     [call] = calls(url, schema)
     assert call["uuid"] == "2483a75a-56a2-41f1-991b-92b1667e324a" and call["last_event"] == "call_hangup"
     assert worker.stop() == 0 and ingress.stop() == 0
-
-
-def test_a_payload_that_does_not_fit_is_dead_lettered_naming_the_field(launch, broker, postgres_schema):
-    url, schema = postgres_schema
-    config = _worker_config(url, schema)
-    worker = launch("work", broker, config)
-    wait_until(lambda: any(l.get("msg") == "consuming" for l in worker.logs()), what="worker consuming")
-    bad = {**fixture_data("call_hangup"), "call_duration": "twelve"}
-    broker.publish("hipcall.events", "call_hangup", json.dumps({"event": "call_hangup", "data": bad}).encode())
-    [letter] = broker.take("pg.call_hangup.dlq", expect=1)
-    assert letter.headers["x-hipcall-error-type"] == "PermanentError"
-    assert "data.call_duration" in letter.headers["x-hipcall-error"]
-    assert worker.stop() == 0
 
 
 def _count(url: str, table: str) -> int:
