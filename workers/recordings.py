@@ -252,11 +252,12 @@ class Recordings:
                     while True:
                         # The cap grows with what is known of the size: Content-Length, else what came.
                         deadline = started + self._timeout + max(size, length or 0) / self._min_rate
+                        cap = asyncio.timeout_at(deadline)
                         try:
-                            async with asyncio.timeout_at(deadline):
+                            async with cap:
                                 chunk = await response.content.read(CHUNK)
                         except TimeoutError:
-                            if loop.time() < deadline:  # aiohttp's read timeout, not our cap
+                            if not cap.expired():  # aiohttp's read timeout (ServerTimeoutError), not our cap
                                 raise
                             raise RuntimeError(
                                 f"{shown}: slower than options.min_rate ({self._min_rate} bytes/s) past options.timeout "
