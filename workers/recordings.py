@@ -171,9 +171,14 @@ class Recordings:
                            ("min_rate", self._min_rate)):
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise HandlerImportError(f"{where}: options.{key} must be a whole number of at least 1")
-        self._timeout = duration_option(options, "timeout", "60s", where)
-        self._read_timeout = duration_option(options, "read_timeout", "30s", where)
-        self._lifetime = timedelta(seconds=duration_option(options, "link_lifetime", "168h", where))
+        durations = {key: duration_option(options, key, default, where)
+                     for key, default in (("timeout", "60s"), ("read_timeout", "30s"), ("link_lifetime", "168h"))}
+        for key, seconds in durations.items():
+            if seconds <= 0:
+                raise HandlerImportError(f"{where}: options.{key} must be a duration above 0")
+        self._timeout = durations["timeout"]
+        self._read_timeout = durations["read_timeout"]
+        self._lifetime = timedelta(seconds=durations["link_lifetime"])
         self._api_url = hipcall.api_url if hipcall else ""
         self._api_key = hipcall.api_key if hipcall else ""
         limit = consumer.concurrency if consumer else 4

@@ -326,44 +326,52 @@ def test_a_403_is_retried_until_the_links_lifetime_is_past_and_dead_lettered_aft
     assert worker.stop() == 0
 
 
+def paced(body: bytes, piece: int, pause: float, framing: str):
+    """A route sending `body` `piece` bytes at a time, `pause` seconds apart, framed by its length or chunks."""
+    def route(h, seen):
+        h.send_response(200)
+        h.send_header(*(("Content-Length", str(len(body))) if framing == "length" else ("Transfer-Encoding", "chunked")))
+        h.end_headers()
+        for at in range(0, len(body), piece):
+            part = body[at:at + piece]
+            h.wfile.write(part if framing == "length" else b"%x\r\n%s\r\n" % (len(part), part))
+            h.wfile.flush()
+            time.sleep(pause)
+        if framing == "chunked":
+            h.wfile.write(b"0\r\n\r\n")
+
+    return route
+
+
 def test_a_slow_line_archives_a_large_file_and_a_stalled_or_crawling_one_is_retried(launch, broker, servers, tmp_path):
     """Item 12: `timeout` used to cover the whole download, so a slow line never archived a large file.
     Now: no byte for `read_timeout` fails the attempt, and the whole download may take `timeout` +
-    size / `min_rate`."""
+    size / `min_rate` (the size: Content-Length, else what has come so far)."""
     big = AUDIO * 6  # 600 kB
-
-    def slow(h, seen):  # about 300 kB/s: 2 s, far past `timeout` but well above min_rate
-        h.send_response(200)
-        h.send_header("Content-Length", str(len(big)))
-        h.end_headers()
-        for at in range(0, len(big), 30_000):
-            h.wfile.write(big[at:at + 30_000])
-            h.wfile.flush()
-            time.sleep(0.1)
-
-    def crawl(h, seen):  # 2 kB/s, a byte well within read_timeout every time, far below min_rate
-        h.send_response(200)
-        h.send_header("Content-Length", str(len(AUDIO)))
-        h.end_headers()
-        for at in range(0, len(AUDIO), 200):
-            h.wfile.write(AUDIO[at:at + 200])
-            h.wfile.flush()
-            time.sleep(0.1)
-
-    files = servers({"slow": slow, "crawl": crawl,
-                     "stall": lambda h, seen: cut_off(h, "length", hold=4) if seen == 1 else send(h, 200, AUDIO)})
+    files = servers({
+        # about 300 kB/s: 2 s, far past `timeout` but well above min_rate, its size said or not
+        "slow": paced(big, 30_000, 0.1, "length"),
+        "slowchunks": paced(big, 30_000, 0.1, "chunked"),
+        # 2 kB/s: a byte well within read_timeout every time, far below min_rate
+        "crawl": paced(AUDIO, 200, 0.1, "length"),
+        "crawlchunks": paced(AUDIO, 200, 0.1, "chunked"),
+        "stall": lambda h, seen: cut_off(h, "length", hold=4) if seen == 1 else send(h, 200, AUDIO),
+    })
     store = tmp_path / "recordings"
     config = recordings_config(store, files.url, timeout='"1s"', read_timeout='"1s"', min_rate="100000")
     worker = start_worker(launch, broker, config)
     now = datetime.now(timezone.utc)
-    for uuid in ("slow", "stall", "crawl"):
+    for uuid in ("slow", "slowchunks", "stall", "crawl", "crawlchunks"):
         broker.publish("hipcall.events", "call_hangup", hangup_at(uuid, f"{files.url}/{uuid}/x.mp3", now), message_id=uuid)
 
-    wait_until(lambda: archived(store, "slow") and archived(store, "stall"), timeout=40, what="slow and stalled archived")
-    assert archived(store, "slow").read_bytes() == big and archived(store, "stall").read_bytes() == AUDIO
-    [letter] = broker.take("rec.call_hangup.dlq", expect=1, timeout=40)
-    assert letter.message_id == "crawl" and letter.headers["x-hipcall-attempts"] == 3
-    assert "min_rate" in letter.headers["x-hipcall-error"]
+    wait_until(lambda: all(archived(store, u) for u in ("slow", "slowchunks", "stall")), timeout=40,
+               what="slow and stalled downloads archived")
+    assert archived(store, "slow").read_bytes() == big == archived(store, "slowchunks").read_bytes()
+    assert archived(store, "stall").read_bytes() == AUDIO
+    letters = {m.message_id: m.headers for m in broker.take("rec.call_hangup.dlq", expect=2, timeout=40)}
+    assert set(letters) == {"crawl", "crawlchunks"}
+    assert all(h["x-hipcall-attempts"] == 3 and "slower than options.min_rate" in h["x-hipcall-error"]
+               for h in letters.values())
     assert not partials(store)
     assert worker.stop() == 0
 

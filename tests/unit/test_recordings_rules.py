@@ -2,14 +2,17 @@
 key, when a pre-signed link expires, which partial files a sweep removes. Downloads through a real
 worker from real HTTP servers: tests/e2e/test_recordings.py."""
 
+import asyncio
 import fcntl
+import re
 from datetime import datetime, timezone
 
 import pytest
 import yarl
 
+from ingest.errors import HandlerImportError
 from workers.handler import PermanentError
-from workers.recordings import link_expiry, resolve, sweep
+from workers.recordings import Recordings, link_expiry, resolve, sweep
 
 API = "https://use.hipcall.com.tr"
 
@@ -82,3 +85,23 @@ def test_a_sweep_removes_the_partials_nobody_holds_and_keeps_the_held_ones(tmp_p
         assert sorted(p.name for p in tmp_path.iterdir()) == ["b.mp3.0002.partial", "notes.txt"]
     assert sweep(tmp_path) == (1, 0)  # its writer gone (the lock with it): removed
     assert [p.name for p in tmp_path.iterdir()] == ["notes.txt"]
+
+
+@pytest.mark.parametrize(("options", "said"), [
+    ({"read_timeout": "0s"}, "options.read_timeout must be a duration above 0"),
+    ({"timeout": "soon"}, 'options.timeout must be a duration such as "60s"'),
+    ({"link_lifetime": 7}, 'options.link_lifetime must be a duration such as "168h"'),
+    ({"min_rate": 0}, "options.min_rate must be a whole number of at least 1"),
+    ({"min_rate": 1.5}, "options.min_rate must be a whole number of at least 1"),
+])
+def test_a_bad_option_stops_start_up_naming_it(tmp_path, options, said):
+    async def start():
+        recordings = Recordings()
+        try:
+            await recordings.start({"dir": str(tmp_path), **options})
+        finally:
+            if hasattr(recordings, "_session"):
+                await recordings.close()
+
+    with pytest.raises(HandlerImportError, match=re.escape(said)):
+        asyncio.run(start())
