@@ -1,6 +1,8 @@
-"""`workers.builtin:recordings` through a real worker against a file server in the test that serves,
-fails once, is too slow once, answers 403 (an expired link), 404 for a while or for good, and serves
-Hipcall's relative links only with the API key."""
+"""`workers.builtin:recordings` through a real worker against file servers in the test (real HTTP servers,
+each on a port of its own: an origin of its own) that serve, fail once, are too slow once, answer 403
+(expired, or not there yet) and 404 for a while or for good, serve Hipcall's relative links only with
+the API key, redirect to another origin, send slowly, stall, crawl, cut a body off, or hold a download
+while a worker is killed."""
 
 import json
 import signal
