@@ -182,8 +182,9 @@ class MissedCallTask:
         claimed = False
 
         def ready() -> bool:
-            """After the rate limit's wait, right before the POST: claim the call and mark it pending. On
-            the event loop, so nothing can cancel the handler between "pending" and the POST."""
+            """After the rate limit's wait, right before the POST: claim the call and mark it pending.
+            Without an await (the ledger written on the event loop), so a stop cannot come between
+            "pending" and the POST's start; one during the POST leaves the honest "may exist"."""
             nonlocal claimed
             state = self._claim(event)
             claimed = True
@@ -199,10 +200,12 @@ class MissedCallTask:
         except TaskUncertain as exc:  # "pending" stays: a replay is dead-lettered again until a person looks
             raise PermanentError(f"{exc} for call {event.call_uuid}: check Hipcall's tasks before replaying") from None
         except ApiRefused as exc:
-            await asyncio.to_thread(self._ledger.forget, event.id)
+            if claimed:
+                await asyncio.to_thread(self._ledger.forget, event.id)
             raise PermanentError(str(exc)) from None
         except ApiError:  # none made: safe to try again
-            await asyncio.to_thread(self._ledger.forget, event.id)
+            if claimed:
+                await asyncio.to_thread(self._ledger.forget, event.id)
             raise
         finally:
             if claimed:
