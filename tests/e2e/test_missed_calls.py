@@ -4,6 +4,7 @@ worker processes sharing the ledger, and none when the answer to a POST never ca
 Hipcall's own (the letter says so instead)."""
 
 import json
+import signal
 import sqlite3
 from collections import Counter
 from datetime import datetime
@@ -130,6 +131,25 @@ def test_two_worker_processes_sharing_the_ledger_make_one_task_per_call_and_no_f
         assert db.execute("SELECT state, count(*) FROM tasks GROUP BY state").fetchall() == [("created", 30)]
     for worker in workers:
         assert worker.stop() == 0
+
+
+def test_a_worker_killed_mid_post_leaves_the_honest_may_exist_to_the_next_one(launch, broker, hipcall_api, tmp_path):
+    """Issue 29 #16: the claim of a dead process is told from a live one's: its "pending" is the uncertain case."""
+    hipcall_api.task_delay = 3  # the POST is under way when the worker dies
+    config = followup(hipcall_api.url, tmp_path / "tasks.sqlite3")
+    first = launch("work", broker, config.replace('timeout = "2s"', 'timeout = "10s"'),
+                   env={"HIPCALL_API_KEY": hipcall_api.key})
+    wait_until(lambda: any(l.get("msg") == "consuming" for l in first.logs()), what="worker consuming")
+    broker.publish("hipcall.events", "call_hangup", hangup("k-1"), message_id="id-k-1")
+    wait_until(lambda: any(path == "/api/v3/tasks" for path, _, _ in hipcall_api.requests), what="the POST sent")
+    first.signal(signal.SIGKILL)
+    first.wait()
+    second = launch("work", broker, config, env={"HIPCALL_API_KEY": hipcall_api.key})
+    [letter] = broker.take("followup.call_hangup.dlq", expect=1, timeout=30)
+    assert "may already exist" in letter.headers["x-hipcall-error"] and "k-1" in letter.headers["x-hipcall-error"]
+    wait_until(lambda: len(hipcall_api.tasks) == 1, what="the task the dead worker asked for")  # it was made
+    assert sum(1 for path, _, _ in hipcall_api.requests if path == "/api/v3/tasks") == 1  # and never asked for again
+    assert second.stop() == 0
 
 
 @pytest.mark.parametrize("status", ["502", "504"])
