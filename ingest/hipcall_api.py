@@ -12,7 +12,7 @@ import asyncio
 import re
 import time
 from collections import deque
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Callable, Mapping
 from datetime import datetime, timezone
 from email.utils import parsedate_to_datetime
 from typing import Any
@@ -139,12 +139,16 @@ class HipcallApi:
             raise ApiError(f"Hipcall's API answered call {uuid} without a data object")
         return data
 
-    async def create_task(self, task: Mapping[str, Any]) -> int:
+    async def create_task(self, task: Mapping[str, Any], ready: Callable[[], bool] | None = None) -> int | None:
         """POST /api/v3/tasks once (a POST is not repeated: it could make a second task); the new task's id.
-        ApiError when Hipcall says it made none (a 429, a 5xx: trying again later is safe), ApiRefused for
-        another 4xx (it would refuse it again), TaskUncertain when no answer came (a task may exist)."""
+        `ready` is called after the rate limit's wait, right before the POST (the caller's claim on it):
+        False, or what it raises, and nothing is sent (None). ApiError when Hipcall says it made none (a
+        429, a 500, a 503: trying again later is safe), ApiRefused for another 4xx (it would refuse it
+        again), TaskUncertain when no answer came or a gateway's 502 or 504 did (a task may exist)."""
         assert self._session is not None, "use HipcallApi in `async with`"
         await self._limit.take()
+        if ready is not None and not ready():
+            return None
         self.requests += 1
         try:
             async with asyncio.timeout(self._config.timeout):
@@ -158,6 +162,9 @@ class HipcallApi:
             REQUESTS.labels(str(status)).inc()
             raise ApiUnauthorized(f"Hipcall's API at {self._config.api_url} refused the key in HIPCALL_API_KEY "
                                   f"(HTTP {status}) for POST /api/v3/tasks")
+        if status in (502, 504):  # a gateway's answer: what Hipcall did behind it is unknown
+            REQUESTS.labels("5xx").inc()
+            raise TaskUncertain(f"POST /api/v3/tasks got HTTP {status} from a gateway; a task may have been made")
         if status not in (200, 201):
             REQUESTS.labels("429" if status == 429 else "5xx" if status >= 500 else "4xx").inc()
             error = ApiError if status == 429 or status >= 500 else ApiRefused  # the latter: the same again fails again

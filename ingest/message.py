@@ -21,6 +21,7 @@ CLIENT = "x-hipcall-client"
 SPOOLED = "x-hipcall-spooled"  # "true" on a webhook that waited in the ingress's disk spool
 SOURCE = "x-hipcall-source"  # "reconcile" on a call_hangup rebuilt from Hipcall's API; absent = a webhook
 ATTEMPT_HEADER = "x-hipcall-attempt"
+RETRY_AT = "x-hipcall-retry-at"  # a retry that waits past its delay tier: not handled before this time (ISO 8601)
 SWEEP_HEADER = "x-hipcall-sweep"  # marks a dead letter's copy made by a dlq read (ingest/ops/dlq.py)
 DEAD_LETTER_HEADERS = ("x-hipcall-attempts", "x-hipcall-error", "x-hipcall-error-type", "x-hipcall-failed-at",
                        "x-hipcall-queue", "x-hipcall-consumer", "x-death", "x-first-death-exchange",
@@ -107,7 +108,7 @@ def own_headers(headers: Mapping[str, Any] | None) -> dict[str, Any]:
 
 def fresh_headers(headers: Mapping[str, Any] | None) -> dict[str, Any]:
     """For a dead letter sent back for a new first attempt: no attempt count, no failure record."""
-    dropped = {ATTEMPT_HEADER, *DEAD_LETTER_HEADERS}
+    dropped = {ATTEMPT_HEADER, RETRY_AT, *DEAD_LETTER_HEADERS}
     return {k: v for k, v in own_headers(headers).items() if k not in dropped}
 
 

@@ -6,7 +6,12 @@ for the same webhook twice: the receiver's idempotency key. With a `secret` (`wh
 `webhook-signature` is `v1,` + base64 of HMAC-SHA256 over `id.timestamp.body`. A 2xx is success; a
 status in `permanent_statuses` (by default every 4xx except 408, 409, 425 and 429) and 410 ("gone")
 dead-letter at once; anything else (5xx, 429, a timeout, a refused connection) is retried after the
-consumer's delays, and a `Retry-After` on 429 or 503 picks the first retry tier at least that long.
+consumer's delays, and a `Retry-After` on 429 or 503 is waited out in full (`RetryLater`: the first
+retry tier at least that long, or the longest tier as often as it takes).
+
+`webhook-timestamp` and the signature are made when the request goes out, after the rate limit's wait:
+receivers refuse a timestamp older than a few minutes. Errors name the URL without its user, password
+and query (a token may be there).
 """
 
 from __future__ import annotations
@@ -19,6 +24,7 @@ import hmac
 import time
 from collections.abc import Mapping
 from typing import Any
+from urllib.parse import urlsplit, urlunsplit
 
 import aiohttp
 
@@ -60,6 +66,12 @@ def retry_after(value: str | None) -> float | None:
     return None if seconds is None or seconds < 0 else min(seconds, RETRY_AFTER_MAX)
 
 
+def shown_url(url: str) -> str:
+    """The URL as errors and logs may show it: no user, password, query or fragment."""
+    parts = urlsplit(url)
+    return urlunsplit((parts.scheme, parts.netloc.rpartition("@")[2], parts.path, "", ""))
+
+
 class Pacer:
     """At most `per_second` requests a second, spaced evenly, across the handler's concurrent calls."""
 
@@ -85,6 +97,10 @@ class HttpForward:
         url = options.get("url")
         if not isinstance(url, str) or not url.startswith(("http://", "https://")):
             raise HandlerImportError(f"{where} needs options.url, an http:// or https:// URL")
+        try:
+            self._shown = shown_url(url)
+        except ValueError:
+            raise HandlerImportError(f"{where}: options.url is not a URL") from None
         timeout = duration_option(options, "timeout", "10s", where)
         headers = options.get("headers", {})
         if not isinstance(headers, Mapping) or not all(isinstance(v, str) for v in headers.values()):
@@ -100,6 +116,7 @@ class HttpForward:
             raise HandlerImportError(f"{where}: options.secret must be a string (whsec_...)")
         self._key = secret_key(secret) if secret else None
         self._url = url
+        self._timeout = timeout
         self._headers = {**headers, "Content-Type": "application/json"}
         self._permanent = frozenset(permanent) | {410}
         self._pacer = Pacer(rate) if rate else None
@@ -108,25 +125,32 @@ class HttpForward:
                                               connector=aiohttp.TCPConnector(limit=limit))
 
     async def handle(self, event: Event) -> None:
-        timestamp = int(time.time())
+        if self._pacer is not None:
+            await self._pacer.wait()
+        timestamp = int(time.time())  # now, when it is sent: not before the pacer's wait
         headers = {**self._headers, "webhook-id": event.id, "webhook-timestamp": str(timestamp)}
         if self._key is not None:
             headers["webhook-signature"] = sign(self._key, event.id, timestamp, event.body)
-        if self._pacer is not None:
-            await self._pacer.wait()
-        async with self._session.post(self._url, data=event.body, headers=headers, allow_redirects=False) as response:
-            await response.read()
-            status = response.status
-            if 200 <= status < 300:
-                return
-            if status == 410:
-                raise PermanentError(f"{self._url} answered 410 Gone: the endpoint is gone")
-            if status in self._permanent:
-                raise PermanentError(f"{self._url} refused the event: HTTP {status}")
-            wait = retry_after(response.headers.get("Retry-After")) if status in (429, 503) else None
-            if wait is not None:
-                raise RetryLater(wait, f"{self._url} answered HTTP {status}, Retry-After {wait:g}s")
-            raise RuntimeError(f"{self._url} answered HTTP {status}")
+        try:
+            async with self._session.post(self._url, data=event.body, headers=headers, allow_redirects=False) as response:
+                await response.read()
+                status, after = response.status, response.headers.get("Retry-After")
+        except TimeoutError:
+            raise RuntimeError(f"{self._shown} did not answer within {self._timeout:g}s (options.timeout)") from None
+        except aiohttp.ClientError as exc:  # only errors whose text holds no URL are shown
+            detail = f"{type(exc).__name__}: {exc}" if isinstance(exc, (aiohttp.ClientOSError, aiohttp.ServerDisconnectedError)) \
+                else type(exc).__name__
+            raise RuntimeError(f"{self._shown}: {detail}") from None
+        if 200 <= status < 300:
+            return
+        if status == 410:
+            raise PermanentError(f"{self._shown} answered 410 Gone: the endpoint is gone")
+        if status in self._permanent:
+            raise PermanentError(f"{self._shown} refused the event: HTTP {status}")
+        wait = retry_after(after) if status in (429, 503) else None
+        if wait is not None:
+            raise RetryLater(wait, f"{self._shown} answered HTTP {status}, Retry-After {wait:g}s")
+        raise RuntimeError(f"{self._shown} answered HTTP {status}")
 
     async def close(self) -> None:
         await self._session.close()

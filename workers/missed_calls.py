@@ -7,11 +7,15 @@ call's `user_id` or else `options.default_user_id`.
 
 Once per call: a ledger (SQLite, `options.ledger`) keeps, by message id (a call_hangup's id is derived
 from its call uuid, so a redelivery, the same webhook twice and reconcile's rebuilt copy share it),
-whether a task was asked for and made. A POST is never repeated blindly: Hipcall has no way to look a
-task up by call, so when a POST got no answer (a timeout, a dropped connection) the task may exist, and
-the message goes to the DLQ saying so (`PermanentError`) for a person to check, rather than risk a
-second task. When Hipcall answered that it made none (429, 5xx) the entry is cleared and the message
-retried; a 4xx it would refuse again is a PermanentError.
+whether a task was asked for and made. Worker processes on one host share it: a process claims a call
+with a lock (`Claims`) held while it posts, so a copy another process is posting comes back later
+(`RetryLater`), and "pending" is written when the POST goes out (after the rate limit's wait): a
+process stopped while it waited leaves nothing behind. A POST is never repeated blindly: Hipcall has
+no way to look a task up by call, so when a POST got no answer (a timeout, a dropped connection, a
+gateway's 502 or 504) the task may exist, and the message goes to the DLQ saying so
+(`PermanentError`) for a person to check, rather than risk a second task; so does a "pending" left
+without a claim (its process died mid-POST). When Hipcall answered that it made none (429, 500, 503)
+the entry is cleared and the message retried; a 4xx it would refuse again is a PermanentError.
 
 Hipcall allows 60 API requests a minute per account, shared with reconcile: this consumer sends at most
 `options.rate_limit` a minute (default 10); lower `[reconcile] rate_limit` to leave it room.
@@ -20,6 +24,10 @@ Hipcall allows 60 API requests a minute per account, shared with reconcile: this
 from __future__ import annotations
 
 import asyncio
+import errno
+import fcntl
+import hashlib
+import os
 import sqlite3
 from collections.abc import Mapping
 from datetime import datetime, timedelta, timezone
@@ -30,7 +38,7 @@ from ingest.config import ConsumerConfig, HipcallConfig
 from ingest.errors import ApiError, ApiRefused, HandlerImportError, TaskUncertain
 from ingest.hipcall_api import HipcallApi
 
-from .handler import Event, PermanentError, duration_option
+from .handler import Event, PermanentError, RetryLater, duration_option
 
 PENDING, CREATED = "pending", "created"
 
@@ -90,6 +98,37 @@ class Ledger:
         self._db.close()
 
 
+class Claims:
+    """Which process is posting a call's task now: a POSIX record lock on one byte of a file beside the
+    ledger (the byte at a hash of the message id; a lock may lie past the end of the file). The kernel
+    drops the locks of a process that exits, however it dies: a claim is only ever held by a live
+    process, so a "pending" entry nobody holds is a POST whose process died before its answer."""
+
+    def __init__(self, path: Path) -> None:
+        self._fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+
+    def take(self, message_id: str) -> bool:
+        """True if this process holds the claim now; False if another process does. (Record locks are
+        per process: the handler keeps one call to one task in a process itself.)"""
+        try:
+            fcntl.lockf(self._fd, fcntl.LOCK_EX | fcntl.LOCK_NB, 1, _byte(message_id))
+        except OSError as exc:
+            if exc.errno in (errno.EACCES, errno.EAGAIN):
+                return False
+            raise
+        return True
+
+    def release(self, message_id: str) -> None:
+        fcntl.lockf(self._fd, fcntl.LOCK_UN, 1, _byte(message_id))
+
+    def close(self) -> None:
+        os.close(self._fd)
+
+
+def _byte(message_id: str) -> int:
+    return int.from_bytes(hashlib.blake2b(message_id.encode(), digest_size=7).digest(), "big")
+
+
 class MissedCallTask:
     """Options: default_user_id, due_in ("2h"), ledger (".missed-calls/ledger.sqlite3"), rate_limit (10 a minute)."""
 
@@ -110,9 +149,11 @@ class MissedCallTask:
             raise HandlerImportError(f"{where}: options.ledger must be a file path")
         try:
             self._ledger = Ledger(Path(ledger))
+            self._claims = Claims(Path(ledger + ".claims"))
         except (OSError, sqlite3.Error) as exc:
             raise HandlerImportError(f"{where}: cannot open options.ledger {ledger}: {exc}") from None
         self._default_user = user
+        self._timeout = hipcall.timeout
         self._in_flight: dict[str, asyncio.Event] = {}  # message ids being handled in this process
         self._api = HipcallApi(hipcall, rate)
         await self._api.__aenter__()
@@ -133,22 +174,61 @@ class MissedCallTask:
         state = await asyncio.to_thread(self._ledger.state, event.id)
         if state == CREATED:
             return
-        if state == PENDING:
-            raise PermanentError(f"a task for call {event.call_uuid} may already exist: an earlier POST got no "
-                                 f"answer. Check Hipcall's tasks before replaying this letter")
-        await asyncio.to_thread(self._ledger.put, event.id, event.call_uuid, PENDING)
+        if state == PENDING:  # another process is posting it (come back later), or a POST got no answer
+            state = self._claim(event)  # if it returns, the other process is done: made, or none made
+            self._claims.release(event.id)
+            if state == CREATED:
+                return
+        claimed = False
+
+        def ready() -> bool:
+            """After the rate limit's wait, right before the POST: claim the call and mark it pending.
+            Without an await (the ledger written on the event loop), so a stop cannot come between
+            "pending" and the POST's start; one during the POST leaves the honest "may exist"."""
+            nonlocal claimed
+            state = self._claim(event)
+            claimed = True
+            if state == CREATED:
+                return False
+            self._ledger.put(event.id, event.call_uuid, PENDING)
+            return True
+
         try:
-            task_id = await self._api.create_task(task_for(event.data, self._default_user, self._due_in))
-        except TaskUncertain as exc:
+            task_id = await self._api.create_task(task_for(event.data, self._default_user, self._due_in), ready)
+            if task_id is not None:
+                await asyncio.to_thread(self._ledger.put, event.id, event.call_uuid, CREATED, task_id)
+        except TaskUncertain as exc:  # "pending" stays: a replay is dead-lettered again until a person looks
             raise PermanentError(f"{exc} for call {event.call_uuid}: check Hipcall's tasks before replaying") from None
         except ApiRefused as exc:
-            await asyncio.to_thread(self._ledger.forget, event.id)
+            if claimed:
+                await asyncio.to_thread(self._ledger.forget, event.id)
             raise PermanentError(str(exc)) from None
         except ApiError:  # none made: safe to try again
-            await asyncio.to_thread(self._ledger.forget, event.id)
+            if claimed:
+                await asyncio.to_thread(self._ledger.forget, event.id)
             raise
-        await asyncio.to_thread(self._ledger.put, event.id, event.call_uuid, CREATED, task_id)
+        finally:
+            if claimed:
+                self._claims.release(event.id)
+
+    def _claim(self, event: Event) -> str | None:
+        """Claim the call for this process and read its ledger entry under the claim. RetryLater while
+        another process holds it (its POST is under way); PermanentError for a "pending" nobody holds."""
+        if not self._claims.take(event.id):
+            raise RetryLater(self._timeout, f"a task for call {event.call_uuid} is being asked for by another "
+                                            f"worker process; retried later")
+        try:
+            state = self._ledger.state(event.id)
+        except BaseException:
+            self._claims.release(event.id)
+            raise
+        if state == PENDING:
+            self._claims.release(event.id)
+            raise PermanentError(f"a task for call {event.call_uuid} may already exist: an earlier POST got no "
+                                 f"answer. Check Hipcall's tasks before replaying this letter")
+        return state
 
     async def close(self) -> None:
         await self._api.__aexit__(None, None, None)
         self._ledger.close()
+        self._claims.close()

@@ -30,14 +30,23 @@ from ingest.broker import BrokerLink
 from ingest.config import Config, ConsumerConfig
 from ingest.errors import PublishFailed
 from ingest.lifecycle import Supervised, ready, serve_metrics, stop_event, stop_reason
-from ingest.message import RECEIVED_AT, delivery_tag, id_of, republish_properties
+from ingest.message import RECEIVED_AT, delivery_tag, id_of, own_headers, republish_properties
 from ingest.names import consumer_queue, dead_letter_queue, delay_exchange, retry_routing_key
 from ingest.publish import Publisher
 from ingest.topology import declare, plan
 
 from .acks import Acks
 from .handler import Event, Handler, PermanentError, RetryLater, load_handler
-from .retry import attempt_of, dead_letter_headers, describe_error, next_delay, retry_headers
+from .retry import (
+    LONGEST_WAIT,
+    attempt_of,
+    dead_letter_headers,
+    describe_error,
+    due_in,
+    next_delay,
+    retry_headers,
+    waiting_delay,
+)
 
 log = structlog.get_logger("workers")
 
@@ -133,6 +142,9 @@ class Worker:
         attempt = attempt_of(properties.headers)
         mid = id_of(properties.message_id, message.body)
         fields: dict[str, Any] = {"consumer": consumer.name, "_event": name, "message_id": mid, "attempt": attempt}
+        if (left := due_in(properties.headers, time.time())) > 0:  # a Retry-After longer than the tier it took
+            await self._wait_more(consumer, name, message, acks, left, fields)
+            return
         started = time.perf_counter()
         try:
             event = _event(name, message, attempt, mid)
@@ -174,15 +186,37 @@ class Worker:
         if acks.channel.is_closed:  # nothing to replace: the broker has put the message back already
             log.warning("delivery_channel_gone", outcome="failed", action="redelivered by the broker", **fields)
             return
-        delay = None if isinstance(exc, PermanentError) else \
-            next_delay(consumer.retry, attempt, exc.seconds if isinstance(exc, RetryLater) else 0.0)
+        wait = min(exc.seconds, LONGEST_WAIT) if isinstance(exc, RetryLater) else 0.0
+        delay = None if isinstance(exc, PermanentError) else next_delay(consumer.retry, attempt, wait)
         if delay is not None:
             exchange, key = delay_exchange(self.config.broker.exchange), retry_routing_key(consumer.name, delay, name)
-            headers = retry_headers(message.header.properties.headers, attempt)
+            headers = retry_headers(message.header.properties.headers, attempt,
+                                    time.time() + wait if wait > delay else None)
         else:
             exchange, key = "", dead_letter_queue(consumer.name, name)
             headers = dead_letter_headers(message.header.properties.headers, attempt=attempt, exc=exc,
                                           queue=consumer_queue(consumer.name, name), consumer=consumer.name)
+        if not await self._replace(message, acks, exchange, key, headers, fields):
+            return
+        if delay is not None:
+            log.warning("retry_scheduled", retry_in_ms=round(max(delay, wait) * 1000), **fields)
+        else:
+            meters.dead_lettered.inc()
+            log.error("dead_lettered", queue=key, **fields)
+
+    async def _wait_more(self, consumer: ConsumerConfig, name: str, message: DeliveredMessage, acks: Acks,
+                         left: float, fields: dict) -> None:
+        """Not due yet: through a delay tier again, attempt and due time as they are."""
+        if acks.channel.is_closed:  # the broker has put it back already
+            return
+        delay = waiting_delay(consumer.retry, left)
+        exchange, key = delay_exchange(self.config.broker.exchange), retry_routing_key(consumer.name, delay, name)
+        if await self._replace(message, acks, exchange, key, own_headers(message.header.properties.headers), fields):
+            log.debug("retry_waiting", due_in_ms=round(left * 1000), retry_in_ms=round(delay * 1000), **fields)
+
+    async def _replace(self, message: DeliveredMessage, acks: Acks, exchange: str, key: str, headers: dict,
+                       fields: dict) -> bool:
+        """Publish the message's replacement, then ack the delivery; False when either did not happen."""
         try:
             publisher = self._publisher
             if publisher is None:
@@ -197,14 +231,8 @@ class Worker:
                 await acks.requeue(delivery_tag(message))
             except Exception:
                 pass
-            return
-        if not self._ack(message, acks, fields):  # stored twice now; the handler sees it again (dedupe on id)
-            return
-        if delay is not None:
-            log.warning("retry_scheduled", retry_in_ms=round(delay * 1000), **fields)
-        else:
-            meters.dead_lettered.inc()
-            log.error("dead_lettered", queue=key, **fields)
+            return False
+        return self._ack(message, acks, fields)  # False: stored twice now; the handler sees it again (dedupe on id)
 
     def _ack(self, message: DeliveredMessage, acks: Acks, fields: dict) -> bool:
         """Ack on the delivery's own channel; False (logged) when that channel is gone."""

@@ -1,8 +1,12 @@
-"""`workers.builtin:missed_call_task` through a real worker against the stand-in of Hipcall's API
-(tests/hipcall_standin.py): one task per missed call, whatever the redeliveries, and none when the
-answer to a POST never came (the letter says so instead)."""
+"""`workers.builtin:missed_call_task` through real workers against the stand-in of Hipcall's API
+(tests/hipcall_standin.py): one task per missed call, whatever the redeliveries, the restarts and the
+worker processes sharing the ledger, and none when the answer to a POST never came or may not be
+Hipcall's own (the letter says so instead)."""
 
 import json
+import signal
+import sqlite3
+from collections import Counter
 from datetime import datetime
 
 import pytest
@@ -59,6 +63,108 @@ def test_one_task_per_missed_call_assigned_and_described(launch, broker, hipcall
     assert len(hipcall_api.tasks) == 2  # the stand-in never got to make it; a second POST was never sent
     assert worker.stop() == 0
     assert hipcall_api.key not in worker.output()
+
+
+def followup(api_url: str, ledger, rate_limit: int = 60, delays: str = '"300ms", "600ms"', extra: str = "") -> str:
+    return (f'[consumers.hipcall]\nenabled = false\n[hipcall]\napi_url = "{api_url}"\ntimeout = "2s"\n{extra}'
+            f'[consumers.followup]\nevents = ["call_hangup"]\nhandler = "workers.builtin:missed_call_task"\n'
+            f'retry = {{ delays = [{delays}] }}\n'
+            f'[consumers.followup.options]\nledger = "{ledger}"\nrate_limit = {rate_limit}\n')
+
+
+def in_queues(broker, prefix: str) -> dict[str, int]:
+    """Messages (ready and unacked) in each queue named prefix...: a message between tries is in one."""
+    lines = broker.ctl("list_queues", "-p", "{vhost}", "--no-table-headers", "-q", "name", "messages").splitlines()
+    return {name: int(count) for name, count in (line.split() for line in lines) if name.startswith(prefix)}
+
+
+def settled(broker) -> bool:
+    """Every followup message is done with: acked, or in the DLQ."""
+    counts = in_queues(broker, "followup.")
+    return bool(counts) and all(n == 0 for name, n in counts.items() if not name.endswith(".dlq"))
+
+
+def tasks_by_call(api) -> Counter:
+    return Counter(t["description"].rsplit("Call ", 1)[1].rstrip(".") for t in api.tasks)
+
+
+def test_a_worker_stopped_while_calls_wait_for_the_rate_limit_leaves_them_for_the_next_one(launch, broker, hipcall_api,
+                                                                                          tmp_path):
+    """Issue 29 #15: "pending" is written when the POST goes out, not before the rate limiter's wait."""
+    config = followup(hipcall_api.url, tmp_path / "tasks.sqlite3", rate_limit=3, extra='[worker]\ngrace_period = "1s"\n')
+    first = launch("work", broker, config, env={"HIPCALL_API_KEY": hipcall_api.key})
+    wait_until(lambda: any(l.get("msg") == "consuming" for l in first.logs()), what="worker consuming")
+    for n in range(6):
+        broker.publish("hipcall.events", "call_hangup", hangup(f"w-{n}"), message_id=f"id-w-{n}")
+    wait_until(lambda: len(hipcall_api.tasks) == 3 and broker.count("followup.call_hangup") == 0,
+               what="3 tasks made and the other 3 calls in the worker, waiting for the rate limit")
+    assert first.stop() == 0  # the 3 waiting are abandoned at the end of the grace period: redelivered
+
+    second = launch("work", broker, config, env={"HIPCALL_API_KEY": hipcall_api.key})
+    wait_until(lambda: settled(broker), timeout=30, what="every call handled or dead-lettered")
+    letters = broker.take("followup.call_hangup.dlq")
+    assert [m.headers.get("x-hipcall-error") for m in letters] == []  # before: 3 letters "may already exist"
+    assert tasks_by_call(hipcall_api) == {f"w-{n}": 1 for n in range(6)}
+    assert second.stop() == 0
+
+
+def test_two_worker_processes_sharing_the_ledger_make_one_task_per_call_and_no_false_dead_letter(
+        launch, broker, hipcall_api, tmp_path):
+    """Issue 29 #16: the claim of a call is atomic across processes; a call another process is posting
+    is retried later, not dead-lettered."""
+    hipcall_api.task_delay = 0.3  # each POST takes a while: the copies overlap in the two workers
+    config = followup(hipcall_api.url, tmp_path / "tasks.sqlite3", delays='"300ms", "1s", "1s", "2s", "2s", "5s"')
+    workers = [launch("work", broker, config, env={"HIPCALL_API_KEY": hipcall_api.key}) for _ in range(2)]
+    wait_until(lambda: all(any(l.get("msg") == "consuming" for l in w.logs()) for w in workers), what="workers consuming")
+    calls = [f"r-{n}" for n in range(30)]
+    for uuid in calls:  # each call twice at once: the two copies go to the two workers
+        broker.publish("hipcall.events", "call_hangup", hangup(uuid), message_id=f"id-{uuid}", copies=2)
+    wait_until(lambda: settled(broker), timeout=60, what="every call handled or dead-lettered")
+    letters = [m.headers.get("x-hipcall-error") for m in broker.take("followup.call_hangup.dlq")]
+    doubles = {uuid: n for uuid, n in tasks_by_call(hipcall_api).items() if n > 1}
+    assert (len(letters), len(doubles)) == (0, 0), (letters, doubles)  # before: false letters, calls with 2 tasks
+    assert tasks_by_call(hipcall_api) == {uuid: 1 for uuid in calls}
+    # the race did happen: a worker found a call the other was posting, and came back to it later
+    assert any("another worker process" in l.get("error", "") for w in workers for l in w.logs()
+               if l.get("msg") == "retry_scheduled")
+    with sqlite3.connect(tmp_path / "tasks.sqlite3") as db:
+        assert db.execute("SELECT state, count(*) FROM tasks GROUP BY state").fetchall() == [("created", 30)]
+    for worker in workers:
+        assert worker.stop() == 0
+
+
+def test_a_worker_killed_mid_post_leaves_the_honest_may_exist_to_the_next_one(launch, broker, hipcall_api, tmp_path):
+    """Issue 29 #16: the claim of a dead process is told from a live one's: its "pending" is the uncertain case."""
+    hipcall_api.task_delay = 3  # the POST is under way when the worker dies
+    config = followup(hipcall_api.url, tmp_path / "tasks.sqlite3")
+    first = launch("work", broker, config.replace('timeout = "2s"', 'timeout = "10s"'),
+                   env={"HIPCALL_API_KEY": hipcall_api.key})
+    wait_until(lambda: any(l.get("msg") == "consuming" for l in first.logs()), what="worker consuming")
+    broker.publish("hipcall.events", "call_hangup", hangup("k-1"), message_id="id-k-1")
+    wait_until(lambda: any(path == "/api/v3/tasks" for path, _, _ in hipcall_api.requests), what="the POST sent")
+    first.signal(signal.SIGKILL)
+    first.wait()
+    second = launch("work", broker, config, env={"HIPCALL_API_KEY": hipcall_api.key})
+    [letter] = broker.take("followup.call_hangup.dlq", expect=1, timeout=30)
+    assert "may already exist" in letter.headers["x-hipcall-error"] and "k-1" in letter.headers["x-hipcall-error"]
+    wait_until(lambda: len(hipcall_api.tasks) == 1, what="the task the dead worker asked for")  # it was made
+    assert sum(1 for path, _, _ in hipcall_api.requests if path == "/api/v3/tasks") == 1  # and never asked for again
+    assert second.stop() == 0
+
+
+@pytest.mark.parametrize("status", ["502", "504"])
+def test_a_502_or_504_may_have_made_the_task_so_it_is_never_posted_again(launch, broker, hipcall_api, tmp_path, status):
+    """Issue 29 #16: a gateway's 502 or 504 says nothing of what Hipcall did behind it."""
+    config = followup(hipcall_api.url, tmp_path / "tasks.sqlite3")
+    worker = launch("work", broker, config, env={"HIPCALL_API_KEY": hipcall_api.key})
+    wait_until(lambda: any(l.get("msg") == "consuming" for l in worker.logs()), what="worker consuming")
+    hipcall_api.faults = [status]
+    broker.publish("hipcall.events", "call_hangup", hangup("g-1"), message_id="id-g-1")
+    [letter] = broker.take("followup.call_hangup.dlq", expect=1, timeout=20)  # before: retried, a task made
+    assert letter.headers["x-hipcall-error-type"] == "PermanentError"
+    assert f"HTTP {status}" in letter.headers["x-hipcall-error"] and "may have been made" in letter.headers["x-hipcall-error"]
+    assert sum(1 for path, _, _ in hipcall_api.requests if path == "/api/v3/tasks") == 1
+    assert worker.stop() == 0
 
 
 def test_without_an_api_key_the_worker_stops_at_start_saying_which_variable(launch, broker, tmp_path):

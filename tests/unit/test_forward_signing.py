@@ -9,7 +9,7 @@ import pytest
 from standardwebhooks.webhooks import Webhook
 
 from ingest.errors import HandlerImportError
-from workers.forward import retry_after, secret_key, sign
+from workers.forward import retry_after, secret_key, shown_url, sign
 
 SPEC_SECRET = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw"
 
@@ -47,3 +47,12 @@ def test_the_key_is_the_base64_after_the_prefix():
                                              (None, None), ("", None), ("9999999", 86400.0)])
 def test_retry_after_in_seconds_is_believed_within_a_day(header, seconds):
     assert retry_after(header) == seconds
+
+
+@pytest.mark.parametrize("url, shown", [
+    ("https://crm.example.com/hooks/hipcall", "https://crm.example.com/hooks/hipcall"),
+    ("https://user:pa55@crm.example.com:8443/h?token=T0KEN#x", "https://crm.example.com:8443/h"),
+    ("https://u:p@ss@[::1]:8080/h?t=1", "https://[::1]:8080/h"),  # a password with "@" in it
+])
+def test_an_error_shows_the_url_without_user_password_or_query(url, shown):
+    assert shown_url(url) == shown

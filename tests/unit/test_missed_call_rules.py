@@ -1,11 +1,14 @@
-"""The missed-call rule and the task it asks for (workers/missed_calls.py), as functions."""
+"""The missed-call rule, the task it asks for and the claim across processes (workers/missed_calls.py)."""
 
 import json
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 
 from conftest import payload
-from workers.missed_calls import is_missed, task_for
+from workers.missed_calls import Claims, is_missed, task_for
 
 BASE = json.loads(payload("call_hangup"))["data"]
 
@@ -35,3 +38,26 @@ def test_without_a_user_the_default_one_and_without_either_nobody():
     assert task_for({**BASE, "user_id": None}, default_user=7, due_in=0)["assign_to_user_id"] == 7
     assert "assign_to_user_id" not in task_for({**BASE, "user_id": None}, default_user=None, due_in=0)
     assert task_for({**BASE, "user_id": True}, default_user=7, due_in=0)["assign_to_user_id"] == 7  # not an id
+
+
+def test_a_claim_is_held_by_one_process_at_a_time_and_dropped_when_its_process_dies(tmp_path):
+    """The claim two worker processes sharing a ledger race for (issue 29 #16): a real second process."""
+    path = tmp_path / "ledger.sqlite3.claims"
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import sys; from pathlib import Path; from workers.missed_calls import Claims\n"
+                               "c = Claims(Path(sys.argv[1])); assert c.take('id-1'); print('held', flush=True)\n"
+                               "sys.stdin.read()", str(path)],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, cwd=Path(__file__).parents[2])
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        claims = Claims(path)
+        assert claims.take("id-1") is False  # the other process posts it: retried later
+        assert claims.take("id-2") is True  # another call is not held up by it
+        holder.kill()
+        holder.wait(10)
+        assert claims.take("id-1") is True  # a dead process's claim is gone with it
+        claims.release("id-1")
+        claims.close()
+    finally:
+        holder.kill()
+        holder.wait(10)

@@ -6,8 +6,26 @@ import pytest
 from pamqp.commands import Basic
 
 from ingest.config import load_config
-from ingest.message import ATTEMPT_HEADER, SWEEP_HEADER, fresh_headers, message_id, own_headers, republish_properties
-from workers.retry import ERROR_LIMIT, attempt_of, dead_letter_headers, describe_error, next_delay, retry_headers
+from ingest.message import (
+    ATTEMPT_HEADER,
+    RETRY_AT,
+    SWEEP_HEADER,
+    fresh_headers,
+    message_id,
+    own_headers,
+    republish_properties,
+)
+from workers.retry import (
+    ERROR_LIMIT,
+    LONGEST_WAIT,
+    attempt_of,
+    dead_letter_headers,
+    describe_error,
+    due_in,
+    next_delay,
+    retry_headers,
+    waiting_delay,
+)
 
 
 @pytest.fixture
@@ -76,3 +94,24 @@ def test_a_retry_after_takes_the_first_remaining_delay_at_least_that_long(retry)
     assert next_delay(retry, 2, at_least=5) == 60  # never shorter than the tier the attempt is at
     assert next_delay(retry, 4, at_least=100000) == 7200  # longer than any: the longest that remains
     assert next_delay(retry, 6, at_least=1) is None  # attempts used up
+
+
+def test_a_wait_longer_than_every_tier_is_carried_as_a_due_time_and_taken_through_the_tiers(retry):
+    """Issue 29 #17: a Retry-After past the longest delay is honoured, not cut to it."""
+    headers = retry_headers({ATTEMPT_HEADER: 2, "x-delivery-count": 1}, 2, due=1_700_000_000.0 + 9000)
+    assert headers == {ATTEMPT_HEADER: 3, RETRY_AT: "2023-11-15T00:43:20+00:00"}
+    assert due_in(headers, 1_700_000_000.0) == 9000
+    assert due_in(headers, 1_700_000_000.0 + 9000) == 0  # due: handled now
+    assert RETRY_AT not in retry_headers(headers, 3)  # the next failure sets its own, or none
+    assert RETRY_AT not in dead_letter_headers(headers, attempt=3, exc=ValueError("x"), queue="q", consumer="c")
+    assert RETRY_AT not in fresh_headers(headers)  # a replay is not held back
+    assert [waiting_delay(retry, left) for left in (9000, 7200, 7199, 61, 1)] == [7200, 7200, 7200, 300, 10]
+
+
+@pytest.mark.parametrize("value", [None, "soon", 17, "2023-13-45T00:00:00"])
+def test_a_due_time_that_is_missing_or_not_a_time_means_now(value):
+    assert due_in({RETRY_AT: value}, 1_700_000_000.0) <= 0
+
+
+def test_a_due_time_is_believed_up_to_a_day():
+    assert due_in({RETRY_AT: "2999-01-01T00:00:00+00:00"}, 1_700_000_000.0) == LONGEST_WAIT == 86400
