@@ -243,8 +243,12 @@ def nemesis_config(sink: Path, dsn: str, api: StandinApi) -> str:
 
 
 @pytest.fixture
-def deployment(tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("nemesis")
+def deployment():
+    # Under .run/nemesis/, kept after the run (every process's log, the sink) until the next run starts.
+    tmp = RESULT.parent / "deployment"
+    subprocess.run(["umount", "-l", str(tmp / ".spool")], check=False, stderr=subprocess.DEVNULL)
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
     nodes = [RabbitNode(tmp / f"node{i}") for i in range(3)]
     proxies: list[Proxy] = []
     api = StandinApi().start()
@@ -384,10 +388,20 @@ class Nemesis:
             node.stop() if start else node.start()
 
     def _memory_alarm(self, fault: Fault, start: bool) -> None:
+        """A heal is tried until it takes (rabbitmqctl was seen to time out on a loaded machine): an alarm
+        left on would be a fault the checker never heard of."""
+        deadline = time.monotonic() + (300 if not start else 60)
         with self._node_locks[fault.target]:
-            done = self.d.nodes[fault.target].rabbitmqctl("set_vm_memory_high_watermark", "0" if start else "0.4")
-            if done.returncode != 0:
-                raise RuntimeError(done.stderr.strip()[-200:])
+            while True:
+                try:
+                    done = self.d.nodes[fault.target].rabbitmqctl("set_vm_memory_high_watermark", "0" if start else "0.4")
+                    if done.returncode == 0:
+                        return
+                    error = done.stderr.strip()[-200:]
+                except subprocess.TimeoutExpired as exc:
+                    error = str(exc)
+                if start or time.monotonic() > deadline:
+                    raise RuntimeError(error)
 
     def _proxy_cut(self, fault: Fault, start: bool) -> None:
         proxy = self.d.proxies[fault.target]
@@ -409,13 +423,21 @@ class Nemesis:
 
     def _queue_full(self, fault: Fault, start: bool) -> None:
         """The sink consumer's queue at its length limit (0): the broker refuses every call_hangup."""
-        for i, node in enumerate(self.d.nodes):
-            with self._node_locks[i]:
-                args = (("set_policy", "nemesis-full", r"^sink\.call_hangup$", '{"max-length": 0, "overflow": "reject-publish"}',
-                         "--apply-to", "queues", "--priority", "9") if start else ("clear_policy", "nemesis-full"))
-                if node.process is not None and node.rabbitmqctl(*args).returncode == 0:
-                    return
-        raise RuntimeError("no node took the policy")
+        args = (("set_policy", "nemesis-full", r"^sink\.call_hangup$", '{"max-length": 0, "overflow": "reject-publish"}',
+                 "--apply-to", "queues", "--priority", "9") if start else ("clear_policy", "nemesis-full"))
+        deadline = time.monotonic() + 300
+        while True:  # through any node that answers; a heal until it takes
+            for i, node in enumerate(self.d.nodes):
+                with self._node_locks[i]:
+                    try:
+                        done = node.rabbitmqctl(*args) if node.process is not None else None
+                        if done is not None and (done.returncode == 0 or "not found" in done.stderr.lower()):
+                            return
+                    except subprocess.TimeoutExpired:
+                        pass
+            if start or time.monotonic() > deadline:
+                raise RuntimeError("no node took the policy")
+            time.sleep(1)
 
     def _spool_disk_full(self, fault: Fault, start: bool) -> None:
         filler = self.d.spool / "filler"
