@@ -560,16 +560,17 @@ def check(load: Load, nemesis: Nemesis, deployment: Deployment, seed: int) -> tu
                       None if f.healed is None else round(f.healed - f.started, 2)) for f in nemesis.log],
     }
     failures = []
+    t0 = load.answers[0].started if load.answers else 0.0  # the schedule's times count from here too
     if result["lost"]:
         failures.append(f"lost {result['lost']}: e.g. {sorted(lost_sink | lost_rows)[:3]}")
     if unrecovered:
         failures.append(f"{len(unrecovered)} of {len(unsent)} calls never sent as webhooks were not recovered by reconcile")
     if bad_refusals:
         failures.append(f"{len(bad_refusals)} non-2xx while the broker or the spool could take the webhook: "
-                        f"e.g. {[(a.status, round(a.started, 2)) for a in bad_refusals[:3]]}")
+                        f"e.g. (status, s after the first request) {[(a.status, round(a.started - t0, 2)) for a in bad_refusals[:3]]}")
     if bad_unanswered:
         failures.append(f"{len(bad_unanswered)} unanswered outside an ingress kill's window: "
-                        f"e.g. {[(a.error, round(a.started + a.seconds, 2)) for a in bad_unanswered[:3]]}")
+                        f"e.g. (error, s after the first request) {[(a.error, round(a.started + a.seconds - t0, 2)) for a in bad_unanswered[:3]]}")
     if result["p99_ms"] > ANSWER_BUDGET * 1000:
         failures.append(f"answer p99 {result['p99_ms']} ms over the {ANSWER_BUDGET:g} s budget")
     return result, failures
