@@ -196,7 +196,8 @@ class Segment:
     @classmethod
     def create(cls, path: Path) -> Segment:
         """A new, empty segment, locked before its name appears (a process starting at the same moment
-        would otherwise take the fresh file for a leftover); an existing file is never replaced."""
+        would otherwise take the fresh file for a leftover); an existing file is never replaced. If
+        its name cannot be made durable, it is removed again and nothing stays open."""
         temporary = path.with_name(path.name + NEW)
         fd = os.open(temporary, os.O_RDWR | os.O_APPEND | os.O_CREAT | os.O_EXCL, 0o600)
         try:
@@ -206,9 +207,14 @@ class Segment:
             os.close(fd)
             _unlink(temporary)
             raise
-        _unlink(temporary)
-        fsync_dir(path.parent)  # the new file's name is durable before a record goes in
-        return cls(path, fd)
+        try:
+            _unlink(temporary)
+            fsync_dir(path.parent)  # the new file's name is durable before a record goes in
+            return cls(path, fd)
+        except BaseException:
+            _unlink(path)  # ours alone: made a moment ago under a name unique to this process
+            os.close(fd)
+            raise
 
     def reachable(self) -> bool:
         """True while the segment's name still points at the file this process holds."""

@@ -1,7 +1,10 @@
 """The spool on its own (no broker needed): what must hold when the file system misbehaves."""
 
 import asyncio
+import errno
+import os
 import shutil
+import stat
 import time
 import zlib
 from datetime import datetime
@@ -201,3 +204,35 @@ def test_a_segment_a_live_process_holds_is_never_adopted(tmp_path):
             live.close()
 
     assert asyncio.run(main()) == (True, False)
+
+
+def held_open(directory) -> list[str]:
+    """The files under `directory` this process holds open (what /proc says, not what we think)."""
+    found = []
+    for fd in os.listdir("/proc/self/fd"):
+        try:
+            target = os.readlink(f"/proc/self/fd/{fd}")
+        except OSError:
+            continue
+        if target.startswith(f"{directory}/"):
+            found.append(target)
+    return found
+
+
+def test_a_segment_whose_name_cannot_be_made_durable_keeps_no_descriptor_and_no_name(tmp_path, monkeypatch):
+    """The directory's fsync fails (an I/O error on the volume): Segment.create raises, and leaves
+    neither an open descriptor nor a locked, empty segment behind."""
+    real_fsync = os.fsync
+
+    def failing_directory_fsync(fd: int) -> None:
+        if stat.S_ISDIR(os.fstat(fd).st_mode):
+            raise OSError(errno.EIO, "Input/output error")
+        real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", failing_directory_fsync)
+    for n in range(3):
+        with pytest.raises(OSError):
+            Segment.create(tmp_path / f"s-{n}.spool")
+    monkeypatch.undo()
+    assert held_open(tmp_path) == []
+    assert list(tmp_path.iterdir()) == []
