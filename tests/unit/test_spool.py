@@ -12,7 +12,7 @@ from datetime import datetime
 import pytest
 from prometheus_client import REGISTRY
 
-from ingest.errors import SpoolFull
+from ingest.errors import PublishRefused, SpoolFull
 from ingest.spool import _HEAD, Record, Segment, Spool, parse_records, summary
 
 
@@ -236,3 +236,44 @@ def test_a_segment_whose_name_cannot_be_made_durable_keeps_no_descriptor_and_no_
     monkeypatch.undo()
     assert held_open(tmp_path) == []
     assert list(tmp_path.iterdir()) == []
+
+
+def test_segments_waiting_behind_a_full_queue_hold_no_descriptor_and_only_a_dead_process_s_are_adopted(tmp_path):
+    """A queue full at its max_length refuses every drain while webhooks keep coming: no segment is
+    started per attempt and none waiting holds a descriptor. Another process never adopts them while
+    their process lives; once it has exited, exactly one process does."""
+    async def refuse(r: Record) -> None:
+        raise PublishRefused("refused")
+
+    async def main() -> None:
+        live = Spool(str(tmp_path), 1 << 20)
+        live.open()
+        for n in range(10):  # received one second after another: drained in that order
+            await live.append(Record(f"id-{n}", "call_hangup", f"2026-11-26T10:00:{n:02d}+00:00", "127.0.0.1", b"{}"))
+            with pytest.raises(PublishRefused):
+                await live.drain(refuse)
+        assert len(held_open(tmp_path)) == 2  # the owner lock and the segment written to
+        assert len(list(tmp_path.glob("*.spool"))) == 2  # the one held up, the one written to
+        other = Spool(str(tmp_path), 1 << 20)
+        other.open()
+        assert other.empty  # they are the live process's
+        other.close()
+        held = live.held_bytes
+        live.close()  # it exits: what it holds stays for the next start
+
+        first, second = Spool(str(tmp_path), 1 << 20), Spool(str(tmp_path), 1 << 20)
+        first.open()
+        second.open()
+        assert (first.held_bytes, second.held_bytes) == (held, 0)
+        second.close()
+        published: list[str] = []
+
+        async def publish(r: Record) -> None:
+            published.append(r.message_id)
+
+        await first.drain(publish)
+        assert published == [f"id-{n}" for n in range(10)]
+        first.close()
+        assert list(tmp_path.iterdir()) == []
+
+    asyncio.run(main())
