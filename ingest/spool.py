@@ -29,6 +29,10 @@ segments of processes that died.
 - A new segment is started when the one written to passes SEGMENT_BYTES, or when a drain finds
   records in it and either nothing older waits to be drained or its first record is SEGMENT_AGE
   old: a drain held up (a queue full at its max_length) does not start one per attempt.
+- `spool.max_bytes` is the total of every segment in the directory, whoever wrote it: each group
+  commit, holding a flock on the directory, sums the directory's segment files (a stat each) and
+  writes the records that fit; it lets go before its fsync. So two processes never both take the
+  last room, and no record is refused while the directory has room for it.
 - Draining: the closed segments are republished oldest first through the confirmed publish, and a
   segment is deleted only after every record in it was confirmed. A drain that fails half way skips
   the confirmed records when it tries again; a segment half drained when the process dies is drained
@@ -43,10 +47,12 @@ import fcntl
 import os
 import secrets
 import socket
+import stat
 import struct
 import time
 import zlib
 from collections.abc import Awaitable, Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
@@ -205,6 +211,7 @@ class Segment:
         self._identity = (stat.st_dev, stat.st_ino)
         self.oldest: float | None = oldest_record(fd) if self.size else None
         self.first_write: float | None = None  # when this process wrote its first record (monotonic)
+        self._unsynced = 0  # bytes written since the last fsync
         self.confirmed: set[int] = set()  # records already drained: a retried drain skips them
 
     @classmethod
@@ -296,27 +303,50 @@ class Segment:
         return list(parse_records(data, self.origin))
 
     def append(self, data: bytes) -> None:
-        """Write and fsync; on failure cut the file back, so a later record never follows a torn one."""
-        fd = self.fd
-        if fd is None:
-            raise OSError("a closed spool segment is never written to")
+        """Write and fsync."""
+        self.write(data)
+        self.sync()
+
+    def write(self, data: bytes) -> None:
+        """Write, without fsync (`sync` makes it durable); on failure cut the file back, so a later
+        record never follows a torn one."""
+        fd = self._written_to()
         try:
             written = 0
             while written < len(data):
                 written += os.write(fd, data[written:])
+        except OSError:
+            self._cut()
+            raise
+        self._unsynced += len(data)
+
+    def sync(self) -> None:
+        """fsync what `write` wrote; on failure cut it back off."""
+        fd = self._written_to()
+        try:
             os.fsync(fd)
         except OSError:
-            try:
-                os.ftruncate(fd, self.size)
-                os.fsync(fd)
-            except OSError:
-                pass
+            self._cut()
             raise
-        if not self.size and data:
+        if not self.size and self._unsynced:
             self.first_write = time.monotonic()
-        self.size += len(data)
+        self.size += self._unsynced
+        self._unsynced = 0
         if self.oldest is None:
             self.oldest = oldest_record(fd)
+
+    def _written_to(self) -> int:
+        if self.fd is None:
+            raise OSError("a closed spool segment is never written to")
+        return self.fd
+
+    def _cut(self) -> None:
+        self._unsynced = 0
+        try:
+            os.ftruncate(self._written_to(), self.size)
+            os.fsync(self._written_to())
+        except OSError:
+            pass
 
     def move(self, path: Path) -> None:
         """Take the file over under a name of this process (link, then unlink the old name): its old
@@ -354,12 +384,49 @@ def fsync_dir(directory: Path) -> None:
         os.close(fd)
 
 
+@contextmanager
+def one_writer(directory: Path) -> Iterator[None]:
+    """Held by one process at a time (flock on the spool directory itself), from its look at the
+    directory's total to the end of its write, not its fsync: two processes writing at once never
+    both take the last room. A file's new size shows in a stat as soon as it is written."""
+    try:
+        fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
+    except OSError:
+        fd = -1  # the directory is gone: the write finds its segment's name gone and makes both again
+    try:
+        if fd >= 0:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        if fd >= 0:
+            os.close(fd)
+
+
+def directory_bytes(directory: Path) -> int:
+    """What every segment in the spool directory holds now, whichever process wrote it (a stat each)."""
+    total = 0
+    try:
+        entries = os.scandir(directory)
+    except OSError:
+        return 0  # gone: whoever writes next makes it again
+    with entries:
+        for entry in entries:
+            if entry.name.endswith(SUFFIX):
+                try:
+                    info = entry.stat(follow_symlinks=False)
+                except OSError:
+                    continue  # drained and removed since it was listed
+                if stat.S_ISREG(info.st_mode):
+                    total += info.st_size
+    return total
+
+
 class Spool:
     """This process's spool: the segment it appends to and the closed ones waiting to be drained."""
 
     def __init__(self, directory: str, max_bytes: int) -> None:
         self._dir = Path(directory)
-        self._max_bytes = max_bytes
+        self._max_bytes = max_bytes  # the directory's total, every process's segments together
         # Unique to this start: in a container the host name and the pids are the same on every start.
         self._prefix = f"{socket.gethostname()}-{os.getpid()}-{secrets.token_hex(4)}-"
         self._sequence = 0
@@ -369,7 +436,8 @@ class Spool:
         self._pending: list[tuple[bytes, asyncio.Future]] = []
         self._flushing: asyncio.Task | None = None
         self._lock = asyncio.Lock()  # one writer at a time; rotation waits for the write in progress
-        self._refused = False  # a record did not fit; cleared when a drain frees room
+        self._known = 0  # the directory's bytes at the last look (a write's, or the drainer's every 0.5 s)
+        self._full_at: int | None = None  # the directory's bytes when a record did not fit
         self.unwritable: str | None = None  # why the spool cannot take a record now; None while it can
         self._opened_at = 0.0
         self._adopted_at = 0.0
@@ -387,6 +455,7 @@ class Spool:
             self._keep_owner()
             self._adopt()
             self._active = self._new_segment()
+            self._known = directory_bytes(self._dir)
         except OSError as exc:  # the ingress still starts: without a spool, it answers 503 as before
             if not self.unwritable:  # one line when it fails, not one per retry
                 log.error("spool_unavailable", dir=str(self._dir), error=f"{type(exc).__name__}: {exc.strerror}",
@@ -471,26 +540,28 @@ class Spool:
 
     @property
     def held_bytes(self) -> int:
+        """What this process's own segments hold (the directory's total is in `has_room`)."""
         return sum(s.size for s in [self._active, *self._closed] if s is not None)
 
     @property
     def has_room(self) -> bool:
-        """False while a webhook would get 503 from the spool: no room (until a drain frees some), or
-        the spool cannot be written (until `recover` finds it can)."""
-        return self._active is not None and not self.unwritable and not self._refused and self.held_bytes < self._max_bytes
+        """False while a webhook would get 503 from the spool: the directory at spool.max_bytes (as of
+        the last look), a record that did not fit (until the directory holds less), or a spool that
+        cannot be written (until `check` finds it can)."""
+        return (self._active is not None and not self.unwritable and self._known < self._max_bytes
+                and (self._full_at is None or self._known < self._full_at))
 
     @property
     def empty(self) -> bool:
         return self.held_bytes == 0
 
     async def append(self, record: Record) -> None:
-        """Returns once the record is written and fsync'd (sharing the fsync with concurrent callers)."""
+        """Returns once the record is written and fsync'd (sharing the fsync with concurrent callers);
+        raises SpoolFull if it does not fit in spool.max_bytes or cannot be written."""
         data = record.encode()
-        if self._active is None or self.held_bytes + sum(len(d) for d, _ in self._pending) + len(data) > self._max_bytes:
-            self._refused = self._active is not None
+        if self._active is None:
             SPOOL_FULL.inc()
-            raise SpoolFull(f"the spool has no room (spool.max_bytes = {self._max_bytes})"
-                            if self._active is not None else self.unwritable or "the spool cannot be written")
+            raise SpoolFull(self.unwritable or "the spool cannot be written")
         done = asyncio.get_running_loop().create_future()
         self._pending.append((data, done))
         if self._flushing is None or self._flushing.done():
@@ -503,7 +574,7 @@ class Spool:
             batch, self._pending = self._pending, []
             async with self._lock:
                 try:
-                    await asyncio.to_thread(self._write, b"".join(data for data, _ in batch))
+                    taken = await asyncio.to_thread(self._write, [data for data, _ in batch])
                 except OSError as exc:
                     self.unwritable = f"the spool cannot be written ({type(exc).__name__}: {exc.strerror or exc})"
                     log.error("spool_write_failed", error=f"{type(exc).__name__}: {exc}")
@@ -515,19 +586,39 @@ class Spool:
                 self.unwritable = None
                 if self._active is not None and self._active.size > SEGMENT_BYTES:
                     self._rotate()
-            for _, done in batch:
-                if not done.done():
+            for (_, done), fits in zip(batch, taken):
+                if done.done():
+                    continue
+                if fits:
                     done.set_result(None)
+                else:
+                    SPOOL_FULL.inc()
+                    done.set_exception(SpoolFull(f"the spool has no room (spool.max_bytes = {self._max_bytes})"))
             self.report()
 
-    def _write(self, data: bytes) -> None:
-        """Append to the active segment; if its name is gone, the records reach the disk again first."""
+    def _write(self, batch: list[bytes]) -> list[bool]:
+        """Append the records that fit in spool.max_bytes (every process's segments counted, see
+        `one_writer`) to the active segment; which ones did. If the segment's name is gone, its
+        records reach the disk again first."""
         active = self._active
         if active is None:
             raise OSError("no spool segment")
-        active.append(data)
-        if not active.reachable():
-            self._relink()
+        with one_writer(self._dir):
+            total = directory_bytes(self._dir)
+            taken = []
+            for data in batch:
+                taken.append(total + len(data) <= self._max_bytes)
+                total += len(data) if taken[-1] else 0
+            chosen = b"".join(data for data, fits in zip(batch, taken) if fits)
+            if chosen:
+                active.write(chosen)
+        if chosen:
+            active.sync()
+            if not active.reachable():
+                self._relink()
+        self._known = total
+        self._full_at = None if all(taken) else total
+        return taken
 
     def _relink(self) -> None:
         """The active segment's name is gone (spool.dir deleted, a volume unmounted): make the directory
@@ -562,8 +653,8 @@ class Spool:
     async def check(self) -> None:
         """The drainer's look (every DRAIN_INTERVAL): put the lost active segment back on disk, open a
         spool that could not be opened, adopt the segments of processes that have exited since (a
-        reload starts the new processes before the old ones stop), clear `unwritable` once the file
-        system has room again."""
+        reload starts the new processes before the old ones stop), look at the directory's total,
+        clear `unwritable` once the file system has room again."""
         if self._active is None and time.monotonic() - self._opened_at >= RETRY_OPEN:
             async with self._lock:
                 await asyncio.to_thread(self.open)
@@ -584,6 +675,9 @@ class Spool:
                 self.unwritable = f"the spool cannot be written ({type(exc).__name__}: {exc.strerror or exc})"
                 log.error("spool_write_failed", error=f"{type(exc).__name__}: {exc}")
             self._forget_lost()
+            self._known = await asyncio.to_thread(directory_bytes, self._dir)
+            if self._full_at is not None and self._known < self._full_at:
+                self._full_at = None  # a drain (of any process) made room
         if self.unwritable and self._active is not None and _has_free_space(self._dir):
             self.unwritable = None
             log.warning("spool_writable_again", dir=str(self._dir))
@@ -620,7 +714,8 @@ class Spool:
                     raise failed
             self._closed.remove(segment)
             segment.remove()
-            self._refused = False
+            self._full_at = None
+            self._known = max(0, self._known - segment.size)
             drained += len(records)
             DRAINED.inc(len(records))
             log.info("spool_drained", segment=segment.origin, records=len(records))

@@ -1,10 +1,20 @@
-"""The spool's bounds through the real processes: the files it keeps open while a queue stays full."""
+"""The spool's bounds through the real processes: the files it keeps open while a queue stays full,
+and `spool.max_bytes` as the total of the directory its ingress processes share, however the
+connections are spread among them and whatever a restart left behind."""
 
+import asyncio
+import http.client
 import json
 import os
 from pathlib import Path
 
 from conftest import post_webhook, wait_until
+from ingest.spool import Record, Spool
+
+AWAY = {"HIPCALL_AMQP_URL": "amqp://guest:guest@127.0.0.1:1/"}  # nothing listens on port 1: everything is spooled
+FAST = '[broker]\nreconnect_max = "500ms"\n'
+MAX_BYTES = 1 << 20  # the smallest spool.max_bytes there is
+PAD = 20_000  # bytes of body per webhook: about 52 of them fill MAX_BYTES
 
 
 def open_files(pid: int) -> list[str]:
@@ -66,5 +76,67 @@ def test_a_queue_held_full_opens_no_file_and_starts_no_segment_per_drain_attempt
     wait_until(lambda: segment_bytes(spool) == 0, what="the spool drained")
 
 
+def keep_alive_posts(port: int, count: int, prefix: str) -> list[int]:
+    """`count` webhooks on one keep-alive connection, so that one ingress process answers them all."""
+    connection = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+    statuses = []
+    try:
+        for n in range(count):
+            body = json.dumps({"event": "call_hangup", "data": {"uuid": f"{prefix}-{n}", "pad": "x" * PAD}}).encode()
+            connection.request("POST", "/webhooks/hipcall", body, {"Content-Type": "application/json"})
+            response = connection.getresponse()
+            response.read()
+            statuses.append(response.status)
+            if response.getheader("Connection", "").lower() == "close":
+                connection.close()
+                connection = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+    finally:
+        connection.close()
+    return statuses
+
+
 def segment_bytes(directory: Path) -> int:
     return sum(p.stat().st_size for p in directory.glob("*.spool"))
+
+
+def is_full(total: int) -> bool:
+    """Within one webhook of spool.max_bytes, and not past it."""
+    return MAX_BYTES - PAD - 1000 < total <= MAX_BYTES
+
+
+def test_max_bytes_is_the_directory_s_total_however_the_connections_are_spread(launch, broker, tmp_path):
+    """Two ingress processes, every webhook on one connection, so one process answers them all: the
+    spool fills to spool.max_bytes, not to that process's half of it."""
+    proc = launch("serve", broker, FAST + f'[spool]\nmax_bytes = {MAX_BYTES}\n', env=AWAY, wait="/healthz")
+    statuses = keep_alive_posts(proc.port, 70, "spread")
+    total = segment_bytes(tmp_path / ".spool")
+    print(f"{statuses.count(202)} of {len(statuses)} accepted, {total} of {MAX_BYTES} bytes")
+    assert statuses == [202] * statuses.count(202) + [503] * statuses.count(503)  # 503 only once it is full
+    assert is_full(total)
+
+
+def test_segments_a_restart_adopts_count_once_against_max_bytes(launch, broker, tmp_path):
+    """A previous run left 55% of spool.max_bytes on disk; after the restart one process adopts all of
+    it. Webhooks are taken until the directory holds spool.max_bytes, whichever process answers them."""
+    spool = tmp_path / ".spool"
+
+    async def leave() -> None:  # a process that spooled, then exited: its segments stay for the next start
+        left = Spool(str(spool), MAX_BYTES)
+        left.open()
+        n = 0
+        while segment_bytes(spool) < MAX_BYTES * 0.55:
+            body = json.dumps({"event": "call_hangup", "data": {"uuid": f"left-{n}", "pad": "x" * PAD}}).encode()
+            await left.append(Record(f"left-{n}", "call_hangup", "2026-12-01T10:00:00+00:00", "127.0.0.1", body))
+            n += 1
+        left.close()
+
+    asyncio.run(leave())
+    kept = segment_bytes(spool)
+    proc = launch("serve", broker, FAST + f'[spool]\nmax_bytes = {MAX_BYTES}\n', env=AWAY, wait="/healthz")
+    wait_until(lambda: any(l.get("msg") == "spool_adopted" for l in proc.logs()), what="the old segment adopted")
+    statuses = keep_alive_posts(proc.port, 40, "after")
+    total = segment_bytes(spool)
+    print(f"{kept} bytes left by the last run; then {statuses.count(202)} of {len(statuses)} accepted, "
+          f"{total} of {MAX_BYTES} bytes")
+    assert statuses == [202] * statuses.count(202) + [503] * statuses.count(503)
+    assert is_full(total)

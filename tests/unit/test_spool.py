@@ -13,7 +13,7 @@ import pytest
 from prometheus_client import REGISTRY
 
 from ingest.errors import PublishRefused, SpoolFull
-from ingest.spool import _HEAD, Record, Segment, Spool, parse_records, summary
+from ingest.spool import _HEAD, Record, Segment, Spool, one_writer, parse_records, summary
 
 
 def record(n: int) -> Record:
@@ -277,3 +277,80 @@ def test_segments_waiting_behind_a_full_queue_hold_no_descriptor_and_only_a_dead
         assert list(tmp_path.iterdir()) == []
 
     asyncio.run(main())
+
+
+def test_max_bytes_is_the_directory_s_total_whichever_process_writes_and_at_once(tmp_path):
+    """Two processes share the directory (two spools here: each locks as a process would). One takes
+    7 of the 10 records' room, the other the last 3, and then neither takes one more, however
+    the records came; a drain in one makes room for the other. Many at once at the last room: exactly
+    the records that fit are taken, never one past spool.max_bytes, never one refused while room remains."""
+    def record(n: int) -> Record:  # every one the same size
+        return Record(f"id-{n:03d}", "call_hangup", "2026-11-26T10:00:00+00:00", "127.0.0.1", b"{}")
+
+    size = len(record(0).encode())
+
+    async def main() -> None:
+        a, b = Spool(str(tmp_path), 10 * size), Spool(str(tmp_path), 10 * size)
+        a.open()
+        b.open()
+        for n in range(7):
+            await a.append(record(n))
+        for n in range(7, 10):
+            await b.append(record(n))
+        for spool in (a, b):
+            with pytest.raises(SpoolFull, match="no room"):
+                await spool.append(record(99))
+            assert not spool.has_room
+        assert summary(str(tmp_path))["bytes"] == 10 * size
+
+        drained = []
+
+        async def publish(r: Record) -> None:
+            drained.append(r.message_id)
+
+        await a.drain(publish)  # a's 7 are in the broker now: room for 7 more, in either
+        assert len(drained) == 7
+        results = await asyncio.gather(*(spool.append(record(100 + n)) for n in range(8) for spool in (a, b)),
+                                       return_exceptions=True)
+        assert sum(r is None for r in results) == 7  # 7 of the 16 fit, whichever wrote them
+        assert all(isinstance(r, SpoolFull) for r in results if r is not None)
+        assert summary(str(tmp_path))["bytes"] == 10 * size
+        a.close()
+        b.close()
+
+    asyncio.run(main())
+
+
+def waiting_for_lock(path) -> bool:
+    """Whether some process waits for a flock on `path` (/proc/locks marks a waiter with "->")."""
+    inode = f":{os.stat(path).st_ino} "
+    return any("->" in line and inode in line for line in open("/proc/locks").read().splitlines())
+
+
+def test_a_process_looks_at_the_total_only_once_another_has_finished_writing(tmp_path):
+    """Another process is between its look at the directory's total and its write (it holds the
+    directory's flock) and takes the last room: this one waits for it, then refuses, rather than
+    both taking the last room."""
+    size = len(record(0).encode())
+
+    async def main() -> None:
+        spool = Spool(str(tmp_path), 3 * size)
+        spool.open()
+        await spool.append(record(1))
+        with one_writer(tmp_path):  # the other process, as `_write` holds it
+            late = asyncio.create_task(spool.append(record(2)))
+            await asyncio.to_thread(wait_until, lambda: waiting_for_lock(tmp_path), "this one waiting")
+            (tmp_path / "other-1-x-1.spool").write_bytes(record(3).encode() + record(4).encode())  # its write
+        with pytest.raises(SpoolFull, match="no room"):
+            await late
+        assert summary(str(tmp_path))["bytes"] == 3 * size
+        spool.close()
+
+    asyncio.run(main())
+
+
+def wait_until(check, what: str, timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not check():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.01)
