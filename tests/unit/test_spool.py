@@ -354,3 +354,33 @@ def wait_until(check, what: str, timeout: float = 10.0) -> None:
     while not check():
         assert time.monotonic() < deadline, f"timed out waiting for {what}"
         time.sleep(0.01)
+
+
+def test_however_many_segments_wait_none_holds_a_descriptor(tmp_path, monkeypatch):
+    """A drain held up for long starts a segment each SEGMENT_AGE (0 here: every attempt): they pile
+    up on disk, and the process still holds two files open, whatever it holds."""
+    monkeypatch.setattr("ingest.spool.SEGMENT_AGE", 0)
+
+    async def refuse(r: Record) -> None:
+        raise PublishRefused("refused")
+
+    async def main() -> None:
+        spool = Spool(str(tmp_path), 1 << 20)
+        spool.open()
+        for n in range(20):
+            await spool.append(record(n))
+            with pytest.raises(PublishRefused):
+                await spool.drain(refuse)
+        assert len(list(tmp_path.glob("*.spool"))) == 21  # 20 waiting, one written to
+        assert len(held_open(tmp_path)) == 2  # the owner lock and the segment written to
+        published: list[str] = []
+
+        async def publish(r: Record) -> None:
+            published.append(r.message_id)
+
+        await spool.drain(publish)  # room again: each of them, from the file it is in
+        assert sorted(published) == sorted(f"id-{n}" for n in range(20))
+        spool.close()
+        assert list(tmp_path.iterdir()) == []
+
+    asyncio.run(main())
