@@ -476,7 +476,7 @@ async def broker_context(app: web.Application) -> AsyncIterator[None]:
     link = BrokerLink(config.broker, "hipcall-ingest serve", on_connect, on_state)
     ingress.link = link
     if config.spool.enabled:
-        ingress.spool = Spool(config.spool.dir, config.spool.max_bytes // config.http.processes)
+        ingress.spool = Spool(config.spool.dir, config.spool.max_bytes)  # the directory's total, shared
         ingress.spool.open()
     tasks = [asyncio.create_task(keep_topology())] + ([asyncio.create_task(drain_spool(ingress.spool))] if ingress.spool else [])
     try:

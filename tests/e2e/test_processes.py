@@ -76,13 +76,14 @@ def test_a_killed_process_is_replaced_while_the_other_answers_and_its_spool_is_d
     assert proc.stop() == 0
 
 
-def test_each_process_has_its_share_of_the_spool(launch, node_broker, rabbit_node):
+def test_the_processes_share_the_spool_s_max_bytes(launch, node_broker, rabbit_node):
     rabbit_node.stop()
     proc = launch("serve", node_broker, '[spool]\nmax_bytes = 1048576\n', wait="/healthz")
     big = b'{"event": "call_hangup", "data": {"pad": "' + b"x" * 300_000 + b'"}}'
     statuses = [post_webhook(proc, big)[0] for _ in range(8)]
-    # 512 KiB each: one 300 kB webhook fits in each process's share (one process alone would take 3).
-    assert statuses.count(202) <= 2 and statuses.count(503) >= 6, statuses
+    # The directory's 1 MiB holds three 300 kB webhooks, whichever process takes each (not one per
+    # process's half, as when each had spool.max_bytes / http.processes); then 503.
+    assert statuses == [202] * 3 + [503] * 5, statuses
     assert proc.stop() == 0
 
 
