@@ -124,10 +124,10 @@ class Console:
                  "messages": q["ready"], "exists": q["exists"]}
                 for q in seen["queues"] if q["kind"] == "dlq" and (not event or q["event"] == event)]
 
-    async def letters(self, name: str, which: dlq.Filter, limit: int = LIST_LIMIT) -> dlq.Read:
+    async def letters(self, name: str, which: dlq.Filter, limit: int = LIST_LIMIT, offset: int = 0) -> dlq.Read:
         queue = dlq.find_dlq(self.config, name)
         async with self.locks[name]:
-            return await self._broker(lambda c: dlq.read(c, self.config, queue, which, limit))
+            return await self._broker(lambda c: dlq.read(c, self.config, queue, which, limit, offset))
 
     async def search(self, call_uuid: str) -> list[tuple[Queue, dlq.Read]]:
         return await self._broker(lambda c: dlq.search(c, self.config, dlq.Filter(call_uuid=call_uuid),
@@ -179,9 +179,9 @@ class Console:
 
     async def api_letters(self, request: web.Request) -> web.Response:
         which = parse_filter(request.query)
-        limit = _limit(request.query.get("limit"))
-        read = await self.letters(request.match_info["queue"], which, limit)
-        return _json(_read_dict(read))
+        limit, offset = _limit(request.query.get("limit")), _offset(request.query.get("offset"))
+        read = await self.letters(request.match_info["queue"], which, limit, offset)
+        return _json({**_read_dict(read), "offset": offset})
 
     async def api_letter(self, request: web.Request) -> web.Response:
         letter, others = await self._letter(request.match_info["queue"], request.match_info["id"])
@@ -234,9 +234,10 @@ class Console:
     async def page_letters(self, request: web.Request) -> web.Response:
         name = request.match_info["queue"]
         which = parse_filter(request.query)
-        read = await self.letters(name, which)
+        offset = _offset(request.query.get("offset"))
+        read = await self.letters(name, which, LIST_LIMIT, offset)
         return self._page(request, "letters.html", queue=name, read=read, rows=[_letter_dict(l) for l in read.letters],
-                          filter=_filter_dict(which), limit=LIST_LIMIT)
+                          filter=_filter_dict(which), limit=LIST_LIMIT, pages=_pages(request, offset, read.matched))
 
     async def page_letter(self, request: web.Request) -> web.Response:
         letter, others = await self._letter(request.match_info["queue"], request.match_info["id"])
@@ -399,6 +400,30 @@ def _limit(text: str | None) -> int:
     return int(text)
 
 
+def _offset(text: str | None) -> int:
+    """?offset=N: the matches skipped before those listed (paging)."""
+    if text is None:
+        return 0
+    if not _digits(text):
+        raise BadRequest(f"offset: expected a whole number, 0 or more, got {text[:20]!r}")
+    return int(text)
+
+
+def _pages(request: web.Request, offset: int, matched: int) -> dict[str, Any]:
+    """The letters page's place among the matches, and its neighbours' links (the same query, another offset)."""
+    def at(start: int) -> str:
+        return str(request.rel_url.update_query(offset=str(start)))
+
+    return {"first": offset + 1, "last": min(offset + LIST_LIMIT, matched), "matched": matched,
+            "previous": at(max(0, offset - LIST_LIMIT)) if offset else None,
+            "next": at(offset + LIST_LIMIT) if offset + LIST_LIMIT < matched else None}
+
+
+def _without_type(error: str, kind: str) -> str:
+    """The error without its type in front ("TimeoutError: no answer" -> "no answer"): pages show the type beside it."""
+    return error.removeprefix(f"{kind}: ") if kind else error
+
+
 def _digits(text: object) -> TypeGuard[str]:
     """ASCII digits only (at most 12): str.isdigit() also takes "²", which int() refuses."""
     return isinstance(text, str) and 0 < len(text) <= 12 and text.isascii() and text.isdigit()
@@ -535,7 +560,8 @@ def build_console(config: Config, sessions: Sessions | None = None, sample: bool
     app = web.Application(middlewares=[safe_headers, errors, access(config.console, console.sessions)])
     app[CONSOLE] = console
     aiohttp_jinja2.setup(app, loader=jinja2.FileSystemLoader(HERE / "templates"),
-                         autoescape=jinja2.select_autoescape(["html"]), undefined=jinja2.StrictUndefined)
+                         autoescape=jinja2.select_autoescape(["html"]), undefined=jinja2.StrictUndefined,
+                         filters={"without_type": _without_type})
     app.router.add_static("/static/", HERE / "static")
     r = app.router
     r.add_get("/login", console.login_form)
