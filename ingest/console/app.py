@@ -324,10 +324,13 @@ class Console:
             log.info("console_login_refused", user=user[:64], client=address, reason="stale login form")
             return refuse(request, 403, "the login form is stale; open /login again")
         keys = (f"client {address}", f"user {user[:64]}")
-        wait = self.throttle.wait(*keys) or (1 if self.throttle.busy() else 0)
+        wait, why = self.throttle.wait(*keys), "too many failed logins"
+        if not wait and self.throttle.busy():
+            wait, why = 1, "too many logins at once"
         if wait:
-            log.warning("console_login_refused", user=user[:64], client=address, reason="throttled", retry_after=wait)
-            response = self._login_page(request, after, f"Too many failed logins: try again in {wait} s.")
+            log.warning("console_login_refused", user=user[:64], client=address, reason=f"throttled: {why}",
+                        retry_after=wait)
+            response = self._login_page(request, after, f"{why.capitalize()}: try again in {wait} s.")
             response.set_status(429)
             response.headers["Retry-After"] = str(wait)
             return response

@@ -326,7 +326,7 @@ def test_login_guesses_are_throttled_per_client_and_per_user_with_429_and_no_pas
     assert other == 401
     assert len(spy.hashes) == 6  # five guesses and bob: a refused try checks no password
     refused = [f for e, f in lines.lines if e == "console_login_refused"]
-    assert [f["client"] for f in refused[:7]] == ["203.0.113.7"] * 7 and refused[5]["reason"] == "throttled"
+    assert [f["client"] for f in refused[:7]] == ["203.0.113.7"] * 7 and refused[5]["reason"] == "throttled: too many failed logins"
     assert not any("guess" in repr(f) or PASSWORD in repr(f) for _, f in lines.lines)
 
 
@@ -337,7 +337,7 @@ async def log_in_from(client, address, user="alice", password=PASSWORD):
                              headers={"X-Forwarded-For": address}, allow_redirects=False)
 
 
-def test_password_checks_run_one_at_a_time_and_a_crowd_past_the_line_gets_429(tmp_path, monkeypatch):
+def test_password_checks_run_one_at_a_time_however_many_logins_come_at_once(tmp_path, monkeypatch):
     spy = Spy()
     monkeypatch.setattr("ingest.console.app.verify_password", spy)
     config = console_config(tmp_path, 'trusted_proxies = ["127.0.0.1/32"]\n')
@@ -350,6 +350,20 @@ def test_password_checks_run_one_at_a_time_and_a_crowd_past_the_line_gets_429(tm
     statuses = talk(config, crowd)[0]
     assert spy.most == 1
     assert set(statuses) <= {401, 429} and 401 in statuses and len(spy.hashes) == statuses.count(401)
+
+
+def test_checks_past_the_line_are_refused_at_once_rather_than_queued():
+    async def main():
+        t, release = throttle.Throttle(), threading.Event()
+        line = [asyncio.create_task(t.check(release.wait)) for _ in range(throttle.CHECKS + throttle.WAITING)]
+        await asyncio.sleep(0)  # every task has taken its place
+        full = t.busy()
+        release.set()
+        results = await asyncio.gather(*line)
+        return full, results, t.busy()
+
+    full, results, after = asyncio.run(main())
+    assert full and results == [True] * (throttle.CHECKS + throttle.WAITING) and not after
 
 
 def test_the_throttle_waits_longer_after_each_failure_forgets_on_success_and_holds_bounded_keys(monkeypatch):
