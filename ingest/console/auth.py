@@ -22,6 +22,7 @@ import secrets
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from urllib.parse import quote
 
 import orjson
 from aiohttp import web
@@ -169,7 +170,8 @@ def access(config: ConsoleConfig, sessions: Sessions) -> Callable:
         if who is None:
             if request.path.startswith("/api/"):
                 return refuse(request, 401, "log in, or send Authorization: Bearer TOKEN ([console] tokens)")
-            raise web.HTTPSeeOther(f"/login?next={request.path_qs}" if request.method == "GET" else "/login")
+            # next= quoted whole: the page's own query (a filter) comes back with it, not cut at its first "&"
+            raise web.HTTPSeeOther(f"/login?next={quote(request.path_qs, safe='/')}" if request.method == "GET" else "/login")
         if request.method == "POST":
             if who.via == "session" and not await _csrf_ok(request, who):
                 return refuse(request, 403, "the form is stale or was not sent from the console (CSRF token); "

@@ -6,6 +6,7 @@ tests/e2e/test_console_browser.py."""
 import asyncio
 import base64
 import hashlib
+import html
 import io
 import re
 import threading
@@ -401,10 +402,17 @@ def test_after_logging_in_the_page_is_never_on_another_site(tmp_path, target):
 
 
 def test_after_logging_in_a_path_of_the_console_with_its_query_is_kept(tmp_path):
-    async def after(client):
-        return (await log_in(client, next_="/dlq/crm.call_hangup.dlq?q=TimeoutError&since=2026-12-01")).headers["Location"]
+    page = "/dlq/crm.call_hangup.dlq?q=TimeoutError&since=2026-12-01"
 
-    assert talk(console_config(tmp_path), after)[0] == "/dlq/crm.call_hangup.dlq?q=TimeoutError&since=2026-12-01"
+    async def after(client):
+        sent = await client.get(page, allow_redirects=False)
+        form = await (await client.get(sent.headers["Location"])).text()
+        kept = re.search(r'name="next" value="([^"]*)"', form).group(1)
+        return sent.headers["Location"], html.unescape(kept), (await log_in(client, next_=page)).headers["Location"]
+
+    sent, kept, location = talk(console_config(tmp_path), after)[0]
+    assert sent == "/login?next=/dlq/crm.call_hangup.dlq?q%3DTimeoutError%26since%3D2026-12-01"  # yarl leaves "?" as is
+    assert kept == page and location == page
 
 
 def test_a_session_cookie_with_a_non_ascii_signature_is_no_session_not_a_500(tmp_path):
