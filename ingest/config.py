@@ -143,6 +143,8 @@ class ConsoleConfig:
     users: Mapping[str, str] = field(repr=False)  # user name -> password hash (PASSWORD_HASH_RE)
     readonly: bool
     session_timeout: float
+    allowed_hosts: tuple[str, ...]  # Host header names answered, besides loopback and `host`
+    trusted_proxies: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]  # whose X-Forwarded-For is believed
 
     def check_access(self, where: str) -> None:
         """Access is off unless someone can log in or hold a token: a console nobody could use stops start-up."""
@@ -312,6 +314,17 @@ def _users(value: Any) -> Mapping[str, str]:
     return MappingProxyType(dict(value))
 
 
+_HOST_NAME_RE = re.compile(r"[a-z0-9]([a-z0-9.-]{0,251}[a-z0-9])?|\[[0-9a-f:.]+\]")
+
+
+def _host_name(value: Any) -> str:
+    """A name browsers put in the Host header, without a port: console.example.com, 10.0.0.5, [::1]."""
+    name = value.strip().lower() if isinstance(value, str) else ""
+    if not _HOST_NAME_RE.fullmatch(name):
+        raise _Bad('a host name without a port, such as "console.example.com", "10.0.0.5" or "[::1]"')
+    return name
+
+
 def _cidr(value: Any) -> ipaddress.IPv4Network | ipaddress.IPv6Network:
     try:
         return ipaddress.ip_network(_string(value), strict=False)
@@ -412,6 +425,8 @@ _SCHEMA: dict[str, dict[str, Callable[[Any], Any]]] = {
         "users": _users,
         "readonly": _boolean,
         "session_timeout": _duration(60, 30 * 86400),
+        "allowed_hosts": _list(_host_name),
+        "trusted_proxies": _list(_cidr),
     },
     "reconcile": {
         "enabled": _boolean,

@@ -13,7 +13,8 @@ import functools
 from collections.abc import Awaitable, Callable, Mapping
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeGuard
+from urllib.parse import urlsplit
 
 import aiohttp_jinja2
 import jinja2
@@ -32,27 +33,28 @@ from ..ops import dlq
 from ..ops.status import status, unreachable
 from ..topology import Queue
 from .auth import (
-    COOKIE,
     CSRF_FIELD,
-    LOGIN_COOKIE,
     WHO,
     Sessions,
     Who,
     access,
+    client,
     cookie_secure,
+    login_cookie,
     login_token,
     login_token_ok,
     refuse,
+    session_cookie,
 )
-from .passwords import hash_password, verify_password
+from .passwords import dummy_hash, verify_password
 from .samples import Samples, dead_letters_chart, sample_forever, webhooks_chart
+from .throttle import Throttle
 
 log = structlog.get_logger("ingest.console")
 
 HERE = Path(__file__).parent
 LIST_LIMIT = 200  # letters a DLQ page shows (the count of every match is shown beside)
 REFRESH = 15  # seconds between the pipeline page's reloads
-_DUMMY_HASH = hash_password("not anyone's password")  # checked for an unknown user: same time as a known one
 
 
 class Console:
@@ -65,6 +67,8 @@ class Console:
         self.locks: collections.defaultdict[str, asyncio.Lock] = collections.defaultdict(asyncio.Lock)
         self._connection: AbstractConnection | None = None  # one, opened on first use, again after it died
         self._connecting = asyncio.Lock()
+        self.throttle = Throttle()
+        self.dummy_hash = dummy_hash(config.console.users.values())  # checked for an unknown user name
 
     # --- the reads and actions, each one call into ingest/ops ------------------------------------
 
@@ -120,10 +124,10 @@ class Console:
                  "messages": q["ready"], "exists": q["exists"]}
                 for q in seen["queues"] if q["kind"] == "dlq" and (not event or q["event"] == event)]
 
-    async def letters(self, name: str, which: dlq.Filter, limit: int = LIST_LIMIT) -> dlq.Read:
+    async def letters(self, name: str, which: dlq.Filter, limit: int = LIST_LIMIT, offset: int = 0) -> dlq.Read:
         queue = dlq.find_dlq(self.config, name)
         async with self.locks[name]:
-            return await self._broker(lambda c: dlq.read(c, self.config, queue, which, limit))
+            return await self._broker(lambda c: dlq.read(c, self.config, queue, which, limit, offset))
 
     async def search(self, call_uuid: str) -> list[tuple[Queue, dlq.Read]]:
         return await self._broker(lambda c: dlq.search(c, self.config, dlq.Filter(call_uuid=call_uuid),
@@ -175,9 +179,9 @@ class Console:
 
     async def api_letters(self, request: web.Request) -> web.Response:
         which = parse_filter(request.query)
-        limit = _limit(request.query.get("limit"))
-        read = await self.letters(request.match_info["queue"], which, limit)
-        return _json(_read_dict(read))
+        limit, offset = _limit(request.query.get("limit")), _offset(request.query.get("offset"))
+        read = await self.letters(request.match_info["queue"], which, limit, offset)
+        return _json({**_read_dict(read), "offset": offset})
 
     async def api_letter(self, request: web.Request) -> web.Response:
         letter, others = await self._letter(request.match_info["queue"], request.match_info["id"])
@@ -215,7 +219,6 @@ class Console:
         response = aiohttp_jinja2.render_template(
             template, request, {"who": who, "csrf": who.csrf if who else None, "readonly": self.config.console.readonly,
                                 **context})
-        response.headers["Cache-Control"] = "no-store"
         return response
 
     async def page_pipeline(self, request: web.Request) -> web.Response:
@@ -231,9 +234,10 @@ class Console:
     async def page_letters(self, request: web.Request) -> web.Response:
         name = request.match_info["queue"]
         which = parse_filter(request.query)
-        read = await self.letters(name, which)
+        offset = _offset(request.query.get("offset"))
+        read = await self.letters(name, which, LIST_LIMIT, offset)
         return self._page(request, "letters.html", queue=name, read=read, rows=[_letter_dict(l) for l in read.letters],
-                          filter=_filter_dict(which), limit=LIST_LIMIT)
+                          filter=_filter_dict(which), limit=LIST_LIMIT, pages=_pages(request, offset, read.matched))
 
     async def page_letter(self, request: web.Request) -> web.Response:
         letter, others = await self._letter(request.match_info["queue"], request.match_info["id"])
@@ -269,7 +273,7 @@ class Console:
     async def page_purge(self, request: web.Request) -> web.Response:
         name = request.match_info["queue"]
         confirm = (await request.post()).get("confirm", "")
-        if not isinstance(confirm, str) or not confirm.isdigit():
+        if not _digits(confirm):
             raise BadRequest("the purge form's count is missing; open the purge page again")
         purged = await self.purge(request[WHO], name, int(confirm))
         return self._page(request, "done.html", queue=name, message=f"Deleted {purged} dead letters from {name}.")
@@ -300,37 +304,55 @@ class Console:
     def _login_page(self, request: web.Request, after: str | None, error: str | None = None) -> web.Response:
         # The token already in the browser stays: a second tab's login form (or the favicon's redirect
         # here) must not make the first one stale.
-        token = request.cookies.get(LOGIN_COOKIE) or login_token()
+        token = request.cookies.get(login_cookie(self.config.console)) or login_token()
         response = self._page(request, "login.html", login_csrf=token, next=_local(after), error=error,
                               users=bool(self.config.console.users))
-        response.set_cookie(LOGIN_COOKIE, token, httponly=True, samesite="Strict", secure=cookie_secure(request),
+        response.set_cookie(login_cookie(self.config.console), token, httponly=True, samesite="Strict", secure=cookie_secure(request),
                             max_age=3600)
         if error:
             response.set_status(401)
         return response
 
     async def login(self, request: web.Request) -> web.Response:
+        """A password check, unless the client or the user name failed too often lately, or too many
+        checks wait already (ingest/console/throttle.py): then 429 with Retry-After and no check."""
+        config = self.config.console
         form = await request.post()
         user, password, after = str(form.get("user", "")), str(form.get("password", "")), str(form.get("next", ""))
-        if not login_token_ok(request.cookies.get(LOGIN_COOKIE), str(form.get(CSRF_FIELD, ""))):
+        address = client(config, request)
+        if not login_token_ok(request.cookies.get(login_cookie(config)), str(form.get(CSRF_FIELD, ""))):
+            log.info("console_login_refused", user=user[:64], client=address, reason="stale login form")
             return refuse(request, 403, "the login form is stale; open /login again")
-        hashed = self.config.console.users.get(user, _DUMMY_HASH)
-        if not (await asyncio.to_thread(verify_password, password, hashed) and user in self.config.console.users):
-            log.info("console_login_refused", user=user[:64])
+        keys = (f"client {address}", f"user {user[:64]}")
+        wait, why = self.throttle.wait(*keys), "too many failed logins"
+        if not wait and self.throttle.busy():
+            wait, why = 1, "too many logins at once"
+        if wait:
+            log.warning("console_login_refused", user=user[:64], client=address, reason=f"throttled: {why}",
+                        retry_after=wait)
+            response = self._login_page(request, after, f"{why.capitalize()}: try again in {wait} s.")
+            response.set_status(429)
+            response.headers["Retry-After"] = str(wait)
+            return response
+        hashed = config.users.get(user, self.dummy_hash)
+        if not (await self.throttle.check(lambda: verify_password(password, hashed)) and user in config.users):
+            self.throttle.failed(*keys)
+            log.info("console_login_refused", user=user[:64], client=address, reason="wrong user name or password")
             return self._login_page(request, after, "Wrong user name or password.")
-        log.info("console_login", user=user)
+        self.throttle.succeeded(*keys)
+        log.info("console_login", user=user, client=address)
         response = web.HTTPSeeOther(_local(after) or "/")
-        response.set_cookie(COOKIE, self.sessions.issue(user), httponly=True, samesite="Strict",
+        response.set_cookie(session_cookie(config), self.sessions.issue(user), httponly=True, samesite="Strict",
                             secure=cookie_secure(request), max_age=int(self.sessions.timeout))
-        response.del_cookie(LOGIN_COOKIE)
+        response.del_cookie(login_cookie(config))
         raise response
 
     async def logout(self, request: web.Request) -> web.Response:
         who = request[WHO]
         self.sessions.revoke(who)
-        log.info("console_logout", user=who.name)
+        log.info("console_logout", user=who.name, client=client(self.config.console, request))
         response = web.HTTPSeeOther("/login")
-        response.del_cookie(COOKIE)
+        response.del_cookie(session_cookie(self.config.console))
         raise response
 
 
@@ -376,9 +398,38 @@ def _replay_filter(body: Mapping[str, Any]) -> dlq.Filter:
 def _limit(text: str | None) -> int:
     if text is None:
         return LIST_LIMIT
-    if not text.isdigit() or not 1 <= int(text) <= 10_000:
+    if not _digits(text) or not 1 <= int(text) <= 10_000:
         raise BadRequest(f"limit: expected a whole number from 1 to 10000, got {text[:20]!r}")
     return int(text)
+
+
+def _offset(text: str | None) -> int:
+    """?offset=N: the matches skipped before those listed (paging)."""
+    if text is None:
+        return 0
+    if not _digits(text):
+        raise BadRequest(f"offset: expected a whole number, 0 or more, got {text[:20]!r}")
+    return int(text)
+
+
+def _pages(request: web.Request, offset: int, matched: int) -> dict[str, Any]:
+    """The letters page's place among the matches, and its neighbours' links (the same query, another offset)."""
+    def at(start: int) -> str:
+        return str(request.rel_url.update_query(offset=str(start)))
+
+    return {"first": offset + 1, "last": min(offset + LIST_LIMIT, matched), "matched": matched,
+            "previous": at(max(0, offset - LIST_LIMIT)) if offset else None,
+            "next": at(offset + LIST_LIMIT) if offset + LIST_LIMIT < matched else None}
+
+
+def _without_type(error: str, kind: str) -> str:
+    """The error without its type in front ("TimeoutError: no answer" -> "no answer"): pages show the type beside it."""
+    return error.removeprefix(f"{kind}: ") if kind else error
+
+
+def _digits(text: object) -> TypeGuard[str]:
+    """ASCII digits only (at most 12): str.isdigit() also takes "²", which int() refuses."""
+    return isinstance(text, str) and 0 < len(text) <= 12 and text.isascii() and text.isdigit()
 
 
 def _call_uuid(text: str | None) -> str:
@@ -389,8 +440,16 @@ def _call_uuid(text: str | None) -> str:
 
 
 def _local(target: str | None) -> str:
-    """Only a path of this site for "after logging in, go to": never another site (//evil.example)."""
-    return target if target and target.startswith("/") and not target.startswith("//") and "\\" not in target else ""
+    """Only a path of this site for "after logging in, go to": never another site. Read as a browser
+    reads a Location (WHATWG URL: tabs and newlines dropped, a backslash taken as a slash), it must be
+    one "/" and a path: not //evil.example, /\\evil.example, /<TAB>/evil.example; else ""."""
+    if not target:
+        return ""
+    seen = target.replace("\t", "").replace("\n", "").replace("\r", "")
+    if any(ord(c) < 0x20 or c == "\x7f" or c == "\\" for c in seen) or not seen.startswith("/") or seen.startswith("//"):
+        return ""
+    parts = urlsplit(seen)
+    return seen if not parts.scheme and not parts.netloc else ""
 
 
 async def _json_body(request: web.Request) -> dict[str, Any]:
@@ -474,14 +533,24 @@ def _error(request: web.Request, code: int, message: str) -> web.Response:
         status=code)
 
 
+SAFE_HEADERS = {
+    "Content-Security-Policy": "default-src 'self'; style-src 'self'; script-src 'self'; img-src 'self' data:; "
+                               "frame-ancestors 'none'; form-action 'self'",
+    "X-Content-Type-Options": "nosniff",
+    "Referrer-Policy": "same-origin",
+    "Cache-Control": "no-store",  # dead letters hold call data: never kept by a browser or a proxy
+}
+
+
 @web.middleware
 async def safe_headers(request: web.Request, handler):
-    response = await handler(request)
-    response.headers.setdefault("Content-Security-Policy",
-                                "default-src 'self'; style-src 'self'; script-src 'self'; img-src 'self' data:; "
-                                "frame-ancestors 'none'; form-action 'self'")
-    response.headers.setdefault("X-Content-Type-Options", "nosniff")
-    response.headers.setdefault("Referrer-Policy", "same-origin")
+    """Every answer, pages, the JSON API, files and raised ones (a redirect, a 404, a 405) alike."""
+    try:
+        response = await handler(request)
+    except web.HTTPException as exc:
+        exc.headers.update(SAFE_HEADERS)
+        raise
+    response.headers.update(SAFE_HEADERS)
     return response
 
 
@@ -494,7 +563,8 @@ def build_console(config: Config, sessions: Sessions | None = None, sample: bool
     app = web.Application(middlewares=[safe_headers, errors, access(config.console, console.sessions)])
     app[CONSOLE] = console
     aiohttp_jinja2.setup(app, loader=jinja2.FileSystemLoader(HERE / "templates"),
-                         autoescape=jinja2.select_autoescape(["html"]), undefined=jinja2.StrictUndefined)
+                         autoescape=jinja2.select_autoescape(["html"]), undefined=jinja2.StrictUndefined,
+                         filters={"without_type": _without_type})
     app.router.add_static("/static/", HERE / "static")
     r = app.router
     r.add_get("/login", console.login_form)

@@ -6,6 +6,10 @@
 - The JSON API: `Authorization: Bearer TOKEN` ([console] tokens); no cookie, so no CSRF. A session
   works there too, with the same CSRF rule.
 - readonly = true: every POST but log in and log out is refused (403).
+- Only the Host names of [console] allowed_hosts (and loopback, and [console] host) are answered: a
+  page elsewhere cannot reach the console through a DNS name of its own pointed at 127.0.0.1.
+- The cookies' names carry the console's port: two consoles on one host keep their own logins
+  (browsers keep cookies per host name, not per port).
 Nothing here logs or echoes a password, a token or a cookie.
 """
 
@@ -18,14 +22,15 @@ import secrets
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from urllib.parse import quote
 
 import orjson
 from aiohttp import web
 
 from ..config import ConsoleConfig
+from ..http import client_address
 
-COOKIE = "hipcall_console"
-LOGIN_COOKIE = "hipcall_console_login"  # the login form's CSRF token, double-submitted
+LOOPBACK = frozenset({"localhost", "127.0.0.1", "[::1]"})
 CSRF_FIELD = "csrf"
 CSRF_HEADER = "X-CSRF-Token"
 PUBLIC = ("/login", "/static/")  # no login needed (prefixes)
@@ -42,6 +47,36 @@ class Who:
 
 
 WHO = web.RequestKey("who", Who)
+
+
+def session_cookie(config: ConsoleConfig) -> str:
+    """The session cookie's name, per console: hipcall_console_8081."""
+    return f"hipcall_console_{config.port}"
+
+
+def login_cookie(config: ConsoleConfig) -> str:
+    """The login form's CSRF token's cookie (double-submitted), per console."""
+    return f"hipcall_console_login_{config.port}"
+
+
+def client(config: ConsoleConfig, request: web.Request) -> str:
+    """The client's address as the ingress decides it: the peer, or a trusted proxy's X-Forwarded-For hop."""
+    return client_address(request.remote, request.headers.getall("X-Forwarded-For", []), config.trusted_proxies)
+
+
+def host_allowed(config: ConsoleConfig, header: str | None) -> bool:
+    """The Host header names loopback, [console] host, or one of [console] allowed_hosts (its port ignored)."""
+    if not header:
+        return False
+    name = header.strip().lower()
+    if name.startswith("["):
+        name = name[:name.find("]") + 1] if "]" in name else ""
+    elif name.count(":") == 1:
+        name = name.split(":")[0]
+    name = name.removesuffix(".")
+    bound = config.host.lower() if config.host not in ("0.0.0.0", "::", "") else None
+    bound = f"[{bound}]" if bound and ":" in bound else bound
+    return name in LOOPBACK or name == bound or name in config.allowed_hosts
 
 
 class Sessions:
@@ -64,7 +99,7 @@ class Sessions:
         if not cookie or cookie.count(".") != 1:
             return None
         body, signature = cookie.split(".")
-        if not hmac.compare_digest(signature, self._sign(body)):
+        if not hmac.compare_digest(signature.encode(), self._sign(body).encode()):  # bytes: any text compares
             return None
         try:
             payload = orjson.loads(base64.urlsafe_b64decode(body))
@@ -116,28 +151,32 @@ def refuse(request: web.Request, status: int, message: str) -> web.Response:
 
 
 def access(config: ConsoleConfig, sessions: Sessions) -> Callable:
-    """The middleware every request passes: log in, CSRF, readonly."""
+    """The middleware every request passes: the Host, log in, CSRF, readonly."""
+    cookie = session_cookie(config)
 
     @web.middleware
     async def middleware(request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]):
+        if not host_allowed(config, request.headers.get("Host")):
+            return refuse(request, 400, "this console does not answer to that host name ([console] allowed_hosts)")
         if request.path.startswith(PUBLIC):
             return await handler(request)
         who = bearer(config, request.headers.get("Authorization"))
         if who is None and "Authorization" in request.headers and request.path.startswith("/api/"):
             return refuse(request, 401, "that bearer token is not one of [console] tokens")
         if who is None:
-            who = sessions.read(request.cookies.get(COOKIE))
+            who = sessions.read(request.cookies.get(cookie))
             if who is not None and who.name not in config.users:  # removed from the config since
                 who = None
         if who is None:
             if request.path.startswith("/api/"):
                 return refuse(request, 401, "log in, or send Authorization: Bearer TOKEN ([console] tokens)")
-            raise web.HTTPSeeOther(f"/login?next={request.path_qs}" if request.method == "GET" else "/login")
-        if request.method == "POST" and request.path != "/logout":
+            # next= quoted whole: the page's own query (a filter) comes back with it, not cut at its first "&"
+            raise web.HTTPSeeOther(f"/login?next={quote(request.path_qs, safe='/')}" if request.method == "GET" else "/login")
+        if request.method == "POST":
             if who.via == "session" and not await _csrf_ok(request, who):
                 return refuse(request, 403, "the form is stale or was not sent from the console (CSRF token); "
                                             "reload the page and try again")
-            if config.readonly:
+            if config.readonly and request.path != "/logout":
                 return refuse(request, 403, "the console is read-only ([console] readonly = true)")
         request[WHO] = who
         return await handler(request)

@@ -5,9 +5,11 @@ so a hash made with a higher cost later still verifies beside the old ones."""
 from __future__ import annotations
 
 import base64
+import contextlib
 import hashlib
 import hmac
 import secrets
+from collections.abc import Iterable
 
 from ..config import PASSWORD_HASH_RE
 
@@ -35,6 +37,24 @@ def verify_password(password: str, hashed: str) -> bool:
         return hmac.compare_digest(_derive(password, salt, n, r, p, len(key)), key)
     except ValueError:  # bad base64, or parameters OpenSSL refuses
         return False
+
+
+def dummy_hash(hashes: Iterable[str]) -> str:
+    """A hash no password matches, as dear to check as the dearest of `hashes` (its N, r, p and key
+    length; N=32768 without any): checked for an unknown user name, so that a wrong name takes as long
+    as a wrong password of the slowest user. Nothing is derived: the salt and key are random."""
+    dearest, length = (N, R, P), KEY_BYTES
+    for hashed in hashes:
+        match = PASSWORD_HASH_RE.fullmatch(hashed)
+        if match is None:
+            continue
+        n, r, p = (int(x) for x in match.group(1, 2, 3))
+        if n <= MAX_N and n * r * p > dearest[0] * dearest[1] * dearest[2]:
+            dearest = (n, r, p)
+            with contextlib.suppress(ValueError):
+                length = len(base64.b64decode(match.group(5), validate=True))
+    n, r, p = dearest
+    return f"scrypt${n}${r}${p}${_b64(secrets.token_bytes(16))}${_b64(secrets.token_bytes(length))}"
 
 
 def _derive(password: str, salt: bytes, n: int, r: int, p: int, length: int = KEY_BYTES) -> bytes:

@@ -422,15 +422,16 @@ class Read:
     swept: Swept
 
 
-async def read(connection: AbstractConnection, config: Config, queue: Queue, which: Filter, limit: int) -> Read:
-    """The letters of a DLQ (or the unrouted queue) that match, the first `limit` of them held, in one
-    whole pass: the queue is left as it was, in the same order (see sweep)."""
+async def read(connection: AbstractConnection, config: Config, queue: Queue, which: Filter, limit: int,
+               offset: int = 0) -> Read:
+    """The letters of a DLQ (or the unrouted queue) that match, `limit` of them held after skipping the
+    first `offset` (a page), in one whole pass: the queue is left as it was, in the same order (see sweep)."""
     found = Read([], 0, Swept(queue.name, 0))
 
     def choose(letter: Letter) -> None:
         if which.matches(letter):
             found.matched += 1
-            if len(found.letters) < limit:
+            if found.matched > offset and len(found.letters) < limit:
                 found.letters.append(letter)
         return None
 

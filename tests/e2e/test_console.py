@@ -3,7 +3,12 @@ dead letters in real DLQs, under the delivery-limit policy the dlq tests use. Li
 every letter where it was; replay and purge move exactly what they say; each action is logged with who
 did it. The pages, in a real browser: test_console_browser.py."""
 
+import asyncio
+import html
 import json
+import re
+
+import aio_pika
 
 from conftest import free_port, http, payload
 
@@ -158,3 +163,74 @@ def test_a_broker_restart_under_the_console_is_a_503_then_the_console_goes_on(la
     status, listing = api(console, "GET", "/api/dlq")
     assert status == 200 and "crm.call_hangup.dlq" in {q["queue"] for q in listing["queues"]}
     assert console.process.poll() is None and "Traceback" not in console.output()
+
+
+def publish_letters(broker, queue: str, n: int, uuid=lambda i: f"uuid-{i:05d}") -> None:
+    """`n` dead letters id-0.. in `queue`, in order, over one connection (confirmed one by one)."""
+    async def main():
+        connection = await aio_pika.connect(broker.url)
+        async with connection:
+            channel = await connection.channel(publisher_confirms=True)
+            for i in range(n):
+                body = call(i).replace(f"uuid-{i:05d}".encode(), uuid(i).encode())
+                await channel.default_exchange.publish(
+                    aio_pika.Message(body, headers=letter_headers(i % 60), delivery_mode=2, message_id=f"id-{i}"), queue)
+
+    asyncio.run(main())
+
+
+def page(console, path: str) -> tuple[int, str]:
+    status, _, raw = http("GET", console.url + path, None, {"Authorization": f"Bearer {TOKEN}"})
+    return status, raw.decode()
+
+
+def test_letters_past_the_first_200_are_reachable_page_by_page(launch, broker, tmp_path):
+    dead_letters(launch, broker, tmp_path, n=0)
+    publish_letters(broker, "crm.call_hangup.dlq", 205)
+    console = start_console(launch, broker, tmp_path)
+
+    status, second = api(console, "GET", "/api/dlq/crm.call_hangup.dlq?offset=200")
+    assert status == 200 and (second["matched"], second["offset"]) == (205, 200)
+    assert [l["message_id"] for l in second["letters"]] == [f"id-{i}" for i in range(200, 205)]
+    assert api(console, "GET", "/api/dlq/crm.call_hangup.dlq?offset=%C2%B2")[0] == 400
+
+    status, first = page(console, "/dlq/crm.call_hangup.dlq?q=TimeoutError")  # a filter the next page keeps
+    assert status == 200 and "1–200" in first and 'rel="prev"' not in first
+    following = html.unescape(re.search(r'<a href="([^"]+)" rel="next"', first).group(1))
+    assert following == "/dlq/crm.call_hangup.dlq?q=TimeoutError&offset=200"
+    status, last = page(console, following)
+    assert status == 200 and "201–205" in last and 'rel="next"' not in last
+    assert re.findall(r'name="id" value="(id-\d+)"', last) == [f"id-{i}" for i in range(200, 205)]
+    assert broker.count("crm.call_hangup.dlq") == 205  # reading moved nothing
+
+
+def test_a_letters_row_shows_its_error_type_once_and_a_huge_uuid_cut_short(launch, broker, tmp_path):
+    dead_letters(launch, broker, tmp_path, n=0)
+    huge = "u" * 5000
+    publish_letters(broker, "crm.call_hangup.dlq", 1, uuid=lambda i: huge)
+    console = start_console(launch, broker, tmp_path)
+
+    status, text = page(console, "/dlq/crm.call_hangup.dlq")
+    row = text[text.index('value="id-0"'):]
+    row = row[:row.index("</tr>")]
+    assert status == 200 and row.count("TimeoutError") == 1 and "CRM did not answer" in row
+    shown = re.search(r'<code class="uuid">([^<]*)</code>', row).group(1)
+    assert len(shown) <= 48 and shown.startswith("uuuu") and huge in row  # the link still finds the whole uuid
+    assert api(console, "GET", "/api/dlq/crm.call_hangup.dlq")[1]["letters"][0]["call_uuid"] == huge  # the API: whole
+
+
+def test_a_disabled_consumers_queues_show_as_not_declared_not_as_missing(launch, broker, tmp_path):
+    config = CONFIG.format(port=free_port(), token=TOKEN) + """
+[consumers.archive]
+enabled = false
+events = ["call_hangup"]
+handler = "workers.builtin:log"
+"""
+    assert launch("topology", broker, config).wait() == 0  # declares what the enabled consumers need
+    console = launch("console", broker, config)
+    console.port = int(re.search(r"port = (\d+)", config).group(1))
+    console.wait_http("/login")
+    status, text = page(console, "/")
+    archive = text[text.index("Consumer archive"):]
+    assert status == 200 and "(disabled)" in archive[:200]
+    assert "missing" not in text and archive.count("not declared: the consumer is disabled") == 1
