@@ -8,6 +8,7 @@ derives it, so it stays the same through retries, the DLQ and replay.
 from __future__ import annotations
 
 import hashlib
+import re
 from collections.abc import Iterable, Mapping
 from datetime import datetime
 from typing import Any, cast
@@ -28,6 +29,7 @@ DEAD_LETTER_HEADERS = ("x-hipcall-attempts", "x-hipcall-error", "x-hipcall-error
                        "x-last-death-reason")
 BOOKKEEPING = ("x-delivery-count", SWEEP_HEADER)  # about a queue or a read, not about the message
 MAX_DEPTH = 32  # nesting levels a webhook body may have (Hipcall's own go 3 deep)
+LONE_SURROGATE = re.compile("[\ud800-\udfff]")  # in a str from json: a pair is one code point already
 
 
 def message_id(body: bytes) -> str:
@@ -50,6 +52,11 @@ def call_event_id(event: str, uuid: str) -> str:
 def id_of(message_id_property: str | None, body: bytes) -> str:
     """The message's id, or for a foreign message without one, the id the ingress would give it."""
     return message_id_property or message_id(body)
+
+
+def without_lone_surrogates(text: str) -> str:
+    """`text` with each lone surrogate (no character of its own, not encodable as UTF-8) as U+FFFD."""
+    return LONE_SURROGATE.sub("\ufffd", text)
 
 
 def webhook_properties(mid: str, received: datetime, client: str,

@@ -2,17 +2,19 @@
 
 import gzip
 import json
+import os
 import signal
 import socket
 import subprocess
 import sys
 import threading
 import time
+import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
-from conftest import ROOT, http, payload, post_webhook, raw_http, wait_until
+from conftest import ROOT, free_port, http, payload, post_webhook, raw_http, wait_until
 
 SEEDS = ["call_init", "call_hangup", "task_create", "deal_create"]
 
@@ -475,3 +477,59 @@ def test_one_client_address_cannot_take_every_connection(launch, broker):
     finally:
         for s in held:
             s.close()
+
+
+def test_a_stdout_nobody_reads_never_blocks_the_ingress_and_lines_past_the_buffer_are_dropped_and_counted(
+        broker, tmp_path):
+    """A stalled log reader (a hung log shipper, Docker's blocking log mode): serve's stdout is a pipe
+    nobody reads (64 KiB in the kernel). 300 webhooks write about 100 KB of access lines, past the pipe and
+    the 16 KiB buffer: every one gets its 202, /healthz answers, the dropped lines are counted, and a stop
+    does not hang on the pipe. The lines read afterwards are whole JSON lines."""
+    port = free_port()
+    config = tmp_path / "c.toml"
+    config.write_text('[http]\nhost = "127.0.0.1"\nprocesses = 1\n[logging]\nbuffer_bytes = 16384\n')
+    env = {**os.environ, "HIPCALL_AMQP_URL": broker.url, "HIPCALL_HTTP_PORT": str(port),
+           "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
+    process = subprocess.Popen([sys.executable, "-m", "ingest", "serve", "--config", str(config)], env=env,
+                               cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, process_group=0)
+    url = f"http://127.0.0.1:{port}"
+
+    def connected() -> bool:
+        assert process.poll() is None, "serve exited"
+        try:
+            status, _, body = http("GET", url + "/readyz")
+        except OSError:
+            return False
+        return status == 200 and json.loads(body)["broker"] == "connected"
+
+    def get(path: str) -> tuple[int, bytes]:
+        with urllib.request.urlopen(url + path, timeout=5) as response:  # a frozen loop fails here
+            return response.status, response.read()
+
+    try:
+        wait_until(connected, what="serve ready")
+        for n in range(300):
+            body = json.dumps({"event": "call_hangup", "data": {"uuid": f"stall-{n}"}}).encode()
+            request = urllib.request.Request(url + "/webhooks/hipcall", data=body, method="POST",
+                                             headers={"Content-Type": "application/json"})
+            try:
+                with urllib.request.urlopen(request, timeout=5) as response:
+                    assert response.status == 202, n
+            except OSError as exc:
+                pytest.fail(f"webhook {n} got no answer: {exc!r}")
+        assert get("/healthz")[0] == 200
+        metrics = get("/metrics")[1].decode()
+        [dropped] = [float(line.split()[-1]) for line in metrics.splitlines()
+                     if line.startswith("hipcall_log_lines_dropped_total ")]
+        assert 0 < dropped <= 300 + 10  # the access lines past pipe and buffer, and a few others
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(timeout=30) == 0  # the last lines' flush gives up on the stalled pipe
+    finally:
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait()
+    assert len(broker.take("hipcall.call_hangup", expect=300)) == 300
+    output = process.stdout.read()
+    process.stdout.close()
+    lines = output.splitlines()
+    assert len(lines) > 100 and all(isinstance(json.loads(line), dict) for line in lines)
