@@ -533,3 +533,28 @@ def test_a_stdout_nobody_reads_never_blocks_the_ingress_and_lines_past_the_buffe
     process.stdout.close()
     lines = output.splitlines()
     assert len(lines) > 100 and all(isinstance(json.loads(line), dict) for line in lines)
+
+
+def test_a_lone_surrogate_escape_is_valid_json_accepted_stored_as_sent_and_handled_by_a_worker(launch, broker, tmp_path):
+    """"\\ud800" is valid JSON text (RFC 8259's grammar allows any \\uXXXX escape); Hipcall sends once.
+    The ingress takes it (202), the queue holds the bytes as sent, and a worker handles it (the jsonl sink
+    writes it, with U+FFFD for the lone surrogate) instead of dead-lettering it."""
+    sink = tmp_path / "events.jsonl"
+    config = (f'[http]\nhost = "127.0.0.1"\n[consumers.archive]\nhandler = "workers.builtin:jsonl"\n'
+              f'events = ["call_hangup", "call_init"]\n[consumers.archive.options]\npath = "{sink}"\n')
+    proc = launch("serve", broker, config, wait="/readyz")
+    stored_body = b'{"event": "call_init", "data": {"uuid": "s-1", "caller_name": "A\\ud800B", "\\udc00": 1}}'
+    status, _, answer = post_webhook(proc, stored_body)
+    assert status == 202, answer
+    [message] = broker.take("archive.call_init", expect=1)
+    assert message.body == stored_body and message.message_id == answer["id"]
+
+    handled_body = b'{"event": "call_hangup", "data": {"uuid": "s-2", "caller_name": "A\\ud800B"}}'
+    assert post_webhook(proc, handled_body)[0] == 202
+    worker = launch("work", broker, config)
+    wait_until(lambda: sink.exists() and b"s-2" in sink.read_bytes(), what="the jsonl sink has the webhook")
+    [line] = [json.loads(l) for l in sink.read_text().splitlines() if "s-2" in l]
+    assert line["data"]["caller_name"] == "A\ufffdB"
+    assert worker.stop() == 0
+    assert not [l for l in worker.logs() if l.get("msg") in ("dead_lettered", "retry_scheduled")]
+    assert broker.count("archive.call_hangup.dlq") == 0 and broker.count("hipcall.call_hangup.dlq") == 0
