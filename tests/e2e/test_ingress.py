@@ -14,7 +14,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
-from conftest import ROOT, free_port, http, payload, post_webhook, raw_http, wait_until
+from conftest import ROOT, children_of, free_port, http, payload, post_webhook, raw_http, wait_until
 
 SEEDS = ["call_init", "call_hangup", "task_create", "deal_create"]
 
@@ -483,8 +483,9 @@ def test_a_stdout_nobody_reads_never_blocks_the_ingress_and_lines_past_the_buffe
         broker, tmp_path):
     """A stalled log reader (a hung log shipper, Docker's blocking log mode): serve's stdout is a pipe
     nobody reads (64 KiB in the kernel). 300 webhooks write about 100 KB of access lines, past the pipe and
-    the 16 KiB buffer: every one gets its 202, /healthz answers, the dropped lines are counted, and a stop
-    does not hang on the pipe. The lines read afterwards are whole JSON lines."""
+    the 16 KiB buffer: every one gets its 202, /healthz answers, the dropped lines are counted, the
+    supervisor still replaces a killed process, and a stop does not hang on the pipe. The lines read
+    afterwards are whole JSON lines."""
     port = free_port()
     config = tmp_path / "c.toml"
     config.write_text('[http]\nhost = "127.0.0.1"\nprocesses = 1\n[logging]\nbuffer_bytes = 16384\n')
@@ -522,6 +523,11 @@ def test_a_stdout_nobody_reads_never_blocks_the_ingress_and_lines_past_the_buffe
         [dropped] = [float(line.split()[-1]) for line in metrics.splitlines()
                      if line.startswith("hipcall_log_lines_dropped_total ")]
         assert 0 < dropped <= 300 + 10  # the access lines past pipe and buffer, and a few others
+        # The supervisor logs to the same pipe: its loop goes on too (it logs the kill, starts another).
+        [(old, _)] = children_of(process.pid)
+        os.kill(old, signal.SIGKILL)
+        wait_until(lambda: [pid for pid, _ in children_of(process.pid) if pid != old], what="a new ingress process")
+        wait_until(connected, what="the new ingress process ready")
         process.send_signal(signal.SIGTERM)
         assert process.wait(timeout=30) == 0  # the last lines' flush gives up on the stalled pipe
     finally:
@@ -558,3 +564,13 @@ def test_a_lone_surrogate_escape_is_valid_json_accepted_stored_as_sent_and_handl
     assert worker.stop() == 0
     assert not [l for l in worker.logs() if l.get("msg") in ("dead_lettered", "retry_scheduled")]
     assert broker.count("archive.call_hangup.dlq") == 0 and broker.count("hipcall.call_hangup.dlq") == 0
+
+
+def test_the_supervisors_last_line_before_an_upgrades_exec_is_written_not_lost(launch, broker):
+    """An exec skips atexit: the supervisor writes out the lines still waiting in its log buffer first."""
+    proc = launch("serve", broker, '[http]\nhost = "127.0.0.1"\nprocesses = 1\n', wait="/readyz")
+    proc.process.send_signal(signal.SIGUSR2)
+    wait_until(lambda: any(l.get("msg") == "reload_done" for l in proc.logs()), what="the upgrade's reload done")
+    said = [l["msg"] for l in proc.logs() if l.get("msg", "").startswith("supervisor_")]
+    assert said == ["supervisor_started", "supervisor_upgrading", "supervisor_upgraded"]
+    assert proc.stop() == 0
