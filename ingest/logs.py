@@ -50,7 +50,8 @@ class LogWriter:
     of at most `limit` bytes (or drops the lines and counts them), a daemon thread writes it out.
 
     Writes go out in pieces of at most PIPE_BUF bytes cut at line ends, each atomic on a pipe, so the
-    lines of the processes that share one (the supervisor's and its children's) never interleave."""
+    lines (up to PIPE_BUF long) of the processes that share one, the supervisor's and its children's,
+    never interleave."""
 
     def __init__(self, fd: int, limit: int) -> None:
         self.limit = limit
