@@ -137,6 +137,11 @@ class _Lines(io.TextIOBase):
     def writable(self) -> bool:
         return True
 
+    @property
+    def buffer(self) -> LogWriter:
+        """For code that writes bytes to sys.stdout.buffer: the writer itself."""
+        return self._writer
+
     def fileno(self) -> int:
         return self._writer.fileno()
 

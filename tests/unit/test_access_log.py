@@ -128,3 +128,15 @@ def test_configure_logging_sends_structlog_the_standard_library_and_print_throug
     records = [orjson.loads(line) for line in path.read_bytes().splitlines()]
     assert [r["msg"] for r in records] == ["started", "a library's warning", "request"]
     assert records[2]["call_uuid"] == "\ufffd not encodable as UTF-8"
+
+
+def test_print_through_a_writers_text_stream_is_one_whole_line_per_print(tmp_path):
+    path = tmp_path / "out.log"
+    with open(path, "wb") as stream:
+        writer = LogWriter(stream.fileno(), limit=4096)
+        print("half", end="", file=writer.text)
+        print(" and the rest", 42, file=writer.text)  # print() writes each piece and the "\n" on its own
+        print("flushed without an end", end="", file=writer.text, flush=True)
+        writer.text.buffer.write(b"bytes\n")
+        assert writer.wait_written(5)
+    assert path.read_bytes() == b"half and the rest 42\nflushed without an endbytes\n"
