@@ -114,6 +114,7 @@ class LoggingConfig:
     level: str
     format: str
     access: bool
+    buffer_bytes: int  # lines waiting for a slow reader of stdout at most; past it they are dropped
 
 
 @dataclass(frozen=True)
@@ -408,6 +409,7 @@ _SCHEMA: dict[str, dict[str, Callable[[Any], Any]]] = {
         "level": _choice("debug", "info", "warning", "error"),
         "format": _choice("json", "console"),
         "access": _boolean,
+        "buffer_bytes": _integer(4096, 1 << 30),
     },
     "retry": {"delays": _list(_DELAY), "delivery_limit": _integer(1, 1000)},
     "worker": {

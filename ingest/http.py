@@ -37,7 +37,7 @@ from .config import Config
 from .errors import PublishFailed, PublishRefused, SpoolFull, UsageError
 from .lifecycle import Supervised, ready, stop_event, stop_reason
 from .logs import AccessLog
-from .message import MAX_DEPTH, SPOOLED, call_uuid, too_deep, webhook_id, webhook_properties
+from .message import MAX_DEPTH, SPOOLED, call_uuid, parse_body, too_deep, webhook_id, webhook_properties
 from .names import EVENT_RE, consumer_queue, entry_exchange
 from .publish import Publisher
 from .spool import Record, Spool
@@ -324,7 +324,7 @@ def _validate(body: bytes) -> tuple[dict, str | None]:
     if not body.strip():
         return {}, "empty body; expected a JSON object with \"event\" and \"data\""
     try:
-        payload = orjson.loads(body)
+        payload = parse_body(body)
     except orjson.JSONDecodeError as exc:
         if "utf-8" in str(exc).lower():
             return {}, "body is not valid UTF-8"

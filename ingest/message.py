@@ -8,10 +8,13 @@ derives it, so it stays the same through retries, the DLQ and replay.
 from __future__ import annotations
 
 import hashlib
+import json
+import re
 from collections.abc import Iterable, Mapping
 from datetime import datetime
 from typing import Any, cast
 
+import orjson
 from aiormq.abc import DeliveredMessage
 from pamqp.commands import Basic
 
@@ -29,6 +32,7 @@ DEAD_LETTER_HEADERS = ("x-hipcall-attempts", "x-hipcall-error", "x-hipcall-error
                        "x-last-death-reason")
 BOOKKEEPING = ("x-delivery-count", SWEEP_HEADER)  # about a queue or a read, not about the message
 MAX_DEPTH = 32  # nesting levels a webhook body may have (Hipcall's own go 3 deep)
+LONE_SURROGATE = re.compile("[\ud800-\udfff]")  # in a str from json: a pair is one code point already
 
 
 def message_id(body: bytes) -> str:
@@ -51,6 +55,74 @@ def call_event_id(event: str, uuid: str) -> str:
 def id_of(message_id_property: str | None, body: bytes) -> str:
     """The message's id, or for a foreign message without one, the id the ingress would give it."""
     return message_id_property or message_id(body)
+
+
+def parse_body(body: bytes) -> Any:
+    """A webhook's body as JSON, as every reader of the broker's messages parses it (the ingress, workers,
+    tail, the dead-letter tools, reconcile); raises orjson.JSONDecodeError.
+
+    orjson refuses a lone surrogate escape ("\\ud800"), which RFC 8259's grammar allows and JavaScript's
+    JSON.stringify writes for half an emoji cut off. Such a body is parsed by the standard library instead,
+    as strictly (UTF-8 only, no NaN or Infinity), with U+FFFD for each lone surrogate, as Go's
+    encoding/json does: the parsed value is plain UTF-8 for every consumer, and the body stays as sent."""
+    try:
+        return orjson.loads(body)
+    except orjson.JSONDecodeError as exc:
+        if "surrogate" not in str(exc):
+            raise
+        refused = exc
+    try:
+        text = body.decode("utf-8")  # a surrogate encoded as UTF-8 bytes (not an escape) is not UTF-8
+    except UnicodeDecodeError:
+        raise refused from None
+    try:
+        value = json.loads(text, parse_constant=_not_json, parse_float=_finite)
+    except RecursionError:
+        raise orjson.JSONDecodeError("depth limit exceeded", text, 0) from None
+    except json.JSONDecodeError as exc:
+        raise orjson.JSONDecodeError(exc.msg, text, exc.pos) from None
+    except ValueError as exc:
+        raise orjson.JSONDecodeError(str(exc), text, 0) from None
+    return _without_lone_surrogates_in(value)
+
+
+def _not_json(name: str) -> Any:
+    raise ValueError(f"{name} is not JSON")
+
+
+def _finite(text: str) -> float:
+    number = float(text)
+    if number in (float("inf"), float("-inf")):
+        raise ValueError("number is infinity when parsed as double")
+    return number
+
+
+def _without_lone_surrogates_in(value: Any) -> Any:
+    """Each string of a parsed JSON value, keys too, without lone surrogates (in place; no recursion)."""
+    if isinstance(value, str):
+        return without_lone_surrogates(value)
+    stack = [value]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, dict):
+            pairs = list(item.items())
+            item.clear()
+            for key, child in pairs:
+                item[without_lone_surrogates(key)] = without_lone_surrogates(child) if isinstance(child, str) else child
+                if isinstance(child, (dict, list)):
+                    stack.append(child)
+        elif isinstance(item, list):
+            for index, child in enumerate(item):
+                if isinstance(child, str):
+                    item[index] = without_lone_surrogates(child)
+                elif isinstance(child, (dict, list)):
+                    stack.append(child)
+    return value
+
+
+def without_lone_surrogates(text: str) -> str:
+    """`text` with each lone surrogate (no character of its own, not encodable as UTF-8) as U+FFFD."""
+    return LONE_SURROGATE.sub("\ufffd", text)
 
 
 def webhook_properties(mid: str, received: datetime, client: str,

@@ -37,7 +37,7 @@ from .errors import HipcallError, PublishFailed
 from .hipcall_api import HipcallApi, as_webhook_data, iso, parse_time
 from .ledger import Ledger
 from .lifecycle import Supervised, ready, serve_metrics, stop_event, stop_reason
-from .message import SOURCE, call_uuid, webhook_id, webhook_properties
+from .message import SOURCE, call_uuid, parse_body, webhook_id, webhook_properties
 from .names import entry_exchange, ledger_queue, reconcile_lock
 from .publish import Publisher
 from .topology import declare, plan
@@ -159,7 +159,7 @@ class Reconciler:
         self._unsettled += 1
         try:
             try:
-                payload = orjson.loads(message.body)
+                payload = parse_body(message.body)
             except orjson.JSONDecodeError:
                 payload = None
             uuid = call_uuid(payload)

@@ -49,6 +49,7 @@ import structlog
 from .config import Config, HttpConfig, load_config
 from .errors import CannotListen, HipcallError, UsageError
 from .lifecycle import STOP_SIGNALS
+from .logs import flush_logs
 
 log = structlog.get_logger("ingest.supervisor")
 
@@ -59,6 +60,7 @@ READY_TIMEOUT = 30.0  # seconds a fresh process of a reload may take to be ready
 POLL = 0.05  # seconds between looks at the children
 KILL_SLACK = 10.0  # seconds past its grace period before a child that was asked to stop is killed
 SYSTEMD_FIRST_FD = 3  # sd_listen_fds(3): the first socket systemd passes
+EXEC_LOG_FLUSH = 1.0  # seconds the log lines still waiting may take before an upgrade's exec
 HANDOVER_ENV = "HIPCALL_SUPERVISOR_HANDOVER"  # what a supervisor passes to itself across an upgrade's exec
 
 
@@ -330,6 +332,7 @@ class Supervisor:
         log.info("supervisor_upgrading", command=command[1:], children=len(children))
         for fd in fds:
             os.set_inheritable(fd, True)
+        flush_logs(EXEC_LOG_FLUSH)  # an exec skips atexit: the lines still waiting would be lost
         try:
             os.execve(sys.executable, command, {**self.environ, HANDOVER_ENV: json.dumps(state)})
         except OSError as exc:

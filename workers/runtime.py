@@ -21,7 +21,6 @@ from datetime import datetime
 from typing import Any, cast
 
 import aio_pika
-import orjson
 import structlog
 from aiormq.abc import DeliveredMessage
 from prometheus_client import Counter, Gauge, Histogram
@@ -30,7 +29,7 @@ from ingest.broker import BrokerLink
 from ingest.config import Config, ConsumerConfig
 from ingest.errors import PublishFailed
 from ingest.lifecycle import Supervised, ready, serve_metrics, stop_event, stop_reason
-from ingest.message import RECEIVED_AT, delivery_tag, id_of, own_headers, republish_properties
+from ingest.message import RECEIVED_AT, delivery_tag, id_of, own_headers, parse_body, republish_properties
 from ingest.names import consumer_queue, dead_letter_queue, delay_exchange, retry_routing_key
 from ingest.publish import Publisher
 from ingest.topology import declare, plan
@@ -301,7 +300,7 @@ def _retrieve(future: asyncio.Future) -> None:
 
 def _event(name: str, message: DeliveredMessage, attempt: int, mid: str) -> Event:
     try:
-        payload = orjson.loads(message.body)
+        payload = parse_body(message.body)
         data = payload["data"]
         if not isinstance(data, dict):
             raise TypeError("data is not an object")

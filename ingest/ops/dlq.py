@@ -41,7 +41,7 @@ from pamqp.commands import Basic
 
 from ..config import Config
 from ..errors import CannotWrite, CutShort, HipcallError, NotADeadLetterQueue, QueueMissing
-from ..message import SWEEP_HEADER, call_uuid, delivery_tag, fresh_headers, id_of, own_headers, republish_properties
+from ..message import SWEEP_HEADER, call_uuid, delivery_tag, fresh_headers, id_of, own_headers, parse_body, republish_properties
 from ..publish import Publisher
 from ..topology import Queue, declare, plan
 
@@ -130,7 +130,7 @@ class Letter:
     def payload_or_text(self) -> Any:
         """The body parsed, for display; as text when it is not JSON (or nests too deep to parse)."""
         try:
-            return orjson.loads(self.message.body)
+            return parse_body(self.message.body)
         except orjson.JSONDecodeError:
             return self.message.body.decode("utf-8", "replace")
 

@@ -20,7 +20,7 @@ from aio_pika.abc import AbstractIncomingMessage
 from ..broker import connect
 from ..config import Config
 from ..lifecycle import stop_event
-from ..message import call_uuid
+from ..message import call_uuid, parse_body
 from ..names import tap_exchange
 from ..topology import Topology, declare, plan
 
@@ -28,7 +28,7 @@ from ..topology import Topology, declare, plan
 def tail_line(message: AbstractIncomingMessage) -> str:
     payload: Any
     try:
-        payload = orjson.loads(message.body)
+        payload = parse_body(message.body)
     except orjson.JSONDecodeError:
         payload = {}
     raw = payload.get("data") if isinstance(payload, dict) else None

@@ -2,17 +2,19 @@
 
 import gzip
 import json
+import os
 import signal
 import socket
 import subprocess
 import sys
 import threading
 import time
+import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
-from conftest import ROOT, http, payload, post_webhook, raw_http, wait_until
+from conftest import ROOT, children_of, free_port, http, payload, post_webhook, raw_http, wait_until
 
 SEEDS = ["call_init", "call_hangup", "task_create", "deal_create"]
 
@@ -481,3 +483,100 @@ def test_one_client_address_cannot_take_every_connection(launch, broker):
     finally:
         for s in held:
             s.close()
+
+
+def test_a_stdout_nobody_reads_never_blocks_the_ingress_and_lines_past_the_buffer_are_dropped_and_counted(
+        broker, tmp_path):
+    """A stalled log reader (a hung log shipper, Docker's blocking log mode): serve's stdout is a pipe
+    nobody reads (64 KiB in the kernel). 300 webhooks write about 100 KB of access lines, past the pipe and
+    the 16 KiB buffer: every one gets its 202, /healthz answers, the dropped lines are counted, the
+    supervisor still replaces a killed process, and a stop does not hang on the pipe. The lines read
+    afterwards are whole JSON lines."""
+    port = free_port()
+    config = tmp_path / "c.toml"
+    config.write_text('[http]\nhost = "127.0.0.1"\nprocesses = 1\n[logging]\nbuffer_bytes = 16384\n')
+    env = {**os.environ, "HIPCALL_AMQP_URL": broker.url, "HIPCALL_HTTP_PORT": str(port),
+           "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
+    process = subprocess.Popen([sys.executable, "-m", "ingest", "serve", "--config", str(config)], env=env,
+                               cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, process_group=0)
+    url = f"http://127.0.0.1:{port}"
+
+    def connected() -> bool:
+        assert process.poll() is None, "serve exited"
+        try:
+            status, _, body = http("GET", url + "/readyz")
+        except OSError:
+            return False
+        return status == 200 and json.loads(body)["broker"] == "connected"
+
+    def get(path: str) -> tuple[int, bytes]:
+        with urllib.request.urlopen(url + path, timeout=5) as response:  # a frozen loop fails here
+            return response.status, response.read()
+
+    try:
+        wait_until(connected, what="serve ready")
+        for n in range(300):
+            body = json.dumps({"event": "call_hangup", "data": {"uuid": f"stall-{n}"}}).encode()
+            request = urllib.request.Request(url + "/webhooks/hipcall", data=body, method="POST",
+                                             headers={"Content-Type": "application/json"})
+            try:
+                with urllib.request.urlopen(request, timeout=5) as response:
+                    assert response.status == 202, n
+            except OSError as exc:
+                pytest.fail(f"webhook {n} got no answer: {exc!r}")
+        assert get("/healthz")[0] == 200
+        metrics = get("/metrics")[1].decode()
+        [dropped] = [float(line.split()[-1]) for line in metrics.splitlines()
+                     if line.startswith("hipcall_log_lines_dropped_total ")]
+        assert 0 < dropped <= 300 + 10  # the access lines past pipe and buffer, and a few others
+        # The supervisor logs to the same pipe: its loop goes on too (it logs the kill, starts another).
+        [(old, _)] = children_of(process.pid)
+        os.kill(old, signal.SIGKILL)
+        wait_until(lambda: [pid for pid, _ in children_of(process.pid) if pid != old], what="a new ingress process")
+        wait_until(connected, what="the new ingress process ready")
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(timeout=30) == 0  # the last lines' flush gives up on the stalled pipe
+    finally:
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait()
+    assert len(broker.take("hipcall.call_hangup", expect=300)) == 300
+    output = process.stdout.read()
+    process.stdout.close()
+    lines = output.splitlines()
+    assert len(lines) > 100 and all(isinstance(json.loads(line), dict) for line in lines)
+
+
+def test_a_lone_surrogate_escape_is_valid_json_accepted_stored_as_sent_and_handled_by_a_worker(launch, broker, tmp_path):
+    """"\\ud800" is valid JSON text (RFC 8259's grammar allows any \\uXXXX escape); Hipcall sends once.
+    The ingress takes it (202), the queue holds the bytes as sent, and a worker handles it (the jsonl sink
+    writes it, with U+FFFD for the lone surrogate) instead of dead-lettering it."""
+    sink = tmp_path / "events.jsonl"
+    config = (f'[http]\nhost = "127.0.0.1"\n[consumers.archive]\nhandler = "workers.builtin:jsonl"\n'
+              f'events = ["call_hangup", "call_init"]\n[consumers.archive.options]\npath = "{sink}"\n')
+    proc = launch("serve", broker, config, wait="/readyz")
+    stored_body = b'{"event": "call_init", "data": {"uuid": "s-1", "caller_name": "A\\ud800B", "\\udc00": 1}}'
+    status, _, answer = post_webhook(proc, stored_body)
+    assert status == 202, answer
+    [message] = broker.take("archive.call_init", expect=1)
+    assert message.body == stored_body and message.message_id == answer["id"]
+
+    handled_body = b'{"event": "call_hangup", "data": {"uuid": "s-2", "caller_name": "A\\ud800B"}}'
+    assert post_webhook(proc, handled_body)[0] == 202
+    worker = launch("work", broker, config)
+    wait_until(lambda: sink.exists() and b"s-2" in sink.read_bytes(), what="the jsonl sink has the webhook")
+    [line] = [json.loads(l) for l in sink.read_text().splitlines() if "s-2" in l]
+    assert line["data"]["caller_name"] == "A\ufffdB"
+    assert worker.stop() == 0
+    assert not [l for l in worker.logs() if l.get("msg") in ("dead_lettered", "retry_scheduled")]
+    assert broker.count("archive.call_hangup.dlq") == 0 and broker.count("hipcall.call_hangup.dlq") == 0
+
+
+def test_the_supervisors_last_line_before_an_upgrades_exec_is_written_not_lost(launch, broker):
+    """An exec skips atexit: the supervisor writes out the lines still waiting in its log buffer first."""
+    proc = launch("serve", broker, '[http]\nhost = "127.0.0.1"\nprocesses = 1\n', wait="/readyz")
+    proc.process.send_signal(signal.SIGUSR2)
+    wait_until(lambda: any(l.get("msg") == "reload_done" for l in proc.logs()), what="the upgrade's reload done")
+    said = [l["msg"] for l in proc.logs() if l.get("msg", "").startswith("supervisor_")]
+    assert said == ["supervisor_started", "supervisor_upgrading", "supervisor_upgraded"]
+    assert proc.stop() == 0

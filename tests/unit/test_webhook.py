@@ -16,7 +16,7 @@ from conftest import payload
 from fakes import FakeChannel
 from ingest.config import load_config
 from ingest.http import INGRESS, build_app, client_address
-from ingest.message import CLIENT, RECEIVED_AT, webhook_id
+from ingest.message import CLIENT, RECEIVED_AT, parse_body, webhook_id
 from ingest.publish import Publisher
 from ingest.spool import Spool, parse_records
 
@@ -205,3 +205,36 @@ def test_the_spool_closes_with_the_app(tmp_path):
     with contextlib.closing(spool):
         spool.open()
         assert not spool.empty
+
+
+@pytest.mark.parametrize("body", [
+    b'{"event": "call_init", "data": {"caller_name": "A\\ud800B"}}',  # half of an emoji cut off
+    b'{"event": "call_init", "data": {"x": ["\\udc00", {"\\udbff": "\\ud83d\\ude00"}]}}',
+    b'{"event": "call_hangup", "data": {"uuid": "u-\\ud800"}}',  # the id comes from the uuid
+])
+def test_a_lone_surrogate_escape_is_valid_json_text_202_and_published_as_sent(tmp_path, body):
+    channel = FakeChannel("confirm")
+    status, answer, _ = post(config_with(tmp_path), channel, body)
+    assert status == 202, answer
+    [stored] = channel.published
+    assert stored.body == body and stored.properties.message_id == answer["id"]
+
+
+def test_what_a_lone_surrogate_parses_to_is_u_fffd_and_everything_else_is_as_strict_as_before():
+    assert parse_body(b'{"\\ud800k": ["\\udfff", {"b": "x\\udc00"}], "e": "\\ud83d\\ude00"}') == \
+        {"\ufffdk": ["\ufffd", {"b": "x\ufffd"}], "e": "\U0001f600"}
+    for body in (b'{"a": "\\ud800", "n": NaN}', b'{"a": "\\ud800", "n": 1e400}', b'{"a": "\\ud800",}',
+                 '{"a": "\ud800"}'.encode("utf-8", "surrogatepass")):  # UTF-8 bytes of a surrogate: not UTF-8
+        with pytest.raises(orjson.JSONDecodeError):
+            parse_body(body)
+
+
+@pytest.mark.parametrize("body, error", [
+    ('{"event": "call_init", "data": {"a": "\ud800"}}'.encode("utf-8", "surrogatepass"), "not valid UTF-8"),
+    (b'{"event": "call_init", "data": {"a": "\\ud800", "n": NaN}}', "not valid JSON"),
+    (b'{"event": "call_init", "data": {"a": "\\ud800", "d": ' + b"[" * 5000 + b"]" * 5000 + b"}}", "nests deeper"),
+])
+def test_a_body_with_a_lone_surrogate_and_something_invalid_is_still_a_400(tmp_path, body, error):
+    channel = FakeChannel("confirm")
+    status, answer, _ = post(config_with(tmp_path), channel, body)
+    assert status == 400 and error in answer["error"] and channel.published == []
