@@ -6,21 +6,27 @@ Its behaviour follows gunicorn's arbiter and nginx's master process:
   A killed ingress process loses only the requests it was answering: the connections waiting in the
   socket's queue are the others' to take, and a replacement starts.
 - **One loop, every child.** `serve` keeps `http.processes` ingress processes; `run` adds a worker (when
-  consumers are enabled) and reconcile (when HIPCALL_API_KEY is set). A child killed by a signal is
-  started again (at most once a second per kind); one that exits with an error of its own stops
-  everything, and the supervisor exits 1 (the child said why in the log).
+  consumers are enabled), reconcile (when HIPCALL_API_KEY is set) and the console (when enabled). Signal
+  handlers only queue the signal (ingest/signals.py); the loop acts on the queue.
+- **A child that ends unasked** (killed, or an error of its own) is started again after its kind's
+  backoff (at once, then 1, 2, 4 ... 30 s while it keeps failing), and the others keep going: the ingress
+  never stops because another kind failed. Only an ingress process that exits with an error before any
+  ingress process has ever been ready stops everything (the service cannot run), and the supervisor exits 1.
 - **SIGTERM / SIGINT**: each child is asked to stop (its lifeline closes: ingest/lifecycle.py), finishes
   what it was doing within its grace period, and exits; one still running after that is killed.
 - **SIGHUP reloads**: the config file is read and checked again; a bad one is logged (`reload_refused`)
   and the running processes keep going. Otherwise fresh ingress processes start one at a time (new code
   from disk, the new config), and an old one is asked to stop only once a fresh one accepts on the
-  socket. The worker and reconcile are stopped, then started again: their queues keep what they had
-  not acked. The listening address cannot change on a reload (the socket is kept): that takes a restart.
-- **SIGUSR2 upgrades the supervisor in place**: it checks the config, then runs itself again from disk
+  socket. The worker and reconcile are stopped, then started again (on trial: one that fails is started
+  again with backoff): their queues keep what they had not acked. SIGHUPs queued meanwhile make one more
+  reload. The listening address cannot change on a reload (the socket is kept): that takes a restart.
+- **SIGUSR2 upgrades the supervisor in place**: it checks the config, runs the code on disk as a trial
+  (up to the point where it would take over) and, only if that gets there, runs itself again from disk
   (exec) with the same pid, handing over the listening socket and its children (their pipes stay open
-  across the exec, and they are still its children). The new supervisor adopts them, logs
-  `supervisor_upgraded`, and reloads them as on SIGHUP. The pid does not change, so systemd and a
-  container runtime see the same main process throughout, and no connection is refused.
+  across the exec, and they are still its children). Signals are blocked across the exec and reach the
+  new image once its handlers exist. The new supervisor adopts the children, logs `supervisor_upgraded`,
+  and reloads them as on SIGHUP. The pid does not change, so systemd and a container runtime see the same
+  main process throughout, and no connection is refused.
 - **Metrics**: prometheus-client's multiprocess mode for the ingress processes, in a fresh directory
   per supervisor, so a scrape that reaches any of them gets the sum of all.
 """

@@ -52,7 +52,7 @@ def test_three_reloads_each_with_an_old_ingress_process_killed_mid_reload_leave_
     proc = launch("serve", broker, SERVE, wait="/readyz")
     for done in range(1, 4):
         _reload_killing_an_old_process(proc, done)
-        proc.wait_http("/readyz")
+        proc.wait_http("/readyz", timeout=90)
         assert [post_webhook(proc, payload("call_init"))[0] for _ in range(4)] == [202] * 4
     assert proc.stop(timeout=90) == 0
     assert "Traceback" not in proc.output()
@@ -80,7 +80,7 @@ def test_a_sighup_during_start_up_is_queued_not_fatal(launch, broker):
     sent = _hup_until(proc, lambda: _lines(proc, "supervisor_started"), "the supervisor started")
     _alive_or_say_why(proc)
     assert sent >= 1
-    proc.wait_http("/readyz")
+    proc.wait_http("/readyz", timeout=90)
     wait_until(lambda: _lines(proc, "reload_done"), timeout=60, what="the queued SIGHUPs reloaded, once")
     assert post_webhook(proc, payload("call_init"))[0] == 202
     assert proc.stop(timeout=90) == 0
@@ -95,7 +95,7 @@ def test_sighups_during_an_upgrade_are_held_across_the_exec_and_reload_afterward
         time.sleep(0.1)
         proc.process.send_signal(signal.SIGHUP)
     wait_until(lambda: _alive_or_say_why(proc) and _lines(proc, "reload_done"), timeout=90, what="the reload after")
-    proc.wait_http("/readyz")
+    proc.wait_http("/readyz", timeout=90)
     assert post_webhook(proc, payload("call_init"))[0] == 202
     assert proc.stop(timeout=90) == 0
 
@@ -136,7 +136,7 @@ def test_an_upgrade_to_code_that_does_not_start_is_refused_and_the_service_keeps
     proc.process.send_signal(signal.SIGUSR2)
     wait_until(lambda: _alive_or_say_why(proc) and _lines(proc, "reload_done"), timeout=90, what="upgraded and reloaded")
     assert [l["pid_kept"] for l in _lines(proc, "supervisor_upgraded")] == [proc.process.pid]
-    proc.wait_http("/readyz")
+    proc.wait_http("/readyz", timeout=90)
     assert post_webhook(proc, payload("call_init"))[0] == 202
     assert proc.stop(timeout=90) == 0
 
@@ -202,7 +202,7 @@ def _kill_the_ingress_process(proc) -> None:
     os.kill(pid, signal.SIGKILL)
     wait_until(lambda: _lines(proc, "process_killed", pid=pid), what="the kill seen")
     wait_until(lambda: _alive_or_say_why(proc) and len(proc.ingress_pids()) == 1, timeout=30, what="a new one")
-    proc.wait_http("/healthz")
+    proc.wait_http("/healthz", timeout=90)
 
 
 def test_a_failed_reload_does_not_change_the_exit_code(launch, broker, tmp_path):
