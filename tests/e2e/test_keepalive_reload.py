@@ -17,7 +17,7 @@ import aiohttp
 
 from conftest import payload, wait_until
 
-RATE = 200  # webhooks per second
+RATE = 60  # webhooks per second (the shared 2-core machine stalls its processes for seconds at 200/s)
 KEEPALIVE = 15.0  # the pool's: as long as http.idle_timeout's default
 
 
@@ -117,15 +117,21 @@ def test_a_client_reusing_an_idle_connection_at_its_keepalive_expiry_is_answered
     assert proc.stop() == 0
 
 
-def _sockets(pid: int) -> int:
-    fds = f"/proc/{pid}/fd"
-    count = 0
-    for fd in os.listdir(fds):
+def _accepted_by(pid: int, server_port: int, clients: list[socket.socket]) -> bool:
+    """Whether process `pid` holds the server side of every one of these client connections (by the
+    socket inodes /proc/net/tcp gives the server ends, and the process's descriptors)."""
+    ports = {c.getsockname()[1] for c in clients}
+    with open("/proc/net/tcp") as table:
+        rows = [line.split() for line in table.readlines()[1:]]
+    inodes = {f"socket:[{row[9]}]" for row in rows
+              if int(row[1].rsplit(":", 1)[1], 16) == server_port and int(row[2].rsplit(":", 1)[1], 16) in ports}
+    held = set()
+    for fd in os.listdir(f"/proc/{pid}/fd"):
         try:
-            count += os.readlink(f"{fds}/{fd}").startswith("socket:")
+            held.add(os.readlink(f"/proc/{pid}/fd/{fd}"))
         except OSError:
             continue
-    return count
+    return len(inodes) == len(ports) and inodes <= held
 
 
 def test_a_connection_opened_just_before_its_process_is_replaced_gets_its_request_answered(launch, broker):
@@ -133,10 +139,9 @@ def test_a_connection_opened_just_before_its_process_is_replaced_gets_its_reques
     gets its answer, with `Connection: close`, not a reset."""
     proc = launch("serve", broker, '[http]\nhost = "127.0.0.1"\nprocesses = 1\n', wait="/readyz")
     [old] = proc.ingress_pids()
-    before = _sockets(old)
     connections = [socket.create_connection(("127.0.0.1", proc.port), timeout=10) for _ in range(10)]
     try:
-        wait_until(lambda: _sockets(old) >= before + 10, what="the old process holding the ten connections")
+        wait_until(lambda: _accepted_by(old, proc.port, connections), what="the old process holding the ten connections")
         proc.process.send_signal(signal.SIGHUP)
         wait_until(lambda: any(l.get("msg") == "stopping" and l.get("pid") == old for l in proc.logs()), timeout=60,
                    interval=0.01, what="the old process stopping")
