@@ -1,5 +1,9 @@
 import sys
 
-from .cli import main
+from .signals import early_queue
 
-sys.exit(main())
+signals = early_queue(sys.argv[1:])  # first: a SIGHUP during the imports below is queued, not fatal
+
+from .cli import main  # noqa: E402
+
+sys.exit(main(signals=signals))

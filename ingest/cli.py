@@ -19,6 +19,7 @@ from .config import Config, load_config
 from .errors import ConfigError, HandlerImportError, HipcallError, QueueMissing, UsageError
 from .lifecycle import Supervised, become_supervised
 from .logs import configure_logging
+from .signals import SignalQueue, early_queue
 
 
 def run_async(main: Coroutine[Any, Any, Any]) -> Any:
@@ -41,7 +42,7 @@ def cmd_serve(config: Config, args: argparse.Namespace) -> int:
     if supervised is None:
         from .supervisor import supervise
 
-        return supervise(config, args.config, run=False, environ=os.environ)
+        return supervise(config, args.config, run=False, environ=os.environ, signals=args.signals)
     from .http import serve
 
     run_async(serve(config, supervised, _metrics_dir_of_supervisor()))
@@ -146,14 +147,15 @@ def _local_node(config: Config):
 def cmd_run(config: Config, args: argparse.Namespace) -> int:
     """One supervisor for the ingress processes, a worker and (with HIPCALL_API_KEY set) reconcile; on a
     bare machine, a project-local RabbitMQ node too."""
-    from .supervisor import supervise
+    from .supervisor import probing, supervise
 
     configure_logging(config.logging, "run")
-    node = _local_node(config)
+    local = not probing(os.environ)  # an upgrade's trial run of the new code starts nothing
+    node = _local_node(config) if local else None
     postgres = None
     try:
-        postgres = _local_postgres(config)
-        return supervise(config, args.config, run=True, environ=os.environ)
+        postgres = _local_postgres(config) if local else None
+        return supervise(config, args.config, run=True, environ=os.environ, signals=args.signals)
     finally:
         if postgres is not None:
             print(f"hipcall-ingest run: stopping PostgreSQL (its data stays in {LOCAL_POSTGRES_DIR}/)",
@@ -253,6 +255,8 @@ def cmd_status(config: Config, args: argparse.Namespace) -> int:
         else:
             print(f"spool: {spool['dir']}: {spool['segments']} segment(s), {spool['bytes']} bytes waiting, "
                   f"oldest {spool['oldest_age_s']}s")
+        for supervisor in seen["supervisors"]:
+            print(_supervisor_line(supervisor))
         if seen["broker"] != "reachable":
             return
         print(f"{'QUEUE':<40} {'KIND':<9} {'READY':>8} {'CONSUMERS':>9}")
@@ -263,6 +267,23 @@ def cmd_status(config: Config, args: argparse.Namespace) -> int:
 
     _emit(args, seen, render)
     return 0 if seen["broker"] == "reachable" else 1
+
+
+def _supervisor_line(state: dict[str, Any]) -> str:
+    """One supervisor of `status`: its children by kind, and any kind waiting to be started again."""
+    import time
+
+    kinds: dict[str, list[bool]] = {}
+    for child in state["children"]:
+        if not child["stopping"]:
+            kinds.setdefault(child["kind"], []).append(child["ready"])
+    parts = [f"{kind} {sum(ready)}/{len(ready)} ready" for kind, ready in kinds.items()]
+    for kind, restarts in state["restarts"].items():
+        waiting = "" if restarts["next_start_at"] is None else \
+            f", next start in {max(0.0, restarts['next_start_at'] - time.time()):.0f}s"
+        parts.append(f"{kind} restarted {restarts['restarts']}x ({restarts['failures_in_a_row']} failures in a row, "
+                     f"last exit code {restarts['last_exit_code']}{waiting})")
+    return f"supervisor: pid {state['pid']} on {state['listening']}: " + "; ".join(parts)
 
 
 def cmd_tail(config: Config, args: argparse.Namespace) -> int:
@@ -559,8 +580,12 @@ def _dlq_arguments(parser: argparse.ArgumentParser) -> None:
     imp.add_argument("queue", metavar="QUEUE")
 
 
-def main(argv: Sequence[str] | None = None) -> int:
+def main(argv: Sequence[str] | None = None, signals: SignalQueue | None = None) -> int:
+    """`signals`: serve's and run's signals queued since the process's first line (ingest/__main__.py)."""
+    if signals is None:
+        signals = early_queue(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
+    args.signals = signals
     function = COMMANDS[args.command][0]
     try:
         config = load_config(args.config, os.environ)

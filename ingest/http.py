@@ -63,6 +63,11 @@ CONNECTIONS_REFUSED_PER_CLIENT = Counter("hipcall_ingest_connections_refused_per
 
 RETRY_AFTER = "5"  # seconds a client is asked to wait after a 503
 LINGER = 1.0  # seconds an answered connection may still drain an unread body before it is closed
+# An idle connection is closed this long after http.idle_timeout: a client that keeps its idle connections
+# exactly http.idle_timeout (aiohttp's keepalive_timeout = 15 s, say) counts from when it read the answer, a
+# little later than we wrote it, and must see its own expiry before ours, or its next request meets our close.
+IDLE_SLACK = 1.0
+HEAD_GRACE = 2.0  # seconds a connection still sending its request may take to finish it once the process stops
 SPOOL_RESERVE = 0.25  # of the answer budget, kept for writing to the spool when the broker is slow
 DRAIN_INTERVAL = 0.5  # seconds between looks at the spool while the broker is away
 REFUSED_RECONNECT = 10.0  # seconds of refused publishes after which the ingress reconnects
@@ -606,10 +611,14 @@ class Connection(web.RequestHandler):
             self.force_close()
 
     def stop(self) -> None:
-        """The process stops: a connection that never sent a whole request head (idle, or trickling
-        one) and a request still sending its body are closed at once. A request whose body has arrived
-        finishes and gets its answer; an idle keep-alive connection that has had answers stays until
-        its next request or its idle timeout (see _linger)."""
+        """The process stops. A connection that has not sent a whole request head, or is still sending a
+        body, gets HEAD_GRACE seconds to finish it: a client that has just opened a connection or is
+        writing its request is not cut off (its request is answered, with `Connection: close`); one
+        trickling (a slow client, an attack) is closed then. An idle keep-alive connection that has had
+        answers stays until its next request or its idle timeout (see _linger)."""
+        asyncio.get_running_loop().call_later(HEAD_GRACE, self._cut_if_incomplete)
+
+    def _cut_if_incomplete(self) -> None:
         request = self._current_request
         # aiohttp's own count of the request heads parsed on this connection
         if (request is not None and not request.content.is_eof()) or (request is None and self._request_count == 0):
@@ -662,7 +671,7 @@ class Site(web.BaseSite):
 
         def connection() -> Connection:
             return Connection(server, loop=loop, limits=limits,
-                              keepalive_timeout=self._config.idle_timeout, access_log=None,
+                              keepalive_timeout=self._config.idle_timeout + IDLE_SLACK, access_log=None,
                               lingering_time=LINGER)
 
         self._server = await loop.create_server(connection, sock=self._sock)
@@ -692,7 +701,7 @@ async def serve(config: Config, supervised: Supervised, metrics_dir: str) -> Non
         for connection in list(runner.server.connections if runner.server else ()):
             if isinstance(connection, Connection):
                 connection.stop()
-        await _linger(runner, min(config.http.idle_timeout, config.http.shutdown_timeout))
+        await _linger(runner, min(config.http.idle_timeout + IDLE_SLACK, config.http.shutdown_timeout))
     finally:
         await runner.cleanup()
     log.info("stopped")
@@ -700,9 +709,10 @@ async def serve(config: Config, supervised: Supervised, metrics_dir: str) -> Non
 
 async def _linger(runner: web.AppRunner, longest: float) -> None:
     """Keep-alive connections stay open until their next request, which gets its answer with
-    `Connection: close`, or until they time out idle (http.idle_timeout). Closing an idle keep-alive
-    connection at once would reset a request the client sent just before it saw the close: on a reload
-    that is a refused webhook for Hipcall. Requests in flight finish meanwhile."""
+    `Connection: close`, or until they idle out (http.idle_timeout + IDLE_SLACK, after the client's own
+    expiry). Closing an idle keep-alive connection sooner would reset a request the client is sending on
+    it right now: on a reload that is a webhook Hipcall never sends again. Requests in flight finish
+    meanwhile."""
     loop = asyncio.get_running_loop()
     deadline = loop.time() + longest
     while runner.server is not None and runner.server.connections and loop.time() < deadline:

@@ -19,8 +19,7 @@ import structlog
 from prometheus_client import start_http_server
 
 from .errors import StartupError
-
-STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
+from .signals import STOP_SIGNALS
 
 
 @dataclass(frozen=True)

@@ -20,6 +20,7 @@ import json
 import logging
 import os
 import select
+import signal
 import sys
 import threading
 import time
@@ -92,6 +93,9 @@ class LogWriter:
         return True
 
     def _run(self) -> None:
+        # Signals are the main thread's: the supervisor blocks them across an upgrade's exec so that they
+        # stay pending for the new image, and the kernel would hand a process's signal to this thread instead.
+        signal.pthread_sigmask(signal.SIG_BLOCK, signal.valid_signals())
         while True:
             with self._cond:
                 while not self._queue:

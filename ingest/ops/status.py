@@ -1,4 +1,5 @@
-"""`hipcall-ingest status`: the broker, every queue of the topology, and the disk spool, as one dict."""
+"""`hipcall-ingest status`: the broker, every queue of the topology, the disk spool, and the supervisors
+running on this host for the configured port (their children and restarts), as one dict."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ from ..broker import connect
 from ..config import Config
 from ..errors import HipcallError
 from ..spool import summary
+from ..supervisor import supervisor_states
 from ..topology import inspect, plan
 
 
@@ -31,10 +33,12 @@ async def status(config: Config, connection: AbstractConnection | None = None) -
          "ready": s.messages if s else None, "consumers": s.consumers if s else None}
         for q, s in zip(topology.queues, states)
     ]
-    return {"broker": "reachable", "url": config.broker.safe_url, "spool": spool, "queues": queues}
+    return {"broker": "reachable", "url": config.broker.safe_url, "spool": spool, "queues": queues,
+            "supervisors": supervisor_states(config.http.port)}
 
 
 def unreachable(config: Config, error: Exception) -> dict[str, Any]:
     """`status` when the broker cannot be reached: the error, and the spool."""
     return {"broker": "unreachable", "error": str(error),
-            "spool": summary(config.spool.dir) if config.spool.enabled else None}
+            "spool": summary(config.spool.dir) if config.spool.enabled else None,
+            "supervisors": supervisor_states(config.http.port)}
