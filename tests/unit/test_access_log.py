@@ -140,3 +140,28 @@ def test_print_through_a_writers_text_stream_is_one_whole_line_per_print(tmp_pat
         writer.text.buffer.write(b"bytes\n")
         assert writer.wait_written(5)
     assert path.read_bytes() == b"half and the rest 42\nflushed without an endbytes\n"
+
+
+def test_a_signal_the_main_thread_blocks_stays_pending_with_the_log_writer_running():
+    """The supervisor blocks its signals across an upgrade's exec so that they stay pending for the new
+    image; the log writer's thread must not take them meanwhile (a process's signal goes to any thread
+    that does not block it). In a fresh interpreter: the writer's thread runs, the main thread blocks
+    SIGUSR1, the process is sent one, and it must still be pending, not handled."""
+    import subprocess
+    import sys
+
+    code = (
+        "import os, signal, sys, time\n"
+        "from ingest.logs import LogWriter\n"
+        "handled = []\n"
+        "signal.signal(signal.SIGUSR1, lambda *a: handled.append(1))\n"
+        "writer = LogWriter(sys.stdout.fileno(), 1 << 20)\n"
+        "writer.write(b'{}\\n')\n"
+        "time.sleep(0.2)  # the writer's thread is up\n"
+        "signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGUSR1})\n"
+        "os.kill(os.getpid(), signal.SIGUSR1)\n"
+        "time.sleep(0.3)\n"
+        "print('pending' if signal.SIGUSR1 in signal.sigpending() and not handled else 'taken', flush=True)\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=30)
+    assert done.stdout.strip().splitlines()[-1] == "pending", done.stdout + done.stderr
