@@ -119,7 +119,9 @@ class Reconciler:
     async def _on_connect(self, connection: aio_pika.abc.AbstractConnection) -> None:
         self.active.clear()
         ACTIVE.set(0)
-        await declare(connection, plan(self.config.broker, (), self.config.reconcile))
+        # The consumers' queues too, as the ingress declares them: a reconcile that connects first (a new broker,
+        # `run` starting its children at once) would otherwise send its calls to the unrouted queue.
+        await declare(connection, plan(self.config.broker, self.config.enabled_consumers, self.config.reconcile))
         self._publisher = await Publisher.open(connection, self.config.broker.publish_timeout, watch=self.link.watch)
         while not await self._take_lock(connection):
             if not self._wait_for_lock:

@@ -284,3 +284,17 @@ def test_a_broken_api_cannot_make_a_pass_run_forever_nor_reach_another_path(laun
     assert retries[0]["retry_in"] == 1.0  # Retry-After: -5 is our own backoff, not "at once"
     assert any('"call_uuid_refused"' in l for l in output.splitlines())
     assert not [path for path, _, _ in hipcall_api.requests if "passwd" in path]
+
+
+def test_a_reconcile_that_starts_before_the_ingress_and_the_workers_still_feeds_the_consumers(launch, broker, hipcall_api):
+    """Found by the nemesis (seed 1273181449): reconcile connected first on a new broker, declared only its
+    own queues, and its recovered calls went to hipcall.unrouted (kept, but no consumer got them). It
+    declares the consumers' queues as the ingress does."""
+    config = config_for(hipcall_api, sink=None, extra="") + (
+        '[consumers.hipcall]\nenabled = false\n[consumers.crm]\nevents = ["call_hangup"]\nhandler = "workers.builtin:log"\n')
+    hipcall_api.add(*recent_calls(5))
+    code, output = once(launch, broker, config, hipcall_api, "--json")
+    assert code == 0, output
+    assert report_of(output)["recovered"] == 5
+    assert broker.count("crm.call_hangup") == 5
+    assert broker.count("hipcall.unrouted") == 0
