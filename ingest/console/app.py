@@ -10,6 +10,7 @@ import asyncio
 import collections
 import contextlib
 import functools
+import secrets
 from collections.abc import Awaitable, Callable, Mapping
 from datetime import datetime, timezone
 from pathlib import Path
@@ -52,6 +53,7 @@ log = structlog.get_logger("ingest.console")
 HERE = Path(__file__).parent
 LIST_LIMIT = 200  # letters a DLQ page shows (the count of every match is shown beside)
 REFRESH = 15  # seconds between the pipeline page's reloads
+OUTCOMES = 200  # actions' results kept for their result page (/done/TOKEN)
 _DUMMY_HASH = hash_password("not anyone's password")  # checked for an unknown user: same time as a known one
 
 
@@ -65,6 +67,7 @@ class Console:
         self.locks: collections.defaultdict[str, asyncio.Lock] = collections.defaultdict(asyncio.Lock)
         self._connection: AbstractConnection | None = None  # one, opened on first use, again after it died
         self._connecting = asyncio.Lock()
+        self.outcomes: collections.OrderedDict[str, tuple[str, dict[str, Any]]] = collections.OrderedDict()
 
     # --- the reads and actions, each one call into ingest/ops ------------------------------------
 
@@ -233,7 +236,7 @@ class Console:
         which = parse_filter(request.query)
         read = await self.letters(name, which)
         return self._page(request, "letters.html", queue=name, read=read, rows=[_letter_dict(l) for l in read.letters],
-                          filter=_filter_dict(which), limit=LIST_LIMIT)
+                          filter=_filter_dict(which), filtered=bool(which), limit=LIST_LIMIT)
 
     async def page_letter(self, request: web.Request) -> web.Response:
         letter, others = await self._letter(request.match_info["queue"], request.match_info["id"])
@@ -256,9 +259,9 @@ class Console:
                 raise BadRequest("choose the letters to replay (the boxes in the first column), or replay all matching")
             which = dlq.Filter(ids=ids)
         swept = await self.replay(request[WHO], name, which)
-        return self._page(request, "done.html", queue=name, message=(
+        return self._done(request, name, swept.cut_short, (
             f"Replayed {swept.moved} dead letter{'s' if swept.moved != 1 else ''} from {name} to "
-            f"{name.removesuffix('.dlq')} ({swept.seen} of {swept.total} letters examined)."), swept=swept)
+            f"{name.removesuffix('.dlq')} ({swept.seen} of {swept.total} letters examined)."))
 
     async def page_purge_confirm(self, request: web.Request) -> web.Response:
         name = request.match_info["queue"]
@@ -272,14 +275,30 @@ class Console:
         if not isinstance(confirm, str) or not confirm.isdigit():
             raise BadRequest("the purge form's count is missing; open the purge page again")
         purged = await self.purge(request[WHO], name, int(confirm))
-        return self._page(request, "done.html", queue=name, message=f"Deleted {purged} dead letters from {name}.")
+        return self._done(request, name, False, f"Deleted {purged} dead letters from {name}.")
 
     async def page_replay_unrouted(self, request: web.Request) -> web.Response:
         event = str((await request.post()).get("event", "")) or None
         swept = await self.replay_unrouted(request[WHO], event)
-        return self._page(request, "done.html", queue=None, swept=swept, message=(
+        return self._done(request, None, swept.cut_short, (
             f"Moved {swept.moved} webhooks from {self.config.broker.unrouted} to the consumers that now take their "
             f"event ({swept.seen} of {swept.total} examined; the others have no consumer yet)."))
+
+    def _done(self, request: web.Request, queue: str | None, cut_short: bool, message: str) -> web.Response:
+        """Post/Redirect/Get: an action's outcome is kept under a fresh token and the answer is a 303 to
+        /done/TOKEN, so a reload (or Back) shows the outcome again and never runs the action again."""
+        token = secrets.token_urlsafe(16)
+        self.outcomes[token] = (request[WHO].name, {"queue": queue, "cut_short": cut_short, "message": message})
+        while len(self.outcomes) > OUTCOMES:
+            self.outcomes.popitem(last=False)
+        raise web.HTTPSeeOther(f"/done/{token}")
+
+    async def page_done(self, request: web.Request) -> web.Response:
+        user, outcome = self.outcomes.get(request.match_info["token"], (None, None))
+        if outcome is None or user != request[WHO].name:
+            raise web.HTTPNotFound(text=f"that result is no longer kept (the console keeps the last {OUTCOMES} "
+                                        f"actions' results until it restarts); the queue's page shows where things stand")
+        return self._page(request, "done.html", **outcome)
 
     async def _letter(self, name: str, message_id: str) -> tuple[dlq.Letter, list[dict[str, Any]]]:
         read = await self.letters(name, dlq.Filter(ids=(message_id,)), 1)
@@ -366,8 +385,8 @@ def _replay_filter(body: Mapping[str, Any]) -> dlq.Filter:
             raise BadRequest('"ids" is a non-empty list of message ids')
         return dlq.Filter(ids=tuple(ids))
     if body.get("all") is not True:
-        raise BadRequest('send {"ids": [...]}, or {"all": true} with any of "event", "q", "since", "until"')
-    for key in ("event", "q", "since", "until"):
+        raise BadRequest('send {"ids": [...]}, or {"all": true} with any of "event", "call_uuid", "q", "since", "until"')
+    for key in ("event", "call_uuid", "q", "since", "until"):
         if body.get(key) is not None and not isinstance(body[key], str):
             raise BadRequest(f'"{key}" is a string')
     return parse_filter(body)
@@ -403,9 +422,11 @@ async def _json_body(request: web.Request) -> dict[str, Any]:
     return body
 
 
-def _filter_dict(which: dlq.Filter) -> dict[str, Any]:
-    return {"event": which.events[0] if which.events else "", "q": which.grep or "",
-            "since": which.failed_after.isoformat() if which.failed_after else "",
+def _filter_dict(which: dlq.Filter) -> dict[str, str]:
+    """The filter as parse_filter reads it: the page's filter form, and the fields its "replay all
+    matching" carries, are both this dict, so the action takes every filter the page shows."""
+    return {"event": which.events[0] if which.events else "", "call_uuid": which.call_uuid or "",
+            "q": which.grep or "", "since": which.failed_after.isoformat() if which.failed_after else "",
             "until": which.failed_before.isoformat() if which.failed_before else ""}
 
 
@@ -508,6 +529,7 @@ def build_console(config: Config, sessions: Sessions | None = None, sample: bool
     r.add_get("/dlq/{queue}/purge", console.page_purge_confirm)
     r.add_post("/dlq/{queue}/purge", console.page_purge)
     r.add_post("/unrouted/replay", console.page_replay_unrouted)
+    r.add_get("/done/{token}", console.page_done)
     r.add_get("/search", console.page_search)
     r.add_get("/api/pipeline", console.api_pipeline)
     r.add_get("/api/dlq", console.api_dlqs)

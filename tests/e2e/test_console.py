@@ -3,9 +3,16 @@ dead letters in real DLQs, under the delivery-limit policy the dlq tests use. Li
 every letter where it was; replay and purge move exactly what they say; each action is logged with who
 did it. The pages, in a real browser: test_console_browser.py."""
 
+import html.parser
+import http.cookiejar
 import json
+import urllib.error
+import urllib.parse
+import urllib.request
 
-from conftest import free_port, http, payload
+from conftest import free_port, payload
+from conftest import http as http_request
+from ingest.console.passwords import hash_password
 
 TOKEN = "e2e-console-token-7f3a"
 CONFIG = """
@@ -40,7 +47,7 @@ def start_console(launch, broker, tmp_path, console_keys: str = ""):
 
 
 def api(console, method: str, path: str, body: dict | None = None) -> tuple[int, dict]:
-    status, _, raw = http(method, console.url + path, json.dumps(body).encode() if body is not None else None, BEARER)
+    status, _, raw = http_request(method, console.url + path, json.dumps(body).encode() if body is not None else None, BEARER)
     return status, json.loads(raw)
 
 
@@ -158,3 +165,109 @@ def test_a_broker_restart_under_the_console_is_a_503_then_the_console_goes_on(la
     status, listing = api(console, "GET", "/api/dlq")
     assert status == 200 and "crm.call_hangup.dlq" in {q["queue"] for q in listing["queues"]}
     assert console.process.poll() is None and "Traceback" not in console.output()
+
+
+# --- the pages, as a browser uses them: forms read from the page and posted as they are -------------
+
+PASSWORD = "e2e console password"
+
+
+class _Form(html.parser.HTMLParser):
+    """Every <form> of a page: its action, and the fields a browser sends (hidden and text inputs with
+    their values, checkboxes only when checked, buttons by name)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.forms: list[dict] = []
+
+    def handle_starttag(self, tag, attrs):
+        a = dict(attrs)
+        if tag == "form":
+            self.forms.append({"action": a.get("action"), "method": a.get("method", "get"), "fields": [], "buttons": []})
+        elif self.forms and tag == "input" and a.get("name"):
+            if a.get("type") != "checkbox" or "checked" in a:
+                self.forms[-1]["fields"].append((a["name"], a.get("value") or ""))
+        elif self.forms and tag == "button":
+            self.forms[-1]["buttons"].append((a.get("name"), a.get("value") or ""))
+
+
+class _NoRedirect(urllib.request.HTTPRedirectHandler):
+    def redirect_request(self, *args, **kwargs):
+        return None
+
+
+class Browser:
+    """A user logged in to the pages: cookies kept, redirects not followed (each answer is seen)."""
+
+    def __init__(self, console) -> None:
+        self.console = console
+        self.opener = urllib.request.build_opener(urllib.request.HTTPCookieProcessor(http.cookiejar.CookieJar()),
+                                                  _NoRedirect)
+        status, _, page = self.get("/login")
+        status, headers, _ = self.submit(page, "/login", user="alice", password=PASSWORD)
+        assert status == 303, status
+
+    def request(self, method: str, path: str, data: list | None = None) -> tuple[int, dict, str]:
+        body = urllib.parse.urlencode(data).encode() if data is not None else None
+        request = urllib.request.Request(self.console.url + path, data=body, method=method)
+        try:
+            with self.opener.open(request, timeout=60) as answer:
+                return answer.status, dict(answer.headers), answer.read().decode()
+        except urllib.error.HTTPError as error:
+            return error.code, dict(error.headers), error.read().decode()
+
+    def get(self, path: str) -> tuple[int, dict, str]:
+        return self.request("GET", path)
+
+    def submit(self, page: str, action: str, button: str | None = None, **typed) -> tuple[int, dict, str]:
+        """Post the page's form for `action` as a browser does: its fields, what was typed, the button pressed."""
+        parser = _Form()
+        parser.feed(page)
+        form = next(f for f in parser.forms if f["action"] == action)
+        fields = [(k, typed.pop(k) if k in typed else v) for k, v in form["fields"]] + list(typed.items())
+        if button is not None:
+            fields += [(n, v) for n, v in form["buttons"] if n == button]
+        return self.request("POST", action, fields)
+
+
+def _with_user(launch, broker, tmp_path):
+    port = free_port()
+    text = CONFIG.format(port=port, token=TOKEN) + f'[console.users]\nalice = "{hash_password(PASSWORD)}"\n'
+    console = launch("console", broker, text)
+    console.port = port
+    console.wait_http("/login")
+    return console
+
+
+def test_replay_all_matching_on_a_page_filtered_by_call_uuid_or_event_replays_only_what_the_page_shows(
+        launch, broker, tmp_path):
+    dead_letters(launch, broker, tmp_path, n=4)
+    console = _with_user(launch, broker, tmp_path)
+    user = Browser(console)
+    status, _, page = user.get("/dlq/crm.call_hangup.dlq?call_uuid=uuid-00001&event=call_hangup")
+    assert status == 200 and "1 match" in page and "Replay all 1 matching" in page
+    status, _, _ = user.submit(page, "/dlq/crm.call_hangup.dlq/replay", button="all")
+    assert status in (200, 303)
+    assert [m.message_id for m in broker.take("crm.call_hangup", expect=1, timeout=3)] == ["id-1"]
+    assert broker.count("crm.call_hangup.dlq") == 3
+
+
+def test_an_action_answers_a_redirect_so_reloading_its_result_does_not_run_it_again(launch, broker, tmp_path):
+    dead_letters(launch, broker, tmp_path, n=4)
+    console = _with_user(launch, broker, tmp_path)
+    user = Browser(console)
+    _, _, page = user.get("/dlq/crm.call_hangup.dlq?q=TimeoutError")
+    status, headers, _ = user.submit(page, "/dlq/crm.call_hangup.dlq/replay", button="all")
+    assert status == 303, status  # Post/Redirect/Get: the browser's history holds a GET
+    for _ in range(2):  # a reload of the result shows it again and runs nothing
+        status, _, result = user.get(headers["Location"])
+        assert status == 200 and "Replayed 2 dead letters" in result
+    assert broker.count("crm.call_hangup.dlq") == 2
+
+    _, _, confirm = user.get("/dlq/crm.call_hangup.dlq/purge")
+    status, headers, _ = user.submit(confirm, "/dlq/crm.call_hangup.dlq/purge")
+    assert status == 303
+    broker.publish("", "crm.call_hangup.dlq", call(7), letter_headers(7), message_id="id-7")
+    status, _, result = user.get(headers["Location"])
+    assert status == 200 and "Deleted 2 dead letters" in result
+    assert broker.count("crm.call_hangup.dlq") == 1  # the letter that came after is still there
