@@ -144,11 +144,11 @@ class Console:
         queue = dlq.find_dlq(self.config, name)
 
         async def checked(connection) -> int:
-            now = await dlq.count(connection, name)
+            now = await dlq.count(connection, name, self.config.broker.publish_timeout)
             if now != confirm:
                 raise StaleCount(f"{name} holds {now} dead letters now, not the {confirm} confirmed; nothing was "
                                  f"deleted: look again and confirm {now}")
-            return await dlq.purge(connection, queue)
+            return await dlq.purge(connection, self.config, queue, confirm)
 
         async with self.locks[name]:
             purged = await self._broker(checked)
@@ -266,7 +266,7 @@ class Console:
     async def page_purge_confirm(self, request: web.Request) -> web.Response:
         name = request.match_info["queue"]
         dlq.find_dlq(self.config, name)
-        count = await self._broker(lambda c: dlq.count(c, name))
+        count = await self._broker(lambda c: dlq.count(c, name, self.config.broker.publish_timeout))
         return self._page(request, "purge.html", queue=name, count=count)
 
     async def page_purge(self, request: web.Request) -> web.Response:

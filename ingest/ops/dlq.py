@@ -26,12 +26,12 @@ import os
 import secrets
 import stat
 import sys
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from functools import cached_property
-from typing import Any, BinaryIO, cast
+from typing import Any, BinaryIO, TypeVar, cast
 
 import aiormq
 import orjson
@@ -40,7 +40,7 @@ from aiormq.abc import DeliveredMessage
 from pamqp.commands import Basic
 
 from ..config import Config
-from ..errors import CannotWrite, CutShort, HipcallError, NotADeadLetterQueue, QueueMissing
+from ..errors import BrokerUnavailable, CannotWrite, CutShort, HipcallError, NotADeadLetterQueue, QueueMissing
 from ..message import SWEEP_HEADER, call_uuid, delivery_tag, fresh_headers, id_of, own_headers, republish_properties
 from ..publish import Publisher
 from ..topology import Queue, declare, plan
@@ -50,6 +50,7 @@ PREFETCH = 200  # letters a sweep takes at once (a window): bounds its memory wh
 EXPORT_ENVELOPE = 1 << 20  # bytes of an export line besides the body: headers (an error of 1 KiB), properties
 IDLE = 2.0  # seconds without a delivery after which a sweep decides someone else holds the rest
 SEARCH_LIMIT = 100  # letters a search holds per queue: one call has a handful of events
+T = TypeVar("T")
 
 
 def dead_letter_queues(config: Config) -> list[Queue]:
@@ -262,7 +263,7 @@ async def sweep(connection: AbstractConnection, config: Config, dlq: Queue, choo
     channel = await connection.channel()
     failures: list[BaseException] = []
     try:
-        declared = await _passive(channel, dlq.name)
+        declared = await _passive(channel, dlq.name, config.broker.publish_timeout)
         result = Swept(dlq.name, declared.declaration_result.message_count or 0)
         letters = await channel.get_underlay_channel()  # aiormq's channel: consume, qos, acks
 
@@ -484,24 +485,78 @@ async def replay_unrouted(connection: AbstractConnection, config: Config, *, lim
                        enough=lambda: limit is not None and chosen >= limit)
 
 
-async def _passive(channel, name: str):
+async def answered(request: Awaitable[T], what: str, timeout: float) -> T:
+    """A request to the broker, or BrokerUnavailable naming RabbitMQ once `timeout` passed without its
+    answer: a broker that stops answering (a partition, a paused node) keeps the TCP connection open,
+    so without a deadline the request would wait until it answers again."""
     try:
-        return await channel.declare_queue(name, passive=True)
+        return await asyncio.wait_for(request, timeout)
+    except TimeoutError:
+        raise BrokerUnavailable(f"RabbitMQ did not answer ({what}) within {timeout:g} s") from None
+
+
+async def _passive(channel, name: str, timeout: float):
+    try:
+        return await answered(channel.declare_queue(name, passive=True), f"declare {name}", timeout)
     except aiormq.exceptions.ChannelNotFoundEntity:
         raise QueueMissing(f"{name} does not exist on the broker; `hipcall-ingest topology` declares it") from None
 
 
-async def purge(connection: AbstractConnection, dlq: Queue) -> int:
-    channel = await connection.channel()
-    async with channel:
-        result = await (await _passive(channel, dlq.name)).purge()
-        return result.message_count
+async def purge(connection: AbstractConnection, config: Config, dlq: Queue, count: int) -> int:
+    """Delete the first `count` letters of `dlq` (the ones a count just taken saw) and none that came
+    after them: never queue.purge(), which deletes whatever is there when it runs. Each window is taken
+    by a consumer whose prefetch is at most what is left to delete, so every letter delivered is one to
+    delete and none is handed back (a requeue counts as a delivery); a window is acked once taken.
+    Fewer are deleted only when fewer are there (another reader holds some meanwhile)."""
+    timeout = config.broker.publish_timeout
+    channel = await answered(connection.channel(), "open a channel", timeout)
+    try:
+        await _passive(channel, dlq.name, timeout)
+        letters = await channel.get_underlay_channel()
+        inbox: asyncio.Queue[DeliveredMessage] = asyncio.Queue()  # emptied by every window
+
+        async def deliver(message: DeliveredMessage) -> None:
+            inbox.put_nowait(message)
+
+        deleted = 0
+        while deleted < count:
+            window = min(PREFETCH, count - deleted)
+            await answered(letters.basic_qos(prefetch_count=window), "basic.qos", timeout)
+            consumer = await answered(letters.basic_consume(dlq.name, deliver), f"consume {dlq.name}", timeout)
+            tag = cast(str, consumer.consumer_tag)  # the broker names it
+            taken: list[DeliveredMessage] = []
+            with contextlib.suppress(TimeoutError):
+                while len(taken) < window:
+                    taken.append(await asyncio.wait_for(inbox.get(), IDLE))
+            await answered(letters.basic_cancel(tag), "basic.cancel", timeout)
+            if len(taken) < window:  # a delivery may have come after the wait gave up: it is one to delete too
+                await asyncio.sleep(0.05)
+                while not inbox.empty():
+                    taken.append(inbox.get_nowait())
+            if taken:
+                await answered(letters.basic_ack(max(delivery_tag(m) for m in taken), multiple=True), "basic.ack",
+                               timeout)
+            deleted += len(taken)
+            if len(taken) < window:
+                break
+        return deleted
+    finally:
+        await _close(channel, timeout)
 
 
-async def count(connection: AbstractConnection, name: str) -> int:
-    channel = await connection.channel()
-    async with channel:
-        return (await _passive(channel, name)).declaration_result.message_count or 0
+async def _close(channel, timeout: float) -> None:
+    """Close a channel within `timeout`; a broker that does not answer leaves it to the connection's fate."""
+    if not channel.is_closed:
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(channel.close(), timeout)
+
+
+async def count(connection: AbstractConnection, name: str, timeout: float) -> int:
+    channel = await answered(connection.channel(), "open a channel", timeout)
+    try:
+        return (await _passive(channel, name, timeout)).declaration_result.message_count or 0
+    finally:
+        await _close(channel, timeout)
 
 
 # --- export / import: JSON lines with the body byte for byte -----------------------------------------

@@ -3,14 +3,19 @@ dead letters in real DLQs, under the delivery-limit policy the dlq tests use. Li
 every letter where it was; replay and purge move exactly what they say; each action is logged with who
 did it. The pages, in a real browser: test_console_browser.py."""
 
+import asyncio
 import html.parser
 import http.cookiejar
 import json
+import threading
+import time
 import urllib.error
 import urllib.parse
 import urllib.request
 
-from conftest import free_port, payload
+import aio_pika
+
+from conftest import free_port, payload, wait_until
 from conftest import http as http_request
 from ingest.console.passwords import hash_password
 
@@ -271,3 +276,55 @@ def test_an_action_answers_a_redirect_so_reloading_its_result_does_not_run_it_ag
     status, _, result = user.get(headers["Location"])
     assert status == 200 and "Deleted 2 dead letters" in result
     assert broker.count("crm.call_hangup.dlq") == 1  # the letter that came after is still there
+
+
+class Flow:
+    """Letters published into a queue at a steady rate from a thread (each confirmed) until stopped."""
+
+    def __init__(self, broker, queue: str, per_second: float) -> None:
+        self.broker, self.queue, self.interval = broker, queue, 1 / per_second
+        self.published = 0
+        self.stopping = threading.Event()
+        self.thread = threading.Thread(target=lambda: asyncio.run(self._run()), daemon=True)
+
+    async def _run(self) -> None:
+        connection = await aio_pika.connect(self.broker.url)
+        async with connection:
+            channel = await connection.channel(publisher_confirms=True)
+            n = 0
+            while not self.stopping.is_set():
+                n += 1
+                await channel.default_exchange.publish(
+                    aio_pika.Message(call(n), headers=letter_headers(n % 60), delivery_mode=2, message_id=f"flow-{n}"),
+                    self.queue)
+                self.published = n
+                await asyncio.sleep(self.interval)
+
+    def __enter__(self) -> "Flow":
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stopping.set()
+        self.thread.join(timeout=30)
+
+
+def test_a_purge_under_a_flow_of_new_letters_deletes_exactly_the_count_confirmed(launch, broker, tmp_path):
+    dead_letters(launch, broker, tmp_path, n=20)
+    console = start_console(launch, broker, tmp_path)
+    purges, stale = [], 0
+    with Flow(broker, "crm.call_hangup.dlq", per_second=75) as flow:
+        deadline = time.monotonic() + 60
+        while len(purges) < 40 and time.monotonic() < deadline:
+            counts = {q["queue"]: q["messages"] for q in api(console, "GET", "/api/dlq")[1]["queues"]}
+            confirm = counts["crm.call_hangup.dlq"]
+            status, answer = api(console, "POST", "/api/dlq/crm.call_hangup.dlq/purge", {"confirm": confirm})
+            if status == 409:  # a letter came between the look and the purge: nothing deleted
+                stale += 1
+                continue
+            assert status == 200, answer
+            purges.append((confirm, answer["purged"]))
+    assert len(purges) >= 10, f"{len(purges)} purges done, {stale} refused as stale"
+    assert [deleted for _, deleted in purges] == [confirm for confirm, _ in purges]  # never one more
+    wait_until(lambda: broker.count("crm.call_hangup.dlq") == 20 + flow.published - sum(d for _, d in purges),
+               what="the DLQ to hold every letter no purge confirmed")
