@@ -10,6 +10,7 @@ import asyncio
 import collections
 import contextlib
 import functools
+import math
 import secrets
 from collections.abc import Awaitable, Callable, Mapping
 from datetime import datetime, timezone
@@ -66,36 +67,67 @@ class Console:
         self.samples = samples
         self.locks: collections.defaultdict[str, asyncio.Lock] = collections.defaultdict(asyncio.Lock)
         self._connection: AbstractConnection | None = None  # one, opened on first use, again after it died
-        self._connecting = asyncio.Lock()
+        self._connecting: asyncio.Future[AbstractConnection] | None = None  # the connect in flight, shared
+        self._closing: set[asyncio.Future] = set()  # connections that failed, being closed
+        # AMQP heartbeat of the console's connection: the broker's answer deadline, so a broker that stops
+        # answering is noticed in seconds (aiormq's default, 60 s, takes three minutes)
+        self.heartbeat = max(1, math.ceil(config.broker.publish_timeout))
         self.outcomes: collections.OrderedDict[str, tuple[str, dict[str, Any]]] = collections.OrderedDict()
 
     # --- the reads and actions, each one call into ingest/ops ------------------------------------
 
-    async def _broker(self, work: Callable[[AbstractConnection], Awaitable[Any]]) -> Any:
-        """`work` over the console's connection; a broker that fails under it is BrokerUnavailable (503),
-        never an unexplained 500."""
-        async with self._connecting:
-            if self._connection is None or self._connection.is_closed:
-                self._connection = await connect(self.config.broker, "hipcall-ingest console")
-            connection = self._connection
+    async def _broker(self, work: Callable[[AbstractConnection], Awaitable[Any]], deadline: float | None = None) -> Any:
+        """`work` over the console's connection, within `deadline` seconds when given; a broker that fails
+        or stops answering under it is BrokerUnavailable (503 naming RabbitMQ), never a hang or a 500.
+        Every request inside `work` has its own deadline (dlq.answered), so a long sweep that makes
+        progress is never cut, and a frozen broker is a 503 within seconds."""
+        connection = await self._connected()
         try:
-            return await work(connection)
+            if deadline is None:
+                return await work(connection)
+            return await dlq.answered(work(connection), "the console's read", deadline)
+        except BrokerUnavailable:
+            self._drop(connection)
+            raise
         except HipcallError:
             raise
         except Exception as exc:  # aiormq raises many kinds; each means this connection is no use now
-            await self.close()
+            self._drop(connection)
             raise BrokerUnavailable(f"the connection to RabbitMQ failed ({type(exc).__name__}: {exc}); try again") from None
+
+    async def _connected(self) -> AbstractConnection:
+        """The open connection, or one connect shared by every request waiting for it (not one connect
+        after another behind a lock: a broker that does not answer would cost each a connect_timeout)."""
+        if self._connection is not None and not self._connection.is_closed:
+            return self._connection
+        if self._connecting is None or self._connecting.done():
+            self._connecting = asyncio.ensure_future(connect(self.config.broker, "hipcall-ingest console",
+                                                             heartbeat=self.heartbeat))
+        connection = await asyncio.shield(self._connecting)
+        if self._connection is None or self._connection.is_closed:
+            self._connection = connection
+        return connection
+
+    def _drop(self, connection: AbstractConnection) -> None:
+        """Forget a connection that failed and close it in the background: closing one to a broker that
+        does not answer waits for that broker, and no request should."""
+        if self._connection is connection:
+            self._connection = None
+        task = asyncio.ensure_future(_close_quietly(connection, self.config.broker.connect_timeout))
+        self._closing.add(task)
+        task.add_done_callback(self._closing.discard)
 
     async def close(self) -> None:
         connection, self._connection = self._connection, None
-        if connection is not None and not connection.is_closed:
-            with contextlib.suppress(Exception):
-                await connection.close()
+        if connection is not None:
+            await _close_quietly(connection, self.config.broker.connect_timeout)
+        if self._closing:
+            await asyncio.gather(*self._closing, return_exceptions=True)
 
     async def status(self) -> dict[str, Any]:
         """`status`'s dict over the console's connection; an unreachable broker is a result, as there."""
         try:
-            return await self._broker(lambda c: status(self.config, c))
+            return await self._broker(lambda c: status(self.config, c), deadline=self.config.broker.publish_timeout)
         except BrokerUnavailable as exc:
             return unreachable(self.config, exc)
 
@@ -351,6 +383,11 @@ class Console:
         response = web.HTTPSeeOther("/login")
         response.del_cookie(COOKIE)
         raise response
+
+
+async def _close_quietly(connection: AbstractConnection, timeout: float) -> None:
+    with contextlib.suppress(Exception):
+        await asyncio.wait_for(connection.close(), timeout)
 
 
 # --- request parsing and answers ---------------------------------------------------------------------

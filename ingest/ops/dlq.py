@@ -259,11 +259,16 @@ async def sweep(connection: AbstractConnection, config: Config, dlq: Queue, choo
     """One pass over the letters `dlq` holds now; each is kept or moved as `choose` says (see above)."""
     limit = delivery_limit(config, dlq)
     mark = secrets.token_hex(8)
-    publisher = await Publisher.open(connection, config.broker.publish_timeout, IN_FLIGHT)
-    channel = await connection.channel()
+    timeout = config.broker.publish_timeout  # every request to the broker is answered within it, or it is gone
+    publisher = await answered(Publisher.open(connection, timeout, IN_FLIGHT), "open a channel", timeout)
+    try:
+        channel = await answered(connection.channel(), "open a channel", timeout)
+    except BaseException:
+        await _close(publisher, timeout)
+        raise
     failures: list[BaseException] = []
     try:
-        declared = await _passive(channel, dlq.name, config.broker.publish_timeout)
+        declared = await _passive(channel, dlq.name, timeout)
         result = Swept(dlq.name, declared.declaration_result.message_count or 0)
         letters = await channel.get_underlay_channel()  # aiormq's channel: consume, qos, acks
 
@@ -291,11 +296,12 @@ async def sweep(connection: AbstractConnection, config: Config, dlq: Queue, choo
             now = datetime.now(timezone.utc).isoformat()
             stored = await asyncio.gather(*(replace(letter, target, now) for letter, target in window))
             if window and all(stored):
-                await letters.basic_ack(max(letter.tag for letter, _ in window), multiple=True)
+                await answered(letters.basic_ack(max(letter.tag for letter, _ in window), multiple=True), "basic.ack",
+                               timeout)
             else:
                 for (letter, _), ok in zip(window, stored):
                     if ok:
-                        await letters.basic_ack(letter.tag)
+                        await answered(letters.basic_ack(letter.tag), "basic.ack", timeout)
             for (_, target), ok in zip(window, stored):
                 if ok and target is not None:
                     result.moved += 1
@@ -308,8 +314,9 @@ async def sweep(connection: AbstractConnection, config: Config, dlq: Queue, choo
             inbox.put_nowait(message)
 
         async def consume(window: int) -> str:
-            await letters.basic_qos(prefetch_count=window)
-            return cast(str, (await letters.basic_consume(dlq.name, deliver)).consumer_tag)  # the broker names it
+            await answered(letters.basic_qos(prefetch_count=window), "basic.qos", timeout)
+            consumer = await answered(letters.basic_consume(dlq.name, deliver), f"consume {dlq.name}", timeout)
+            return cast(str, consumer.consumer_tag)  # the broker names it
 
         async def take(window: int) -> list[DeliveredMessage]:
             """The next `window` letters, or fewer if nothing more comes for IDLE seconds."""
@@ -348,7 +355,7 @@ async def sweep(connection: AbstractConnection, config: Config, dlq: Queue, choo
                 following = min(prefetch, result.total - result.seen)
                 done = len(taken) < window or result.met_own_copy or not following or enough()
                 if done or following != window:
-                    await asyncio.wait_for(letters.basic_cancel(tag), config.broker.publish_timeout)
+                    await answered(letters.basic_cancel(tag), "basic.cancel", timeout)
                     tag = None
                 if done:
                     result.stopped = result.seen < result.total and enough()
@@ -365,13 +372,13 @@ async def sweep(connection: AbstractConnection, config: Config, dlq: Queue, choo
         except Exception as exc:  # the channel is gone, or the broker does not answer
             failures.append(exc)  # letters not yet settled go back when the channel closes
         if failures:
-            raise HipcallError(f"stopped after {result.seen} letters ({result.moved} moved); the rest are still in "
+            kind = BrokerUnavailable if isinstance(failures[0], BrokerUnavailable) else HipcallError
+            raise kind(f"stopped after {result.seen} letters ({result.moved} moved); the rest are still in "
                                f"{dlq.name}: {failures[0]}")
         return result
     finally:
-        if not channel.is_closed:
-            await channel.close()
-        await publisher.close()
+        await _close(channel, timeout)
+        await _close(publisher, timeout)
 
 
 @dataclass
@@ -544,11 +551,11 @@ async def purge(connection: AbstractConnection, config: Config, dlq: Queue, coun
         await _close(channel, timeout)
 
 
-async def _close(channel, timeout: float) -> None:
-    """Close a channel within `timeout`; a broker that does not answer leaves it to the connection's fate."""
-    if not channel.is_closed:
-        with contextlib.suppress(Exception):
-            await asyncio.wait_for(channel.close(), timeout)
+async def _close(closable: Any, timeout: float) -> None:
+    """Close a channel (or a publisher's) within `timeout`; one the broker does not answer for is left to
+    the connection's fate (its letters go back when that closes)."""
+    with contextlib.suppress(Exception):
+        await asyncio.wait_for(closable.close(), timeout)
 
 
 async def count(connection: AbstractConnection, name: str, timeout: float) -> int:

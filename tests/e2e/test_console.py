@@ -4,9 +4,12 @@ every letter where it was; replay and purge move exactly what they say; each act
 did it. The pages, in a real browser: test_console_browser.py."""
 
 import asyncio
+import concurrent.futures
 import html.parser
 import http.cookiejar
 import json
+import os
+import signal
 import threading
 import time
 import urllib.error
@@ -328,3 +331,35 @@ def test_a_purge_under_a_flow_of_new_letters_deletes_exactly_the_count_confirmed
     assert [deleted for _, deleted in purges] == [confirm for confirm, _ in purges]  # never one more
     wait_until(lambda: broker.count("crm.call_hangup.dlq") == 20 + flow.published - sum(d for _, d in purges),
                what="the DLQ to hold every letter no purge confirmed")
+
+
+def _answer_within(console, path: str, seconds: float) -> tuple[int, dict]:
+    """GET path with a client that gives up after `seconds` (a hang fails the test, it does not wait)."""
+    request = urllib.request.Request(console.url + path, headers=BEARER)
+    try:
+        with urllib.request.urlopen(request, timeout=seconds) as answer:
+            return answer.status, json.loads(answer.read())
+    except urllib.error.HTTPError as error:
+        return error.code, json.loads(error.read())
+
+
+def test_a_broker_that_stops_answering_is_a_503_naming_rabbitmq_within_seconds_then_the_console_goes_on(
+        launch, node_broker, rabbit_node, tmp_path):
+    dead_letters(launch, node_broker, tmp_path, n=3)
+    console = start_console(launch, node_broker, tmp_path)
+    assert api(console, "GET", "/api/dlq/crm.call_hangup.dlq")[1]["total"] == 3  # the connection is open
+    paths = ["/api/dlq/crm.call_hangup.dlq", "/api/dlq/crm.call_hangup.dlq/letters/id-1", "/api/dlq",
+             "/api/search?call_uuid=uuid-00001"] * 2
+    os.killpg(rabbit_node.process.pid, signal.SIGSTOP)  # a partition, as the console sees it: nothing answers
+    try:
+        with concurrent.futures.ThreadPoolExecutor(len(paths)) as pool:  # every request at once
+            answers = list(pool.map(lambda path: _answer_within(console, path, 40), paths))
+        assert all(status == 503 and "RabbitMQ" in answer["error"] for status, answer in answers), answers
+        status, pipeline = _answer_within(console, "/api/pipeline", 40)
+        assert status == 200 and pipeline["broker"] == "unreachable"
+    finally:
+        os.killpg(rabbit_node.process.pid, signal.SIGCONT)
+    wait_until(lambda: api(console, "GET", "/api/dlq/crm.call_hangup.dlq")[0] == 200, timeout=90,
+               what="the console to read the DLQ again")
+    assert api(console, "GET", "/api/dlq/crm.call_hangup.dlq")[1]["total"] == 3
+    assert console.process.poll() is None and "Traceback" not in console.output()
