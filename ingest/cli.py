@@ -338,7 +338,7 @@ def cmd_dlq(config: Config, args: argparse.Namespace) -> int:
         def progress(n: int) -> None:
             print(f"  {n} moved...", file=sys.stderr, flush=True)
 
-        which = dlq.Filter(events=tuple(args.event or ()), ids=tuple(args.id or ()), grep=args.grep)
+        which = dlq.Filter(events=tuple(args.event or ()), ids=frozenset(args.id or ()), grep=args.grep)
         swept = on_broker(lambda c: dlq.replay(c, config, queue, limit=args.limit, which=which, progress=progress))
         print(f"replayed {swept.moved} from {queue.name} to {queue.name.removesuffix('.dlq')} "
               f"({swept.seen} of {swept.total} letters examined)")

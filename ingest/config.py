@@ -143,6 +143,7 @@ class ConsoleConfig:
     users: Mapping[str, str] = field(repr=False)  # user name -> password hash (PASSWORD_HASH_RE)
     readonly: bool
     session_timeout: float
+    max_read_bytes: int  # letters one read holds at most, in bytes (and its sweep's window)
 
     def check_access(self, where: str) -> None:
         """Access is off unless someone can log in or hold a token: a console nobody could use stops start-up."""
@@ -412,6 +413,7 @@ _SCHEMA: dict[str, dict[str, Callable[[Any], Any]]] = {
         "users": _users,
         "readonly": _boolean,
         "session_timeout": _duration(60, 30 * 86400),
+        "max_read_bytes": _integer(1 << 20, 1 << 40),
     },
     "reconcile": {
         "enabled": _boolean,

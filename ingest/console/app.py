@@ -12,6 +12,7 @@ import contextlib
 import functools
 import math
 import secrets
+import time
 from collections.abc import Awaitable, Callable, Mapping
 from datetime import datetime, timezone
 from pathlib import Path
@@ -55,6 +56,7 @@ HERE = Path(__file__).parent
 LIST_LIMIT = 200  # letters a DLQ page shows (the count of every match is shown beside)
 REFRESH = 15  # seconds between the pipeline page's reloads
 OUTCOMES = 200  # actions' results kept for their result page (/done/TOKEN)
+LOGGED_IDS = 10  # ids an audit line names; it gives the count of all
 _DUMMY_HASH = hash_password("not anyone's password")  # checked for an unknown user: same time as a known one
 
 
@@ -72,6 +74,7 @@ class Console:
         # AMQP heartbeat of the console's connection: the broker's answer deadline, so a broker that stops
         # answering is noticed in seconds (aiormq's default, 60 s, takes three minutes)
         self.heartbeat = max(1, math.ceil(config.broker.publish_timeout))
+        self._reads: dict[tuple, asyncio.Future] = {}  # (queue, what) -> the read in flight, shared
         self.outcomes: collections.OrderedDict[str, tuple[str, dict[str, Any]]] = collections.OrderedDict()
 
     # --- the reads and actions, each one call into ingest/ops ------------------------------------
@@ -155,14 +158,50 @@ class Console:
                  "messages": q["ready"], "exists": q["exists"]}
                 for q in seen["queues"] if q["kind"] == "dlq" and (not event or q["event"] == event)]
 
+    async def _read(self, queue: Queue, key: tuple, work: Callable[[AbstractConnection], Awaitable[Any]]) -> Any:
+        """One read of `queue` per `key` (what it reads) in flight, shared by every view that asks for it
+        meanwhile: a view joins the read already under way instead of waiting for it and sweeping again.
+        Reads of other keys and actions on the queue still take turns (its lock)."""
+        shared = self._reads.get((queue.name, key))
+        if shared is None:
+            async def run() -> Any:
+                async with self.locks[queue.name]:
+                    started = time.monotonic()
+                    result = await self._broker(work)
+                swept = result.swept
+                log.info("console_read", queue=queue.name, examined=swept.seen, total=swept.total,
+                         complete=not swept.cut_short, seconds=round(time.monotonic() - started, 3))
+                return result
+
+            shared = self._reads[(queue.name, key)] = asyncio.ensure_future(run())
+            shared.add_done_callback(functools.partial(self._read_done, (queue.name, key)))
+        return await asyncio.shield(shared)  # a view that goes away leaves the read to the others
+
+    def _read_done(self, key: tuple, read: asyncio.Future) -> None:
+        if self._reads.get(key) is read:
+            del self._reads[key]
+        if not read.cancelled():
+            read.exception()  # seen by every view that waited; retrieved here for the one nobody waited on
+
     async def letters(self, name: str, which: dlq.Filter, limit: int = LIST_LIMIT) -> dlq.Read:
         queue = dlq.find_dlq(self.config, name)
-        async with self.locks[name]:
-            return await self._broker(lambda c: dlq.read(c, self.config, queue, which, limit))
+        return await self._read(queue, ("read", which, limit), lambda c: dlq.read(
+            c, self.config, queue, which, limit, self.config.console.max_read_bytes))
 
-    async def search(self, call_uuid: str) -> list[tuple[Queue, dlq.Read]]:
-        return await self._broker(lambda c: dlq.search(c, self.config, dlq.Filter(call_uuid=call_uuid),
-                                                       hold=lambda queue: self.locks[queue.name]))
+    async def search(self, call_uuid: str, besides: str | None = None) -> list[tuple[Queue, dlq.Read]]:
+        """Every DLQ and the unrouted queue (but `besides`), each read as `letters` reads (shared)."""
+        which = dlq.Filter(call_uuid=call_uuid)
+        found = []
+        for queue in dlq.searched_queues(self.config):
+            if queue.name == besides:
+                continue
+            try:
+                found.append((queue, await self._read(queue, ("read", which, dlq.SEARCH_LIMIT), functools.partial(
+                    dlq.read, config=self.config, queue=queue, which=which, limit=dlq.SEARCH_LIMIT,
+                    max_bytes=self.config.console.max_read_bytes))))
+            except QueueMissing:
+                continue
+        return found
 
     async def replay(self, who: Who, name: str, which: dlq.Filter) -> dlq.Swept:
         queue = dlq.find_dlq(self.config, name)
@@ -196,9 +235,12 @@ class Console:
         return swept
 
     def _log(self, who: Who, action: str, queue: str, swept: dlq.Swept, which: dlq.Filter) -> None:
+        """The audit line: the filter as given, the ids as their count and a few of them (a replay of
+        29,000 ids is one short line, not a megabyte)."""
+        ids = {"ids": len(which.ids), "ids_sample": sorted(which.ids)[:LOGGED_IDS]} if which.ids else {}
         log.info("console_action", action=action, user=who.name, via=who.via, queue=queue, moved=swept.moved,
                  examined=swept.seen, total=swept.total, complete=not swept.cut_short,
-                 filter={k: v for k, v in {**_filter_dict(which), "ids": list(which.ids)}.items() if v})
+                 filter={**{k: v[:200] for k, v in _filter_dict(which).items() if v}, **ids})
 
     # --- the JSON API --------------------------------------------------------------------------------
 
@@ -268,7 +310,8 @@ class Console:
         which = parse_filter(request.query)
         read = await self.letters(name, which)
         return self._page(request, "letters.html", queue=name, read=read, rows=[_letter_dict(l) for l in read.letters],
-                          filter=_filter_dict(which), filtered=bool(which), limit=LIST_LIMIT)
+                          filter=_filter_dict(which), filtered=bool(which), limit=LIST_LIMIT,
+                          max_read_bytes=self.config.console.max_read_bytes)
 
     async def page_letter(self, request: web.Request) -> web.Response:
         letter, others = await self._letter(request.match_info["queue"], request.match_info["id"])
@@ -286,7 +329,7 @@ class Console:
         if form.get("all"):
             which = parse_filter(form)
         else:
-            ids = tuple(str(v) for v in form.getall("id", []))
+            ids = frozenset(str(v) for v in form.getall("id", []))
             if not ids:
                 raise BadRequest("choose the letters to replay (the boxes in the first column), or replay all matching")
             which = dlq.Filter(ids=ids)
@@ -333,14 +376,17 @@ class Console:
         return self._page(request, "done.html", **outcome)
 
     async def _letter(self, name: str, message_id: str) -> tuple[dlq.Letter, list[dict[str, Any]]]:
-        read = await self.letters(name, dlq.Filter(ids=(message_id,)), 1)
-        if not read.letters:
+        """The letter and its call's other letters: one read of its queue finds both, then one read of
+        each other queue (a letter page used to read its own queue twice)."""
+        queue = dlq.find_dlq(self.config, name)
+        found: dlq.Found = await self._read(queue, ("letter", message_id), lambda c: dlq.find_letter(
+            c, self.config, queue, message_id, self.config.console.max_read_bytes))
+        letter = found.letter
+        if letter is None:
             raise web.HTTPNotFound(text=f"no letter {message_id} in {name} (replayed or purged meanwhile?)")
-        letter = read.letters[0]
-        others = []
+        others = [{"queue": name, "queue_kind": queue.kind, **row} for row in found.same_call]
         if letter.call_uuid:
-            found = _search_dict(letter.call_uuid, await self.search(letter.call_uuid))
-            others = [row for row in found["letters"] if not (row["queue"] == name and row["message_id"] == letter.id)]
+            others += _search_dict(letter.call_uuid, await self.search(letter.call_uuid, besides=name))["letters"]
         return letter, others
 
     # --- logging in ----------------------------------------------------------------------------------
@@ -420,7 +466,7 @@ def _replay_filter(body: Mapping[str, Any]) -> dlq.Filter:
     if ids is not None:
         if not isinstance(ids, list) or not ids or not all(isinstance(i, str) for i in ids):
             raise BadRequest('"ids" is a non-empty list of message ids')
-        return dlq.Filter(ids=tuple(ids))
+        return dlq.Filter(ids=frozenset(ids))
     if body.get("all") is not True:
         raise BadRequest('send {"ids": [...]}, or {"all": true} with any of "event", "call_uuid", "q", "since", "until"')
     for key in ("event", "call_uuid", "q", "since", "until"):
@@ -487,7 +533,8 @@ def _pretty(value: Any) -> str:
 
 def _read_dict(read: dlq.Read) -> dict[str, Any]:
     return {"queue": read.swept.queue, "total": read.swept.total, "matched": read.matched,
-            "complete": not read.swept.cut_short, "letters": [_letter_dict(l) for l in read.letters]}
+            "complete": not read.swept.cut_short, "cut_at_bytes": read.cut_at_bytes,
+            "letters": [_letter_dict(l) for l in read.letters]}
 
 
 def _search_dict(call_uuid: str, found: list[tuple[Queue, dlq.Read]]) -> dict[str, Any]:

@@ -50,6 +50,7 @@ PREFETCH = 200  # letters a sweep takes at once (a window): bounds its memory wh
 EXPORT_ENVELOPE = 1 << 20  # bytes of an export line besides the body: headers (an error of 1 KiB), properties
 IDLE = 2.0  # seconds without a delivery after which a sweep decides someone else holds the rest
 SEARCH_LIMIT = 100  # letters a search holds per queue: one call has a handful of events
+HELD_OVERHEAD = 2048  # bytes a held letter costs besides its body: its headers, the objects around it
 T = TypeVar("T")
 
 
@@ -118,26 +119,33 @@ class Letter:
     def _reason(self) -> str:
         return str(self._death.get("reason") or self.headers.get("x-first-death-reason") or "unknown")
 
+    @cached_property
+    def _facts(self) -> tuple[str | None, str | None]:
+        """(event, call uuid), from one parse of the body that is not kept: a letter held for a listing
+        holds its body's bytes, not a parsed copy (several times their size)."""
+        payload = self.payload_or_text if "payload_or_text" in self.__dict__ else _parsed(self.message.body)
+        if not isinstance(payload, dict):
+            return None, None
+        event = payload.get("event")
+        return (event if isinstance(event, str) else None), call_uuid(payload)
+
     @property
     def event(self) -> str | None:
-        event = self._payload.get("event")
-        return event if isinstance(event, str) else None
+        return self._facts[0]
 
     @property
     def call_uuid(self) -> str | None:
-        return call_uuid(self._payload)
+        return self._facts[1]
+
+    @property
+    def size(self) -> int:
+        """Bytes this letter holds, near enough: its body and headers (the bound of a read's memory)."""
+        return len(self.message.body) + HELD_OVERHEAD
 
     @cached_property
     def payload_or_text(self) -> Any:
         """The body parsed, for display; as text when it is not JSON (or nests too deep to parse)."""
-        try:
-            return orjson.loads(self.message.body)
-        except orjson.JSONDecodeError:
-            return self.message.body.decode("utf-8", "replace")
-
-    @property
-    def _payload(self) -> dict:
-        return self.payload_or_text if isinstance(self.payload_or_text, dict) else {}
+        return _parsed(self.message.body)
 
     @property
     def attempts(self) -> int | str | None:
@@ -199,7 +207,7 @@ class Filter:
     """Which letters a read, a replay or a search takes; a field left empty takes every letter."""
 
     events: tuple[str, ...] = ()
-    ids: tuple[str, ...] = ()
+    ids: frozenset[str] = frozenset()  # a set: a replay of 29,000 ids costs a lookup per letter, not a scan
     grep: str | None = None  # text in the body or the error
     call_uuid: str | None = None
     failed_after: datetime | None = None
@@ -255,8 +263,10 @@ Choose = Callable[[Letter], Target | None]
 
 async def sweep(connection: AbstractConnection, config: Config, dlq: Queue, choose: Choose, *,
                 enough: Callable[[], bool] = lambda: False, prefetch: int = PREFETCH,
-                progress: Callable[[int], None] = lambda moved: None) -> Swept:
-    """One pass over the letters `dlq` holds now; each is kept or moved as `choose` says (see above)."""
+                progress: Callable[[int], None] = lambda moved: None, window_bytes: int | None = None) -> Swept:
+    """One pass over the letters `dlq` holds now; each is kept or moved as `choose` says (see above).
+    With `window_bytes`, a window (the letters taken at once) holds about that many bytes at most: the
+    first is sized for letters of http.max_body_bytes, each later one for the largest letter met so far."""
     limit = delivery_limit(config, dlq)
     mark = secrets.token_hex(8)
     timeout = config.broker.publish_timeout  # every request to the broker is answered within it, or it is gone
@@ -335,7 +345,15 @@ async def sweep(connection: AbstractConnection, config: Config, dlq: Queue, choo
         # letter of a window is acked the consumer is cancelled if the pass is done, or replaced by one
         # with a smaller prefetch for a last, shorter window (RabbitMQ fixes a consumer's prefetch when
         # it starts: a later basic.qos does not change it).
-        window = max(1, min(prefetch, result.total))
+        largest = config.http.max_body_bytes + HELD_OVERHEAD  # until a window shows what the letters weigh
+        met = 0  # the largest letter met so far
+
+        def window_for(remaining: int) -> int:
+            """Letters to take next: `prefetch`, fewer if that many would pass window_bytes, at most `remaining`."""
+            fits = prefetch if window_bytes is None else max(1, window_bytes // largest)
+            return max(0, min(prefetch, fits, remaining))
+
+        window = max(1, window_for(result.total))
         tag = None
         try:
             if result.total:
@@ -343,6 +361,9 @@ async def sweep(connection: AbstractConnection, config: Config, dlq: Queue, choo
             while tag is not None:
                 taken = await take(window)
                 settling: list[tuple[Letter, Target | None]] = []
+                if taken:  # the next window is sized for the largest letter met so far
+                    met = max(met, max(len(message.body) for message in taken) + HELD_OVERHEAD)
+                    largest = 1 << (met - 1).bit_length()  # a power of two: the window changes seldom
                 for message in taken:  # in order: `choose` sees the letters as they stand in the queue
                     letter = Letter(message, limit, dlq.kind)
                     if letter.headers.get(SWEEP_HEADER) == mark:  # our own copy: every original here was read
@@ -352,7 +373,7 @@ async def sweep(connection: AbstractConnection, config: Config, dlq: Queue, choo
                         continue
                     result.seen += 1
                     settling.append((letter, choose(letter)))
-                following = min(prefetch, result.total - result.seen)
+                following = window_for(result.total - result.seen)
                 done = len(taken) < window or result.met_own_copy or not following or enough()
                 if done or following != window:
                     await answered(letters.basic_cancel(tag), "basic.cancel", timeout)
@@ -428,21 +449,67 @@ class Read:
     letters: list[Letter]
     matched: int
     swept: Swept
+    cut_at_bytes: bool = False  # fewer than `limit` held: the next would have passed max_bytes
 
 
-async def read(connection: AbstractConnection, config: Config, queue: Queue, which: Filter, limit: int) -> Read:
+async def read(connection: AbstractConnection, config: Config, queue: Queue, which: Filter, limit: int,
+               max_bytes: int | None = None) -> Read:
     """The letters of a DLQ (or the unrouted queue) that match, the first `limit` of them held, in one
-    whole pass: the queue is left as it was, in the same order (see sweep)."""
+    whole pass: the queue is left as it was, in the same order (see sweep). With `max_bytes`, the
+    letters held and the sweep's window each stay within about that many bytes, whatever their size."""
     found = Read([], 0, Swept(queue.name, 0))
+    held = 0
 
     def choose(letter: Letter) -> None:
+        nonlocal held
         if which.matches(letter):
             found.matched += 1
-            if len(found.letters) < limit:
-                found.letters.append(letter)
+            if len(found.letters) < limit and not found.cut_at_bytes:
+                if max_bytes is not None and found.letters and held + letter.size > max_bytes:
+                    found.cut_at_bytes = True
+                else:
+                    found.letters.append(letter)
+                    held += letter.size
         return None
 
-    found.swept = await sweep(connection, config, queue, choose)
+    found.swept = await sweep(connection, config, queue, choose, window_bytes=max_bytes)
+    return found
+
+
+@dataclass
+class Found:
+    """What `find_letter` found: the letter, and its call's other letters in that queue (summaries)."""
+
+    letter: Letter | None
+    same_call: list[dict[str, Any]]
+    swept: Swept
+
+
+async def find_letter(connection: AbstractConnection, config: Config, queue: Queue, message_id: str,
+                      max_bytes: int | None = None) -> Found:
+    """One pass for a letter and the other letters of its call in the same queue (a letter page's
+    two questions, one sweep). Until the letter is met, each call's letters are kept as summaries
+    (SEARCH_LIMIT per call), the only ones that can be its call's."""
+    found = Found(None, [], Swept(queue.name, 0))
+    before: collections.defaultdict[str, list[dict[str, Any]]] = collections.defaultdict(list)
+
+    def brief(letter: Letter) -> dict[str, Any]:
+        return {**letter.summary(), "error": letter.error[:200]}
+
+    def choose(letter: Letter) -> None:
+        uuid = letter.call_uuid
+        if found.letter is None:
+            if letter.id == message_id:
+                found.letter = letter
+                found.same_call = before.pop(uuid, []) if uuid else []
+                before.clear()
+            elif uuid and len(before[uuid]) < SEARCH_LIMIT:
+                before[uuid].append(brief(letter))
+        elif uuid and uuid == found.letter.call_uuid and len(found.same_call) < SEARCH_LIMIT:
+            found.same_call.append(brief(letter))
+        return None
+
+    found.swept = await sweep(connection, config, queue, choose, window_bytes=max_bytes)
     return found
 
 
@@ -698,6 +765,13 @@ async def import_letters(connection: AbstractConnection, config: Config, dlq: Qu
     finally:
         await publisher.close()
     return len(letters)
+
+
+def _parsed(body: bytes) -> Any:
+    try:
+        return orjson.loads(body)
+    except orjson.JSONDecodeError:
+        return body.decode("utf-8", "replace")
 
 
 def _as_text(value: Any) -> str:

@@ -136,7 +136,7 @@ def test_replay_and_purge_move_exactly_what_they_say_and_are_logged_with_who(lau
     assert status == 200 and moved["moved"] == 0 and broker.count("hipcall.unrouted") == 1  # call_parked: nobody takes it
 
     actions = [l for l in console.logs() if l.get("msg") == "console_action"]
-    assert actions[0]["filter"] == {"ids": ["id-0", "id-3"]} and actions[1]["filter"]["q"] == "ValueError"
+    assert actions[0]["filter"] == {"ids": 2, "ids_sample": ["id-0", "id-3"]} and actions[1]["filter"]["q"] == "ValueError"
     assert [(a["action"], a["user"], a.get("moved", a.get("deleted"))) for a in actions] == [
         ("replay", "token 1", 2), ("replay", "token 1", 1), ("purge", "token 1", 2), ("replay_unrouted", "token 1", 0)]
     assert TOKEN not in console.output()
@@ -363,3 +363,78 @@ def test_a_broker_that_stops_answering_is_a_503_naming_rabbitmq_within_seconds_t
                what="the console to read the DLQ again")
     assert api(console, "GET", "/api/dlq/crm.call_hangup.dlq")[1]["total"] == 3
     assert console.process.poll() is None and "Traceback" not in console.output()
+
+
+def fill(broker, queue: str, n: int, size: int = 0) -> None:
+    """`n` dead letters with ids bulk-0.. of calls uuid-10000.. (a body padded by `size` bytes), confirmed."""
+    async def main():
+        connection = await aio_pika.connect(broker.url)
+        async with connection:
+            channel = await connection.channel(publisher_confirms=True)
+            for start in range(0, n, 100):
+                await asyncio.gather(*(
+                    channel.default_exchange.publish(aio_pika.Message(
+                        padded(call(10_000 + i), size),
+                        headers=letter_headers(i % 60), delivery_mode=2, message_id=f"bulk-{i}"), queue)
+                    for i in range(start, min(n, start + 100))))
+
+    asyncio.run(main())
+
+
+def padded(body: bytes, size: int) -> bytes:
+    """The webhook with a "pad" field of `size` bytes (none for 0)."""
+    return body.replace(b'"event"', b'"pad": "' + b"x" * size + b'", "event"', 1) if size else body
+
+
+def reads(console) -> list[str]:
+    """The queue of every read (a sweep) the console did, in order."""
+    return [l["queue"] for l in console.logs() if l.get("msg") == "console_read"]
+
+
+def test_views_of_one_queue_in_flight_share_one_read_and_a_letter_page_reads_each_queue_once(launch, broker, tmp_path):
+    dead_letters(launch, broker, tmp_path, n=4)
+    fill(broker, "crm.call_hangup.dlq", 3000)  # a read long enough that the views overlap
+    console = start_console(launch, broker, tmp_path)
+    with concurrent.futures.ThreadPoolExecutor(3) as pool:  # three people open the same page at once
+        answers = list(pool.map(lambda _: api(console, "GET", "/api/dlq/crm.call_hangup.dlq?q=TimeoutError"), range(3)))
+    assert [(status, answer["total"], answer["matched"]) for status, answer in answers] == [(200, 3004, 3002)] * 3
+    assert reads(console) == ["crm.call_hangup.dlq"]  # one sweep, not three one after another
+
+    status, letter = api(console, "GET", "/api/dlq/crm.call_hangup.dlq/letters/id-1")
+    assert status == 200 and sorted(l["message_id"] for l in letter["same_call"]) == ["init-1", "unrouted-1"]
+    searched = reads(console)[1:]
+    assert len(searched) == len(set(searched))  # each queue once: its own is not read a second time
+    assert {"crm.call_hangup.dlq", "crm.call_init.dlq", "hipcall.unrouted"} <= set(searched)
+    assert broker.count("crm.call_hangup.dlq") == 3004
+
+
+def _peak_mib(pid: int) -> float:
+    """The process's peak resident memory so far (VmHWM), in MiB."""
+    line = next(l for l in open(f"/proc/{pid}/status") if l.startswith("VmHWM:"))
+    return int(line.split()[1]) / 1024
+
+
+def test_a_read_of_large_letters_holds_bytes_up_to_max_read_bytes_not_a_count_of_letters(launch, broker, tmp_path):
+    dead_letters(launch, broker, tmp_path, n=0)
+    fill(broker, "crm.call_hangup.dlq", 150, size=1_000_000)  # 150 letters of 1 MB: about 150 MB
+    console = start_console(launch, broker, tmp_path, "max_read_bytes = 16777216\n")
+    api(console, "GET", "/api/dlq")  # connected, every module loaded
+    before = _peak_mib(console.process.pid)
+    status, listing = api(console, "GET", "/api/dlq/crm.call_hangup.dlq?limit=10000")
+    assert status == 200 and listing["total"] == listing["matched"] == 150 and listing["complete"]
+    assert listing["cut_at_bytes"] and 1 <= len(listing["letters"]) <= 16  # 16 MiB of 1 MB letters
+    grown = _peak_mib(console.process.pid) - before
+    assert grown < 120, f"the read's peak took {grown:.0f} MiB more for a bound of 16 MiB"
+    assert broker.count("crm.call_hangup.dlq") == 150
+
+
+def test_a_replay_of_29000_ids_is_one_short_audit_line(launch, broker, tmp_path):
+    dead_letters(launch, broker, tmp_path, n=4)
+    console = start_console(launch, broker, tmp_path)
+    ids = [f"not-here-{n:05d}" for n in range(28_999)] + ["id-2"]
+    status, moved = api(console, "POST", "/api/dlq/crm.call_hangup.dlq/replay", {"ids": ids})
+    assert status == 200 and moved["moved"] == 1
+    [line] = [l for l in console.output().splitlines() if '"console_action"' in l]
+    audit = json.loads(line)
+    assert audit["filter"]["ids"] == 29_000 and len(audit["filter"]["ids_sample"]) == 10
+    assert len(line) < 4096, f"{len(line)} bytes"
