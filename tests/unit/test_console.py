@@ -260,3 +260,13 @@ def test_a_bad_filter_or_body_is_a_400_that_says_what_is_wrong(tmp_path):
     assert answers[1][0] == 400 and "not JSON" in answers[1][1]
     assert answers[2][0] == 400 and '"ids" is a non-empty list' in answers[2][1]
     assert answers[3][0] == 404 and "is not a dead-letter queue" in answers[3][1]
+
+
+def test_an_action_result_that_is_not_kept_is_a_404_that_says_so(tmp_path):
+    async def unknown(client):
+        await log_in(client)
+        r = await client.get("/done/not-a-token", allow_redirects=False)
+        return r.status, await r.text()
+
+    status, text = talk(console_config(tmp_path), unknown)[0]
+    assert status == 404 and "no longer kept" in text
