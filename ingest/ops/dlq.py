@@ -392,10 +392,13 @@ async def sweep(connection: AbstractConnection, config: Config, dlq: Queue, choo
                     break
         except Exception as exc:  # the channel is gone, or the broker does not answer
             failures.append(exc)  # letters not yet settled go back when the channel closes
-        if failures:
-            kind = BrokerUnavailable if isinstance(failures[0], BrokerUnavailable) else HipcallError
+        if failures:  # ours say why; anything else is the connection failing under the pass
+            first = failures[0]
+            kind = HipcallError if isinstance(first, HipcallError) and not isinstance(first, BrokerUnavailable) \
+                else BrokerUnavailable
+            why = first if isinstance(first, HipcallError) else f"the connection to RabbitMQ failed ({type(first).__name__}: {first})"
             raise kind(f"stopped after {result.seen} letters ({result.moved} moved); the rest are still in "
-                               f"{dlq.name}: {failures[0]}")
+                       f"{dlq.name}: {why}")
         return result
     finally:
         await _close(channel, timeout)
