@@ -14,6 +14,7 @@ from collections.abc import Awaitable, Callable
 
 import aio_pika
 import structlog
+import yarl
 
 from .config import BrokerConfig, redact_url
 from .errors import BrokerUnavailable, TopologyError
@@ -27,13 +28,15 @@ logging.getLogger("aiormq.connection").addFilter(lambda record: record.msg != "e
 OnConnect = Callable[[aio_pika.abc.AbstractConnection], Awaitable[None]]
 
 
-async def connect(config: BrokerConfig, name: str) -> aio_pika.abc.AbstractConnection:
+async def connect(config: BrokerConfig, name: str, heartbeat: int | None = None) -> aio_pika.abc.AbstractConnection:
     """A plain connection to the first of the broker URLs that answers; BrokerUnavailable (the
-    passwords left out) if none does."""
-    return (await connect_any(config, name))[0]
+    passwords left out) if none does. `heartbeat` (seconds) replaces aiormq's 60 s AMQP heartbeat, with
+    which a broker that stops answering is noticed only after three minutes."""
+    return (await connect_any(config, name, heartbeat=heartbeat))[0]
 
 
-async def connect_any(config: BrokerConfig, name: str, first: int = 0) -> tuple[aio_pika.abc.AbstractConnection, int]:
+async def connect_any(config: BrokerConfig, name: str, first: int = 0,
+                      heartbeat: int | None = None) -> tuple[aio_pika.abc.AbstractConnection, int]:
     """A connection and the index of its URL, trying the URLs in order from index `first`."""
     errors = []
     for step in range(len(config.urls)):
@@ -41,7 +44,8 @@ async def connect_any(config: BrokerConfig, name: str, first: int = 0) -> tuple[
         url = config.urls[index]
         try:
             connection = await aio_pika.connect(
-                url, timeout=config.connect_timeout, client_properties={"connection_name": name}
+                url if not heartbeat else str(yarl.URL(url).update_query(heartbeat=heartbeat)),
+                timeout=config.connect_timeout, client_properties={"connection_name": name},
             )
         except asyncio.CancelledError:
             raise

@@ -359,7 +359,7 @@ def cmd_dlq(config: Config, args: argparse.Namespace) -> int:
         def progress(n: int) -> None:
             print(f"  {n} moved...", file=sys.stderr, flush=True)
 
-        which = dlq.Filter(events=tuple(args.event or ()), ids=tuple(args.id or ()), grep=args.grep)
+        which = dlq.Filter(events=tuple(args.event or ()), ids=frozenset(args.id or ()), grep=args.grep)
         swept = on_broker(lambda c: dlq.replay(c, config, queue, limit=args.limit, which=which, progress=progress))
         print(f"replayed {swept.moved} from {queue.name} to {queue.name.removesuffix('.dlq')} "
               f"({swept.seen} of {swept.total} letters examined)")
@@ -367,10 +367,14 @@ def cmd_dlq(config: Config, args: argparse.Namespace) -> int:
         return 0
     if args.action == "purge":
         if not args.yes:
-            count = on_broker(lambda c: dlq.count(c, queue.name))
+            count = on_broker(lambda c: dlq.count(c, queue.name, config.broker.publish_timeout))
             print(f"would delete {count} dead letters from {queue.name}; run again with --yes to delete them")
             return 1
-        print(f"deleted {on_broker(lambda c: dlq.purge(c, queue))} dead letters from {queue.name}")
+        async def purge(connection) -> int:  # the letters there now, not any that arrive meanwhile
+            return await dlq.purge(connection, config, queue, await dlq.count(connection, queue.name,
+                                                                               config.broker.publish_timeout))
+
+        print(f"deleted {on_broker(purge)} dead letters from {queue.name}")
         return 0
     if args.action == "export":
         exported = on_broker(lambda c: dlq.export(c, config, queue, args.file))

@@ -146,6 +146,7 @@ class ConsoleConfig:
     session_timeout: float
     allowed_hosts: tuple[str, ...]  # Host header names answered, besides loopback and `host`
     trusted_proxies: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]  # whose X-Forwarded-For is believed
+    max_read_bytes: int  # letters one read holds at most, in bytes (and its sweep's window)
 
     def check_access(self, where: str) -> None:
         """Access is off unless someone can log in or hold a token: a console nobody could use stops start-up."""
@@ -429,6 +430,7 @@ _SCHEMA: dict[str, dict[str, Callable[[Any], Any]]] = {
         "session_timeout": _duration(60, 30 * 86400),
         "allowed_hosts": _list(_host_name),
         "trusted_proxies": _list(_cidr),
+        "max_read_bytes": _integer(1 << 20, 1 << 40),
     },
     "reconcile": {
         "enabled": _boolean,

@@ -10,6 +10,9 @@ import asyncio
 import collections
 import contextlib
 import functools
+import math
+import secrets
+import time
 from collections.abc import Awaitable, Callable, Mapping
 from datetime import datetime, timezone
 from pathlib import Path
@@ -55,6 +58,8 @@ log = structlog.get_logger("ingest.console")
 HERE = Path(__file__).parent
 LIST_LIMIT = 200  # letters a DLQ page shows (the count of every match is shown beside)
 REFRESH = 15  # seconds between the pipeline page's reloads
+OUTCOMES = 200  # actions' results kept for their result page (/done/TOKEN)
+LOGGED_IDS = 10  # ids an audit line names; it gives the count of all
 
 
 class Console:
@@ -66,37 +71,70 @@ class Console:
         self.samples = samples
         self.locks: collections.defaultdict[str, asyncio.Lock] = collections.defaultdict(asyncio.Lock)
         self._connection: AbstractConnection | None = None  # one, opened on first use, again after it died
-        self._connecting = asyncio.Lock()
         self.throttle = Throttle()
         self.dummy_hash = dummy_hash(config.console.users.values())  # checked for an unknown user name
+        self._connecting: asyncio.Future[AbstractConnection] | None = None  # the connect in flight, shared
+        self._closing: set[asyncio.Future] = set()  # connections that failed, being closed
+        # AMQP heartbeat of the console's connection: the broker's answer deadline, so a broker that stops
+        # answering is noticed in seconds (aiormq's default, 60 s, takes three minutes)
+        self.heartbeat = max(1, math.ceil(config.broker.publish_timeout))
+        self._reads: dict[tuple, asyncio.Future] = {}  # (queue, what) -> the read in flight, shared
+        self.outcomes: collections.OrderedDict[str, tuple[str, dict[str, Any]]] = collections.OrderedDict()
 
     # --- the reads and actions, each one call into ingest/ops ------------------------------------
 
-    async def _broker(self, work: Callable[[AbstractConnection], Awaitable[Any]]) -> Any:
-        """`work` over the console's connection; a broker that fails under it is BrokerUnavailable (503),
-        never an unexplained 500."""
-        async with self._connecting:
-            if self._connection is None or self._connection.is_closed:
-                self._connection = await connect(self.config.broker, "hipcall-ingest console")
-            connection = self._connection
+    async def _broker(self, work: Callable[[AbstractConnection], Awaitable[Any]], deadline: float | None = None) -> Any:
+        """`work` over the console's connection, within `deadline` seconds when given; a broker that fails
+        or stops answering under it is BrokerUnavailable (503 naming RabbitMQ), never a hang or a 500.
+        Every request inside `work` has its own deadline (dlq.answered), so a long sweep that makes
+        progress is never cut, and a frozen broker is a 503 within seconds."""
+        connection = await self._connected()
         try:
-            return await work(connection)
+            if deadline is None:
+                return await work(connection)
+            return await dlq.answered(work(connection), "the console's read", deadline)
+        except BrokerUnavailable:
+            self._drop(connection)
+            raise
         except HipcallError:
             raise
         except Exception as exc:  # aiormq raises many kinds; each means this connection is no use now
-            await self.close()
+            self._drop(connection)
             raise BrokerUnavailable(f"the connection to RabbitMQ failed ({type(exc).__name__}: {exc}); try again") from None
+
+    async def _connected(self) -> AbstractConnection:
+        """The open connection, or one connect shared by every request waiting for it (not one connect
+        after another behind a lock: a broker that does not answer would cost each a connect_timeout)."""
+        if self._connection is not None and not self._connection.is_closed:
+            return self._connection
+        if self._connecting is None or self._connecting.done():
+            self._connecting = asyncio.ensure_future(connect(self.config.broker, "hipcall-ingest console",
+                                                             heartbeat=self.heartbeat))
+        connection = await asyncio.shield(self._connecting)
+        if self._connection is None or self._connection.is_closed:
+            self._connection = connection
+        return connection
+
+    def _drop(self, connection: AbstractConnection) -> None:
+        """Forget a connection that failed and close it in the background: closing one to a broker that
+        does not answer waits for that broker, and no request should."""
+        if self._connection is connection:
+            self._connection = None
+        task = asyncio.ensure_future(_close_quietly(connection, self.config.broker.connect_timeout))
+        self._closing.add(task)
+        task.add_done_callback(self._closing.discard)
 
     async def close(self) -> None:
         connection, self._connection = self._connection, None
-        if connection is not None and not connection.is_closed:
-            with contextlib.suppress(Exception):
-                await connection.close()
+        if connection is not None:
+            await _close_quietly(connection, self.config.broker.connect_timeout)
+        if self._closing:
+            await asyncio.gather(*self._closing, return_exceptions=True)
 
     async def status(self) -> dict[str, Any]:
         """`status`'s dict over the console's connection; an unreachable broker is a result, as there."""
         try:
-            return await self._broker(lambda c: status(self.config, c))
+            return await self._broker(lambda c: status(self.config, c), deadline=self.config.broker.publish_timeout)
         except BrokerUnavailable as exc:
             return unreachable(self.config, exc)
 
@@ -124,14 +162,50 @@ class Console:
                  "messages": q["ready"], "exists": q["exists"]}
                 for q in seen["queues"] if q["kind"] == "dlq" and (not event or q["event"] == event)]
 
+    async def _read(self, queue: Queue, key: tuple, work: Callable[[AbstractConnection], Awaitable[Any]]) -> Any:
+        """One read of `queue` per `key` (what it reads) in flight, shared by every view that asks for it
+        meanwhile: a view joins the read already under way instead of waiting for it and sweeping again.
+        Reads of other keys and actions on the queue still take turns (its lock)."""
+        shared = self._reads.get((queue.name, key))
+        if shared is None:
+            async def run() -> Any:
+                async with self.locks[queue.name]:
+                    started = time.monotonic()
+                    result = await self._broker(work)
+                swept = result.swept
+                log.info("console_read", queue=queue.name, examined=swept.seen, total=swept.total,
+                         complete=not swept.cut_short, seconds=round(time.monotonic() - started, 3))
+                return result
+
+            shared = self._reads[(queue.name, key)] = asyncio.ensure_future(run())
+            shared.add_done_callback(functools.partial(self._read_done, (queue.name, key)))
+        return await asyncio.shield(shared)  # a view that goes away leaves the read to the others
+
+    def _read_done(self, key: tuple, read: asyncio.Future) -> None:
+        if self._reads.get(key) is read:
+            del self._reads[key]
+        if not read.cancelled():
+            read.exception()  # seen by every view that waited; retrieved here for the one nobody waited on
+
     async def letters(self, name: str, which: dlq.Filter, limit: int = LIST_LIMIT, offset: int = 0) -> dlq.Read:
         queue = dlq.find_dlq(self.config, name)
-        async with self.locks[name]:
-            return await self._broker(lambda c: dlq.read(c, self.config, queue, which, limit, offset))
+        return await self._read(queue, ("read", which, limit, offset), lambda c: dlq.read(
+            c, self.config, queue, which, limit, offset, self.config.console.max_read_bytes))
 
-    async def search(self, call_uuid: str) -> list[tuple[Queue, dlq.Read]]:
-        return await self._broker(lambda c: dlq.search(c, self.config, dlq.Filter(call_uuid=call_uuid),
-                                                       hold=lambda queue: self.locks[queue.name]))
+    async def search(self, call_uuid: str, besides: str | None = None) -> list[tuple[Queue, dlq.Read]]:
+        """Every DLQ and the unrouted queue (but `besides`), each read as `letters` reads (shared)."""
+        which = dlq.Filter(call_uuid=call_uuid)
+        found = []
+        for queue in dlq.searched_queues(self.config):
+            if queue.name == besides:
+                continue
+            try:
+                found.append((queue, await self._read(queue, ("read", which, dlq.SEARCH_LIMIT), functools.partial(
+                    dlq.read, config=self.config, queue=queue, which=which, limit=dlq.SEARCH_LIMIT,
+                    max_bytes=self.config.console.max_read_bytes))))
+            except QueueMissing:
+                continue
+        return found
 
     async def replay(self, who: Who, name: str, which: dlq.Filter) -> dlq.Swept:
         queue = dlq.find_dlq(self.config, name)
@@ -145,11 +219,11 @@ class Console:
         queue = dlq.find_dlq(self.config, name)
 
         async def checked(connection) -> int:
-            now = await dlq.count(connection, name)
+            now = await dlq.count(connection, name, self.config.broker.publish_timeout)
             if now != confirm:
                 raise StaleCount(f"{name} holds {now} dead letters now, not the {confirm} confirmed; nothing was "
                                  f"deleted: look again and confirm {now}")
-            return await dlq.purge(connection, queue)
+            return await dlq.purge(connection, self.config, queue, confirm)
 
         async with self.locks[name]:
             purged = await self._broker(checked)
@@ -165,9 +239,12 @@ class Console:
         return swept
 
     def _log(self, who: Who, action: str, queue: str, swept: dlq.Swept, which: dlq.Filter) -> None:
+        """The audit line: the filter as given, the ids as their count and a few of them (a replay of
+        29,000 ids is one short line, not a megabyte)."""
+        ids = {"ids": len(which.ids), "ids_sample": sorted(which.ids)[:LOGGED_IDS]} if which.ids else {}
         log.info("console_action", action=action, user=who.name, via=who.via, queue=queue, moved=swept.moved,
                  examined=swept.seen, total=swept.total, complete=not swept.cut_short,
-                 filter={k: v for k, v in {**_filter_dict(which), "ids": list(which.ids)}.items() if v})
+                 filter={**{k: v[:200] for k, v in _filter_dict(which).items() if v}, **ids})
 
     # --- the JSON API --------------------------------------------------------------------------------
 
@@ -237,7 +314,8 @@ class Console:
         offset = _offset(request.query.get("offset"))
         read = await self.letters(name, which, LIST_LIMIT, offset)
         return self._page(request, "letters.html", queue=name, read=read, rows=[_letter_dict(l) for l in read.letters],
-                          filter=_filter_dict(which), limit=LIST_LIMIT, pages=_pages(request, offset, read.matched))
+                          filter=_filter_dict(which), filtered=bool(which), limit=LIST_LIMIT,
+                          pages=_pages(request, offset, read.matched), max_read_bytes=self.config.console.max_read_bytes)
 
     async def page_letter(self, request: web.Request) -> web.Response:
         letter, others = await self._letter(request.match_info["queue"], request.match_info["id"])
@@ -255,19 +333,19 @@ class Console:
         if form.get("all"):
             which = parse_filter(form)
         else:
-            ids = tuple(str(v) for v in form.getall("id", []))
+            ids = frozenset(str(v) for v in form.getall("id", []))
             if not ids:
                 raise BadRequest("choose the letters to replay (the boxes in the first column), or replay all matching")
             which = dlq.Filter(ids=ids)
         swept = await self.replay(request[WHO], name, which)
-        return self._page(request, "done.html", queue=name, message=(
+        return self._done(request, name, swept.cut_short, (
             f"Replayed {swept.moved} dead letter{'s' if swept.moved != 1 else ''} from {name} to "
-            f"{name.removesuffix('.dlq')} ({swept.seen} of {swept.total} letters examined)."), swept=swept)
+            f"{name.removesuffix('.dlq')} ({swept.seen} of {swept.total} letters examined)."))
 
     async def page_purge_confirm(self, request: web.Request) -> web.Response:
         name = request.match_info["queue"]
         dlq.find_dlq(self.config, name)
-        count = await self._broker(lambda c: dlq.count(c, name))
+        count = await self._broker(lambda c: dlq.count(c, name, self.config.broker.publish_timeout))
         return self._page(request, "purge.html", queue=name, count=count)
 
     async def page_purge(self, request: web.Request) -> web.Response:
@@ -276,24 +354,43 @@ class Console:
         if not _digits(confirm):
             raise BadRequest("the purge form's count is missing; open the purge page again")
         purged = await self.purge(request[WHO], name, int(confirm))
-        return self._page(request, "done.html", queue=name, message=f"Deleted {purged} dead letters from {name}.")
+        return self._done(request, name, False, f"Deleted {purged} dead letters from {name}.")
 
     async def page_replay_unrouted(self, request: web.Request) -> web.Response:
         event = str((await request.post()).get("event", "")) or None
         swept = await self.replay_unrouted(request[WHO], event)
-        return self._page(request, "done.html", queue=None, swept=swept, message=(
+        return self._done(request, None, swept.cut_short, (
             f"Moved {swept.moved} webhooks from {self.config.broker.unrouted} to the consumers that now take their "
             f"event ({swept.seen} of {swept.total} examined; the others have no consumer yet)."))
 
+    def _done(self, request: web.Request, queue: str | None, cut_short: bool, message: str) -> web.Response:
+        """Post/Redirect/Get: an action's outcome is kept under a fresh token and the answer is a 303 to
+        /done/TOKEN, so a reload (or Back) shows the outcome again and never runs the action again."""
+        token = secrets.token_urlsafe(16)
+        self.outcomes[token] = (request[WHO].name, {"queue": queue, "cut_short": cut_short, "message": message})
+        while len(self.outcomes) > OUTCOMES:
+            self.outcomes.popitem(last=False)
+        raise web.HTTPSeeOther(f"/done/{token}")
+
+    async def page_done(self, request: web.Request) -> web.Response:
+        user, outcome = self.outcomes.get(request.match_info["token"], (None, None))
+        if outcome is None or user != request[WHO].name:
+            raise web.HTTPNotFound(text=f"that result is no longer kept (the console keeps the last {OUTCOMES} "
+                                        f"actions' results until it restarts); the queue's page shows where things stand")
+        return self._page(request, "done.html", **outcome)
+
     async def _letter(self, name: str, message_id: str) -> tuple[dlq.Letter, list[dict[str, Any]]]:
-        read = await self.letters(name, dlq.Filter(ids=(message_id,)), 1)
-        if not read.letters:
+        """The letter and its call's other letters: one read of its queue finds both, then one read of
+        each other queue (a letter page used to read its own queue twice)."""
+        queue = dlq.find_dlq(self.config, name)
+        found: dlq.Found = await self._read(queue, ("letter", message_id), lambda c: dlq.find_letter(
+            c, self.config, queue, message_id, self.config.console.max_read_bytes))
+        letter = found.letter
+        if letter is None:
             raise web.HTTPNotFound(text=f"no letter {message_id} in {name} (replayed or purged meanwhile?)")
-        letter = read.letters[0]
-        others = []
+        others = [{"queue": name, "queue_kind": queue.kind, **row} for row in found.same_call]
         if letter.call_uuid:
-            found = _search_dict(letter.call_uuid, await self.search(letter.call_uuid))
-            others = [row for row in found["letters"] if not (row["queue"] == name and row["message_id"] == letter.id)]
+            others += _search_dict(letter.call_uuid, await self.search(letter.call_uuid, besides=name))["letters"]
         return letter, others
 
     # --- logging in ----------------------------------------------------------------------------------
@@ -356,6 +453,11 @@ class Console:
         raise response
 
 
+async def _close_quietly(connection: AbstractConnection, timeout: float) -> None:
+    with contextlib.suppress(Exception):
+        await asyncio.wait_for(connection.close(), timeout)
+
+
 # --- request parsing and answers ---------------------------------------------------------------------
 
 
@@ -386,10 +488,10 @@ def _replay_filter(body: Mapping[str, Any]) -> dlq.Filter:
     if ids is not None:
         if not isinstance(ids, list) or not ids or not all(isinstance(i, str) for i in ids):
             raise BadRequest('"ids" is a non-empty list of message ids')
-        return dlq.Filter(ids=tuple(ids))
+        return dlq.Filter(ids=frozenset(ids))
     if body.get("all") is not True:
-        raise BadRequest('send {"ids": [...]}, or {"all": true} with any of "event", "q", "since", "until"')
-    for key in ("event", "q", "since", "until"):
+        raise BadRequest('send {"ids": [...]}, or {"all": true} with any of "event", "call_uuid", "q", "since", "until"')
+    for key in ("event", "call_uuid", "q", "since", "until"):
         if body.get(key) is not None and not isinstance(body[key], str):
             raise BadRequest(f'"{key}" is a string')
     return parse_filter(body)
@@ -462,9 +564,11 @@ async def _json_body(request: web.Request) -> dict[str, Any]:
     return body
 
 
-def _filter_dict(which: dlq.Filter) -> dict[str, Any]:
-    return {"event": which.events[0] if which.events else "", "q": which.grep or "",
-            "since": which.failed_after.isoformat() if which.failed_after else "",
+def _filter_dict(which: dlq.Filter) -> dict[str, str]:
+    """The filter as parse_filter reads it: the page's filter form, and the fields its "replay all
+    matching" carries, are both this dict, so the action takes every filter the page shows."""
+    return {"event": which.events[0] if which.events else "", "call_uuid": which.call_uuid or "",
+            "q": which.grep or "", "since": which.failed_after.isoformat() if which.failed_after else "",
             "until": which.failed_before.isoformat() if which.failed_before else ""}
 
 
@@ -488,7 +592,8 @@ def _pretty(value: Any) -> str:
 
 def _read_dict(read: dlq.Read) -> dict[str, Any]:
     return {"queue": read.swept.queue, "total": read.swept.total, "matched": read.matched,
-            "complete": not read.swept.cut_short, "letters": [_letter_dict(l) for l in read.letters]}
+            "complete": not read.swept.cut_short, "cut_at_bytes": read.cut_at_bytes,
+            "letters": [_letter_dict(l) for l in read.letters]}
 
 
 def _search_dict(call_uuid: str, found: list[tuple[Queue, dlq.Read]]) -> dict[str, Any]:
@@ -578,6 +683,7 @@ def build_console(config: Config, sessions: Sessions | None = None, sample: bool
     r.add_get("/dlq/{queue}/purge", console.page_purge_confirm)
     r.add_post("/dlq/{queue}/purge", console.page_purge)
     r.add_post("/unrouted/replay", console.page_replay_unrouted)
+    r.add_get("/done/{token}", console.page_done)
     r.add_get("/search", console.page_search)
     r.add_get("/api/pipeline", console.api_pipeline)
     r.add_get("/api/dlq", console.api_dlqs)

@@ -26,12 +26,12 @@ import os
 import secrets
 import stat
 import sys
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from functools import cached_property
-from typing import Any, BinaryIO, cast
+from typing import Any, BinaryIO, TypeVar, cast
 
 import aiormq
 import orjson
@@ -40,7 +40,7 @@ from aiormq.abc import DeliveredMessage
 from pamqp.commands import Basic
 
 from ..config import Config
-from ..errors import CannotWrite, CutShort, HipcallError, NotADeadLetterQueue, QueueMissing
+from ..errors import BrokerUnavailable, CannotWrite, CutShort, HipcallError, NotADeadLetterQueue, QueueMissing
 from ..message import SWEEP_HEADER, call_uuid, delivery_tag, fresh_headers, id_of, own_headers, parse_body, republish_properties
 from ..publish import Publisher
 from ..topology import Queue, declare, plan
@@ -50,6 +50,8 @@ PREFETCH = 200  # letters a sweep takes at once (a window): bounds its memory wh
 EXPORT_ENVELOPE = 1 << 20  # bytes of an export line besides the body: headers (an error of 1 KiB), properties
 IDLE = 2.0  # seconds without a delivery after which a sweep decides someone else holds the rest
 SEARCH_LIMIT = 100  # letters a search holds per queue: one call has a handful of events
+HELD_OVERHEAD = 2048  # bytes a held letter costs besides its body: its headers, the objects around it
+T = TypeVar("T")
 
 
 def dead_letter_queues(config: Config) -> list[Queue]:
@@ -117,26 +119,33 @@ class Letter:
     def _reason(self) -> str:
         return str(self._death.get("reason") or self.headers.get("x-first-death-reason") or "unknown")
 
+    @cached_property
+    def _facts(self) -> tuple[str | None, str | None]:
+        """(event, call uuid), from one parse of the body that is not kept: a letter held for a listing
+        holds its body's bytes, not a parsed copy (several times their size)."""
+        payload = self.payload_or_text if "payload_or_text" in self.__dict__ else _parsed(self.message.body)
+        if not isinstance(payload, dict):
+            return None, None
+        event = payload.get("event")
+        return (event if isinstance(event, str) else None), call_uuid(payload)
+
     @property
     def event(self) -> str | None:
-        event = self._payload.get("event")
-        return event if isinstance(event, str) else None
+        return self._facts[0]
 
     @property
     def call_uuid(self) -> str | None:
-        return call_uuid(self._payload)
+        return self._facts[1]
+
+    @property
+    def size(self) -> int:
+        """Bytes this letter holds, near enough: its body and headers (the bound of a read's memory)."""
+        return len(self.message.body) + HELD_OVERHEAD
 
     @cached_property
     def payload_or_text(self) -> Any:
         """The body parsed, for display; as text when it is not JSON (or nests too deep to parse)."""
-        try:
-            return parse_body(self.message.body)
-        except orjson.JSONDecodeError:
-            return self.message.body.decode("utf-8", "replace")
-
-    @property
-    def _payload(self) -> dict:
-        return self.payload_or_text if isinstance(self.payload_or_text, dict) else {}
+        return _parsed(self.message.body)
 
     @property
     def attempts(self) -> int | str | None:
@@ -198,7 +207,7 @@ class Filter:
     """Which letters a read, a replay or a search takes; a field left empty takes every letter."""
 
     events: tuple[str, ...] = ()
-    ids: tuple[str, ...] = ()
+    ids: frozenset[str] = frozenset()  # a set: a replay of 29,000 ids costs a lookup per letter, not a scan
     grep: str | None = None  # text in the body or the error
     call_uuid: str | None = None
     failed_after: datetime | None = None
@@ -254,15 +263,22 @@ Choose = Callable[[Letter], Target | None]
 
 async def sweep(connection: AbstractConnection, config: Config, dlq: Queue, choose: Choose, *,
                 enough: Callable[[], bool] = lambda: False, prefetch: int = PREFETCH,
-                progress: Callable[[int], None] = lambda moved: None) -> Swept:
-    """One pass over the letters `dlq` holds now; each is kept or moved as `choose` says (see above)."""
+                progress: Callable[[int], None] = lambda moved: None, window_bytes: int | None = None) -> Swept:
+    """One pass over the letters `dlq` holds now; each is kept or moved as `choose` says (see above).
+    With `window_bytes`, a window (the letters taken at once) holds about that many bytes at most: the
+    first is sized for letters of http.max_body_bytes, each later one for the largest letter met so far."""
     limit = delivery_limit(config, dlq)
     mark = secrets.token_hex(8)
-    publisher = await Publisher.open(connection, config.broker.publish_timeout, IN_FLIGHT)
-    channel = await connection.channel()
+    timeout = config.broker.publish_timeout  # every request to the broker is answered within it, or it is gone
+    publisher = await answered(Publisher.open(connection, timeout, IN_FLIGHT), "open a channel", timeout)
+    try:
+        channel = await answered(connection.channel(), "open a channel", timeout)
+    except BaseException:
+        await _close(publisher, timeout)
+        raise
     failures: list[BaseException] = []
     try:
-        declared = await _passive(channel, dlq.name)
+        declared = await _passive(channel, dlq.name, timeout)
         result = Swept(dlq.name, declared.declaration_result.message_count or 0)
         letters = await channel.get_underlay_channel()  # aiormq's channel: consume, qos, acks
 
@@ -290,11 +306,12 @@ async def sweep(connection: AbstractConnection, config: Config, dlq: Queue, choo
             now = datetime.now(timezone.utc).isoformat()
             stored = await asyncio.gather(*(replace(letter, target, now) for letter, target in window))
             if window and all(stored):
-                await letters.basic_ack(max(letter.tag for letter, _ in window), multiple=True)
+                await answered(letters.basic_ack(max(letter.tag for letter, _ in window), multiple=True), "basic.ack",
+                               timeout)
             else:
                 for (letter, _), ok in zip(window, stored):
                     if ok:
-                        await letters.basic_ack(letter.tag)
+                        await answered(letters.basic_ack(letter.tag), "basic.ack", timeout)
             for (_, target), ok in zip(window, stored):
                 if ok and target is not None:
                     result.moved += 1
@@ -307,8 +324,9 @@ async def sweep(connection: AbstractConnection, config: Config, dlq: Queue, choo
             inbox.put_nowait(message)
 
         async def consume(window: int) -> str:
-            await letters.basic_qos(prefetch_count=window)
-            return cast(str, (await letters.basic_consume(dlq.name, deliver)).consumer_tag)  # the broker names it
+            await answered(letters.basic_qos(prefetch_count=window), "basic.qos", timeout)
+            consumer = await answered(letters.basic_consume(dlq.name, deliver), f"consume {dlq.name}", timeout)
+            return cast(str, consumer.consumer_tag)  # the broker names it
 
         async def take(window: int) -> list[DeliveredMessage]:
             """The next `window` letters, or fewer if nothing more comes for IDLE seconds."""
@@ -327,7 +345,15 @@ async def sweep(connection: AbstractConnection, config: Config, dlq: Queue, choo
         # letter of a window is acked the consumer is cancelled if the pass is done, or replaced by one
         # with a smaller prefetch for a last, shorter window (RabbitMQ fixes a consumer's prefetch when
         # it starts: a later basic.qos does not change it).
-        window = max(1, min(prefetch, result.total))
+        largest = config.http.max_body_bytes + HELD_OVERHEAD  # until a window shows what the letters weigh
+        met = 0  # the largest letter met so far
+
+        def window_for(remaining: int) -> int:
+            """Letters to take next: `prefetch`, fewer if that many would pass window_bytes, at most `remaining`."""
+            fits = prefetch if window_bytes is None else max(1, window_bytes // largest)
+            return max(0, min(prefetch, fits, remaining))
+
+        window = max(1, window_for(result.total))
         tag = None
         try:
             if result.total:
@@ -335,6 +361,9 @@ async def sweep(connection: AbstractConnection, config: Config, dlq: Queue, choo
             while tag is not None:
                 taken = await take(window)
                 settling: list[tuple[Letter, Target | None]] = []
+                if taken:  # the next window is sized for the largest letter met so far
+                    met = max(met, max(len(message.body) for message in taken) + HELD_OVERHEAD)
+                    largest = 1 << (met - 1).bit_length()  # a power of two: the window changes seldom
                 for message in taken:  # in order: `choose` sees the letters as they stand in the queue
                     letter = Letter(message, limit, dlq.kind)
                     if letter.headers.get(SWEEP_HEADER) == mark:  # our own copy: every original here was read
@@ -344,10 +373,10 @@ async def sweep(connection: AbstractConnection, config: Config, dlq: Queue, choo
                         continue
                     result.seen += 1
                     settling.append((letter, choose(letter)))
-                following = min(prefetch, result.total - result.seen)
+                following = window_for(result.total - result.seen)
                 done = len(taken) < window or result.met_own_copy or not following or enough()
                 if done or following != window:
-                    await asyncio.wait_for(letters.basic_cancel(tag), config.broker.publish_timeout)
+                    await answered(letters.basic_cancel(tag), "basic.cancel", timeout)
                     tag = None
                 if done:
                     result.stopped = result.seen < result.total and enough()
@@ -363,14 +392,17 @@ async def sweep(connection: AbstractConnection, config: Config, dlq: Queue, choo
                     break
         except Exception as exc:  # the channel is gone, or the broker does not answer
             failures.append(exc)  # letters not yet settled go back when the channel closes
-        if failures:
-            raise HipcallError(f"stopped after {result.seen} letters ({result.moved} moved); the rest are still in "
-                               f"{dlq.name}: {failures[0]}")
+        if failures:  # ours say why; anything else is the connection failing under the pass
+            first = failures[0]
+            kind = HipcallError if isinstance(first, HipcallError) and not isinstance(first, BrokerUnavailable) \
+                else BrokerUnavailable
+            why = first if isinstance(first, HipcallError) else f"the connection to RabbitMQ failed ({type(first).__name__}: {first})"
+            raise kind(f"stopped after {result.seen} letters ({result.moved} moved); the rest are still in "
+                       f"{dlq.name}: {why}")
         return result
     finally:
-        if not channel.is_closed:
-            await channel.close()
-        await publisher.close()
+        await _close(channel, timeout)
+        await _close(publisher, timeout)
 
 
 @dataclass
@@ -420,22 +452,68 @@ class Read:
     letters: list[Letter]
     matched: int
     swept: Swept
+    cut_at_bytes: bool = False  # fewer than `limit` held: the next would have passed max_bytes
 
 
 async def read(connection: AbstractConnection, config: Config, queue: Queue, which: Filter, limit: int,
-               offset: int = 0) -> Read:
+               offset: int = 0, max_bytes: int | None = None) -> Read:
     """The letters of a DLQ (or the unrouted queue) that match, `limit` of them held after skipping the
-    first `offset` (a page), in one whole pass: the queue is left as it was, in the same order (see sweep)."""
+    first `offset` (a page), in one whole pass: the queue is left as it was, in the same order (see sweep).
+    With `max_bytes`, the letters held and the sweep's window each stay within about that many bytes,
+    whatever their size."""
     found = Read([], 0, Swept(queue.name, 0))
+    held = 0
 
     def choose(letter: Letter) -> None:
+        nonlocal held
         if which.matches(letter):
             found.matched += 1
-            if found.matched > offset and len(found.letters) < limit:
-                found.letters.append(letter)
+            if found.matched > offset and len(found.letters) < limit and not found.cut_at_bytes:
+                if max_bytes is not None and found.letters and held + letter.size > max_bytes:
+                    found.cut_at_bytes = True
+                else:
+                    found.letters.append(letter)
+                    held += letter.size
         return None
 
-    found.swept = await sweep(connection, config, queue, choose)
+    found.swept = await sweep(connection, config, queue, choose, window_bytes=max_bytes)
+    return found
+
+
+@dataclass
+class Found:
+    """What `find_letter` found: the letter, and its call's other letters in that queue (summaries)."""
+
+    letter: Letter | None
+    same_call: list[dict[str, Any]]
+    swept: Swept
+
+
+async def find_letter(connection: AbstractConnection, config: Config, queue: Queue, message_id: str,
+                      max_bytes: int | None = None) -> Found:
+    """One pass for a letter and the other letters of its call in the same queue (a letter page's
+    two questions, one sweep). Until the letter is met, each call's letters are kept as summaries
+    (SEARCH_LIMIT per call), the only ones that can be its call's."""
+    found = Found(None, [], Swept(queue.name, 0))
+    before: collections.defaultdict[str, list[dict[str, Any]]] = collections.defaultdict(list)
+
+    def brief(letter: Letter) -> dict[str, Any]:
+        return {**letter.summary(), "error": letter.error[:200]}
+
+    def choose(letter: Letter) -> None:
+        uuid = letter.call_uuid
+        if found.letter is None:
+            if letter.id == message_id:
+                found.letter = letter
+                found.same_call = before.pop(uuid, []) if uuid else []
+                before.clear()
+            elif uuid and len(before[uuid]) < SEARCH_LIMIT:
+                before[uuid].append(brief(letter))
+        elif uuid and uuid == found.letter.call_uuid and len(found.same_call) < SEARCH_LIMIT:
+            found.same_call.append(brief(letter))
+        return None
+
+    found.swept = await sweep(connection, config, queue, choose, window_bytes=max_bytes)
     return found
 
 
@@ -485,24 +563,78 @@ async def replay_unrouted(connection: AbstractConnection, config: Config, *, lim
                        enough=lambda: limit is not None and chosen >= limit)
 
 
-async def _passive(channel, name: str):
+async def answered(request: Awaitable[T], what: str, timeout: float) -> T:
+    """A request to the broker, or BrokerUnavailable naming RabbitMQ once `timeout` passed without its
+    answer: a broker that stops answering (a partition, a paused node) keeps the TCP connection open,
+    so without a deadline the request would wait until it answers again."""
     try:
-        return await channel.declare_queue(name, passive=True)
+        return await asyncio.wait_for(request, timeout)
+    except TimeoutError:
+        raise BrokerUnavailable(f"RabbitMQ did not answer ({what}) within {timeout:g} s") from None
+
+
+async def _passive(channel, name: str, timeout: float):
+    try:
+        return await answered(channel.declare_queue(name, passive=True), f"declare {name}", timeout)
     except aiormq.exceptions.ChannelNotFoundEntity:
         raise QueueMissing(f"{name} does not exist on the broker; `hipcall-ingest topology` declares it") from None
 
 
-async def purge(connection: AbstractConnection, dlq: Queue) -> int:
-    channel = await connection.channel()
-    async with channel:
-        result = await (await _passive(channel, dlq.name)).purge()
-        return result.message_count
+async def purge(connection: AbstractConnection, config: Config, dlq: Queue, count: int) -> int:
+    """Delete the first `count` letters of `dlq` (the ones a count just taken saw) and none that came
+    after them: never queue.purge(), which deletes whatever is there when it runs. Each window is taken
+    by a consumer whose prefetch is at most what is left to delete, so every letter delivered is one to
+    delete and none is handed back (a requeue counts as a delivery); a window is acked once taken.
+    Fewer are deleted only when fewer are there (another reader holds some meanwhile)."""
+    timeout = config.broker.publish_timeout
+    channel = await answered(connection.channel(), "open a channel", timeout)
+    try:
+        await _passive(channel, dlq.name, timeout)
+        letters = await channel.get_underlay_channel()
+        inbox: asyncio.Queue[DeliveredMessage] = asyncio.Queue()  # emptied by every window
+
+        async def deliver(message: DeliveredMessage) -> None:
+            inbox.put_nowait(message)
+
+        deleted = 0
+        while deleted < count:
+            window = min(PREFETCH, count - deleted)
+            await answered(letters.basic_qos(prefetch_count=window), "basic.qos", timeout)
+            consumer = await answered(letters.basic_consume(dlq.name, deliver), f"consume {dlq.name}", timeout)
+            tag = cast(str, consumer.consumer_tag)  # the broker names it
+            taken: list[DeliveredMessage] = []
+            with contextlib.suppress(TimeoutError):
+                while len(taken) < window:
+                    taken.append(await asyncio.wait_for(inbox.get(), IDLE))
+            await answered(letters.basic_cancel(tag), "basic.cancel", timeout)
+            if len(taken) < window:  # a delivery may have come after the wait gave up: it is one to delete too
+                await asyncio.sleep(0.05)
+                while not inbox.empty():
+                    taken.append(inbox.get_nowait())
+            if taken:
+                await answered(letters.basic_ack(max(delivery_tag(m) for m in taken), multiple=True), "basic.ack",
+                               timeout)
+            deleted += len(taken)
+            if len(taken) < window:
+                break
+        return deleted
+    finally:
+        await _close(channel, timeout)
 
 
-async def count(connection: AbstractConnection, name: str) -> int:
-    channel = await connection.channel()
-    async with channel:
-        return (await _passive(channel, name)).declaration_result.message_count or 0
+async def _close(closable: Any, timeout: float) -> None:
+    """Close a channel (or a publisher's) within `timeout`; one the broker does not answer for is left to
+    the connection's fate (its letters go back when that closes)."""
+    with contextlib.suppress(Exception):
+        await asyncio.wait_for(closable.close(), timeout)
+
+
+async def count(connection: AbstractConnection, name: str, timeout: float) -> int:
+    channel = await answered(connection.channel(), "open a channel", timeout)
+    try:
+        return (await _passive(channel, name, timeout)).declaration_result.message_count or 0
+    finally:
+        await _close(channel, timeout)
 
 
 # --- export / import: JSON lines with the body byte for byte -----------------------------------------
@@ -637,6 +769,13 @@ async def import_letters(connection: AbstractConnection, config: Config, dlq: Qu
     finally:
         await publisher.close()
     return len(letters)
+
+
+def _parsed(body: bytes) -> Any:
+    try:
+        return parse_body(body)
+    except orjson.JSONDecodeError:
+        return body.decode("utf-8", "replace")
 
 
 def _as_text(value: Any) -> str:

@@ -485,3 +485,25 @@ def test_search_finds_a_call_in_every_dlq_and_replay_grep_moves_only_the_matchin
     moved = cli(broker, path, "dlq", "replay", "crm.call_hangup.dlq", "--grep", "uuid-00002")
     assert moved.returncode == 0 and "replayed 1 from crm.call_hangup.dlq" in moved.stdout
     assert [m.message_id for m in broker.take("crm.call_hangup", expect=1)] == [ids[2]]
+
+
+def test_purge_of_n_deletes_the_first_n_letters_and_leaves_the_rest_in_order_uncounted(broker, tmp_path):
+    """The console's purge deletes exactly the letters its count saw: the first N, each window acked
+    once taken; the letters after them are never delivered (no requeue to count under a delivery limit)."""
+    path = _empty_config(broker, tmp_path)
+    broker.ctl("set_policy", "-p", "{vhost}", "dlq-limit", r"\.dlq$", '{"delivery-limit": 1}', "--apply-to", "queues")
+    _publish_letters(broker.url, 450)  # more than two windows
+    config = load_config(path, {"HIPCALL_AMQP_URL": broker.url})
+
+    async def main():
+        connection = await aio_pika.connect(broker.url)
+        async with connection:
+            queue = dlq.find_dlq(config, "hipcall.call_hangup.dlq")
+            first = await dlq.purge(connection, config, queue, 420)
+            rest = await dlq.purge(connection, config, queue, 0)
+            return first, rest
+
+    assert asyncio.run(main()) == (420, 0)
+    left = broker.take("hipcall.call_hangup.dlq", expect=30)
+    assert [m.message_id for m in left] == [f"id-{n:05d}" for n in range(420, 450)]
+    assert [m.headers.get("x-delivery-count", 0) for m in left] == [0] * 30

@@ -524,3 +524,13 @@ def test_a_host_name_the_console_was_not_given_is_a_400(tmp_path):
 
     got = talk(console_config(tmp_path, 'allowed_hosts = ["console.example.com"]\n'), hosts)[0]
     assert got == [400, 400, 200, 200, 200, 200, 200, 400]
+
+
+def test_an_action_result_that_is_not_kept_is_a_404_that_says_so(tmp_path):
+    async def unknown(client):
+        await log_in(client)
+        r = await client.get("/done/not-a-token", allow_redirects=False)
+        return r.status, await r.text()
+
+    status, text = talk(console_config(tmp_path), unknown)[0]
+    assert status == 404 and "no longer kept" in text
