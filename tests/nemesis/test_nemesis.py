@@ -379,13 +379,23 @@ class Nemesis:
 
     def _node_kill(self, fault: Fault, start: bool) -> None:
         with self._node_locks[fault.target]:
-            node = self.d.nodes[fault.target]
-            node.kill() if start else node.start()
+            self.d.nodes[fault.target].kill() if start else self._start_node(fault.target)
 
     def _node_stop(self, fault: Fault, start: bool) -> None:
         with self._node_locks[fault.target]:
-            node = self.d.nodes[fault.target]
-            node.stop() if start else node.start()
+            self.d.nodes[fault.target].stop() if start else self._start_node(fault.target)
+
+    def _start_node(self, index: int) -> None:
+        """A heal tries three times: a node that failed to boot once (seen on a loaded machine) would
+        otherwise stay down for the rest of the run, a fault the schedule never chose."""
+        for attempt in range(3):
+            try:
+                self.d.nodes[index].start()
+                return
+            except BaseException as exc:  # noqa: BLE001 - RabbitNode fails with pytest's Failed
+                if attempt == 2:
+                    raise
+                self.errors.append(f"node {index} start, attempt {attempt + 1}: {str(exc)[:200]}")
 
     def _memory_alarm(self, fault: Fault, start: bool) -> None:
         """A heal is tried until it takes (rabbitmqctl was seen to time out on a loaded machine): an alarm
