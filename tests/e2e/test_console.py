@@ -137,7 +137,8 @@ def test_replay_and_purge_move_exactly_what_they_say_and_are_logged_with_who(lau
     status, moved = api(console, "POST", "/api/unrouted/replay", {})
     assert status == 200 and moved["moved"] == 0 and broker.count("hipcall.unrouted") == 1  # call_parked: nobody takes it
 
-    actions = [l for l in console.logs() if l.get("msg") == "console_action"]
+    actions = wait_until(lambda: (found := [l for l in console.logs() if l.get("msg") == "console_action"]) and
+                         len(found) == 4 and found, what="the four actions' audit lines")
     assert actions[0]["filter"] == {"ids": 2, "ids_sample": ["id-0", "id-3"]} and actions[1]["filter"]["q"] == "ValueError"
     assert [(a["action"], a["user"], a.get("moved", a.get("deleted"))) for a in actions] == [
         ("replay", "token 1", 2), ("replay", "token 1", 1), ("purge", "token 1", 2), ("replay_unrouted", "token 1", 0)]
@@ -471,11 +472,12 @@ def test_views_of_one_queue_in_flight_share_one_read_and_a_letter_page_reads_eac
     with concurrent.futures.ThreadPoolExecutor(3) as pool:  # three people open the same page at once
         answers = list(pool.map(lambda _: api(console, "GET", "/api/dlq/crm.call_hangup.dlq?q=TimeoutError"), range(3)))
     assert [(status, answer["total"], answer["matched"]) for status, answer in answers] == [(200, 3004, 3002)] * 3
-    assert reads(console) == ["crm.call_hangup.dlq"]  # one sweep, not three one after another
+    # Lines go out from the log's own thread, every line queued so far in one write: wait for the first.
+    assert wait_until(lambda: reads(console), what="the read's line") == ["crm.call_hangup.dlq"]  # one sweep, not three
 
     status, letter = api(console, "GET", "/api/dlq/crm.call_hangup.dlq/letters/id-1")
     assert status == 200 and sorted(l["message_id"] for l in letter["same_call"]) == ["init-1", "unrouted-1"]
-    searched = reads(console)[1:]
+    searched = wait_until(lambda: reads(console)[1:], what="the letter page's reads")
     assert len(searched) == len(set(searched))  # each queue once: its own is not read a second time
     assert {"crm.call_hangup.dlq", "crm.call_init.dlq", "hipcall.unrouted"} <= set(searched)
     assert broker.count("crm.call_hangup.dlq") == 3004
@@ -507,7 +509,9 @@ def test_a_replay_of_29000_ids_is_one_short_audit_line(launch, broker, tmp_path)
     ids = [f"not-here-{n:05d}" for n in range(28_999)] + ["id-2"]
     status, moved = api(console, "POST", "/api/dlq/crm.call_hangup.dlq/replay", {"ids": ids})
     assert status == 200 and moved["moved"] == 1
-    [line] = [l for l in console.output().splitlines() if '"console_action"' in l]
+    # The log's lines go out from a thread of their own: wait for the action's line, do not expect it yet.
+    [line] = wait_until(lambda: [l for l in console.output().splitlines() if '"console_action"' in l],
+                        what="the replay's audit line")
     audit = json.loads(line)
     assert audit["filter"]["ids"] == 29_000 and len(audit["filter"]["ids_sample"]) == 10
     assert len(line) < 4096, f"{len(line)} bytes"
