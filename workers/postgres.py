@@ -36,7 +36,8 @@ from .postgres_rows import CALL_EVENTS, COLUMNS, CallRow, call_row, fit_text, lo
 
 log = structlog.get_logger("workers.postgres")
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
+NOTIFY_CHANNEL = "hipcall_calls"  # payload "SCHEMA UUID LAST_EVENT": the wallboard LISTENs (ingest/console/wallboard.py)
 ROW = ("uuid", *COLUMNS, "newness", "last_event", "field_errors")  # the upsert's parameters, in order
 JSONB = ("call_flow", "field_errors")
 SCHEMA_RE = re.compile(r"[a-z_][a-z0-9_]{0,62}")
@@ -93,9 +94,12 @@ def ddl(schema: str) -> list[str]:
                            (direction = 'inbound' AND missing_call IS TRUE AND voicemail_id IS NULL) STORED,
     voicemail            boolean GENERATED ALWAYS AS (voicemail_id IS NOT NULL) STORED,
     unanswered_outbound  boolean GENERATED ALWAYS AS (direction = 'outbound' AND call_duration = 0) STORED,
-    field_errors         jsonb           -- a column -> "event: why" for each value not stored as sent
+    field_errors         jsonb,          -- a column -> "event: why" for each value not stored as sent
+    number_id            bigint          -- the number the caller dialled (the wallboard's per-number figures)
 )""",
         f"CREATE INDEX IF NOT EXISTS hipcall_calls_ended_at ON {schema}.hipcall_calls (ended_at)",
+        f"CREATE INDEX IF NOT EXISTS hipcall_calls_started_at ON {schema}.hipcall_calls (started_at)",
+        f"CREATE INDEX IF NOT EXISTS hipcall_calls_open ON {schema}.hipcall_calls (started_at) WHERE last_event <> 'call_hangup'",
     ]
 
 
@@ -105,6 +109,19 @@ def migrations(schema: str) -> dict[int, list[str]]:
         2: [f"ALTER TABLE {schema}.hipcall_events ADD COLUMN IF NOT EXISTS raw_body bytea, "
             f"ADD COLUMN IF NOT EXISTS field_errors jsonb",
             f"ALTER TABLE {schema}.hipcall_calls ADD COLUMN IF NOT EXISTS field_errors jsonb"],
+        3: [f"ALTER TABLE {schema}.hipcall_calls ADD COLUMN IF NOT EXISTS number_id bigint",
+            # the calls already stored get theirs from their latest stored call event that has one
+            f"""UPDATE {schema}.hipcall_calls c SET number_id = (
+    SELECT (e.payload->'data'->>'number_id')::bigint FROM {schema}.hipcall_events e
+    WHERE e.call_uuid = c.uuid AND e.event IN ('call_init', 'call_bridged', 'call_hangup')
+      AND jsonb_typeof(e.payload->'data'->'number_id') = 'number'
+      AND e.payload->'data'->>'number_id' ~ '^-?[0-9]{{1,18}}$'
+    ORDER BY CASE e.event WHEN 'call_hangup' THEN 3 WHEN 'call_bridged' THEN 2 ELSE 1 END DESC, e.message_id DESC
+    LIMIT 1)
+WHERE c.number_id IS NULL""",
+            f"CREATE INDEX IF NOT EXISTS hipcall_calls_started_at ON {schema}.hipcall_calls (started_at)",
+            f"CREATE INDEX IF NOT EXISTS hipcall_calls_open ON {schema}.hipcall_calls (started_at) "
+            f"WHERE last_event <> 'call_hangup'"],
     }
 
 
@@ -183,7 +200,11 @@ class Postgres:
                     self._insert_event, event.id, event.name, source_of(event), event.received_at, call_uuid, payload,
                     raw_body, orjson.dumps(errors).decode() if errors else None)
                 if uuid is not None:
-                    await connection.execute(self._upsert, *await self._merged(connection, uuid, row if written else None))
+                    merged = await self._merged(connection, uuid, row if written else None)
+                    await connection.execute(self._upsert, *merged)
+                    # delivered at commit, to whoever LISTENs (the console's wallboard): this call changed
+                    await connection.execute("SELECT pg_notify($1, $2)", NOTIFY_CHANNEL,
+                                             f"{self._schema} {uuid[:200]} {merged[ROW.index('last_event')]}")
         except self._asyncpg.DataError as exc:  # a value PostgreSQL refuses for its column: no retry helps
             raise PermanentError(f"PostgreSQL refused a value: {exc}") from None
 
