@@ -157,7 +157,9 @@ def day_figures(calls: Iterable[Call], day: date, zone: tzinfo, threshold_for: C
 
 def combine(tallies: Mapping[tuple[int | None, datetime], Tally]) -> dict[str, Any]:
     """Per-(number, slot) tallies as the API's day figures: the total, `numbers` and `slots`."""
-    total, numbers, slots = Tally(), {}, {}
+    total = Tally()
+    numbers: dict[int | None, Tally] = {}
+    slots: dict[datetime, Tally] = {}
     for (number, start), t in tallies.items():
         total.add(t)
         numbers.setdefault(number, Tally()).add(t)

@@ -98,7 +98,7 @@ class Wallboard:
             try:
                 connection = await self._asyncpg.connect(self.config.dsn, timeout=10)
                 lost = asyncio.Event()
-                connection.add_termination_listener(lambda _c: lost.set())
+                connection.add_termination_listener(lambda _c, lost=lost: lost.set())
                 await connection.add_listener(CHANNEL, self._notified)
                 log.info("wallboard_listening", channel=CHANNEL, schema=self.config.schema)
                 delay = RECONNECT[0]
@@ -146,7 +146,7 @@ class Wallboard:
         assert self.queries is not None
         try:
             return await work(self.queries)
-        except (OSError, asyncio.TimeoutError, self._asyncpg.PostgresError, self._asyncpg.InterfaceError) as exc:
+        except (TimeoutError, OSError, self._asyncpg.PostgresError, self._asyncpg.InterfaceError) as exc:
             if isinstance(exc, self._asyncpg.UndefinedTableError):
                 raise WallboardUnavailable(f"no calls table in schema {self.config.schema} yet: the postgres consumer makes "
                                            f"it with its first message") from None

@@ -5,7 +5,7 @@ out of business hours; per-day in a timezone, per number, per 15-minute slot; th
 from datetime import date, datetime, timedelta, timezone
 from zoneinfo import ZoneInfo
 
-from ingest.wallboard import Call, day_figures, figures, live, outcome, slot_start, tally, talk_seconds, wait_seconds
+from ingest.wallboard import Call, day_figures, figures, live, outcome, slot_start, talk_seconds, tally, wait_seconds
 
 T0 = datetime(2026, 12, 7, 9, 0, tzinfo=timezone.utc)
 

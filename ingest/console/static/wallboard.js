@@ -18,6 +18,8 @@
     return s >= 3600 ? Math.floor(s / 3600) + "h" + String(Math.floor(s % 3600 / 60)).padStart(2, "0")
                      : Math.floor(s / 60) + ":" + String(s % 60).padStart(2, "0");
   };
+  const MISSED_SHOWN = 12;
+  const clock = (iso, zone) => new Date(iso).toLocaleTimeString("en-GB", {timeZone: zone});
   const name = (n) => (n === null ? "(no number)" : names[n] || String(n));
   const row = (tbody, cells) => {
     const tr = document.createElement("tr");
@@ -48,7 +50,7 @@
     $("abandon_rate").textContent = b.abandon_rate === null ? "" : "(" + pct(b.abandon_rate) + ")";
     $("asa").textContent = dur(b.asa);
     $("day").textContent = b.date + " · " + b.timezone;
-    $("as-of").textContent = new Date(b.as_of).toLocaleTimeString();
+    $("as-of").textContent = clock(b.as_of, b.timezone);
     $("as-of").setAttribute("datetime", b.as_of);
     fill("numbers", b.numbers, (n) => [[name(n.number_id)], [n.waiting_now, "n"], [dur(n.waiting_now ? n.longest_wait : 0), "n"],
       [n.offered, "n"], [n.answered, "n"], [n.abandoned, "n"], [pct(n.service_level), "n"], [dur(n.asa), "n"]]);
@@ -57,7 +59,9 @@
       (c) => [[c.uuid.slice(0, 8)], [name(c.number_id)], [c.state, c.state], [c.user_id ?? ""], [dur(c.age + elapsed), "n"]]);
     document.querySelectorAll("#live tbody tr").forEach((tr, i) => { tr.dataset.uuid = (i < live.waiting.length ? live.waiting[i] : live.calls[i - live.waiting.length]).uuid; });
     fill("agents", state.agents, (a) => [[a.user_id], [a.calls, "n"], [dur(a.talk), "n"], [a.on_call ? "on a call" : "", a.on_call ? "talking" : ""]]);
-    fill("missed", state.missed, (m) => [[m.caller_number ?? ""], [name(m.number_id)], [new Date(m.ended_at).toLocaleTimeString()], [m.missing_call_reason ?? ""]]);
+    const missed = state.missed.slice(-MISSED_SHOWN).reverse();  // the latest first
+    fill("missed", missed, (m) => [[m.caller_number ?? ""], [name(m.number_id)], [clock(m.ended_at, b.timezone)], [m.missing_call_reason ?? ""]]);
+    $("missed-more").textContent = state.missed.length > MISSED_SHOWN ? "latest " + MISSED_SHOWN + " of " + state.missed.length : state.missed.length;
     chart(b.slots);
   }
 
@@ -66,7 +70,7 @@
     svg.replaceChildren();
     const max = Math.max(1, ...slots.map((s) => s.offered)), w = 960 / 96;
     for (const s of slots) {
-      const d = new Date(s.start), local = s.start.slice(11, 16).split(":");
+      const local = s.start.slice(11, 16).split(":");
       const x = ((+local[0]) * 4 + Math.floor(+local[1] / 15)) * w;
       for (const [key, scale] of [["offered", 1], ["answered", 1], ["abandoned", 1]]) {
         const h = (s[key] / max) * 140 * scale, r = document.createElementNS(SVG, "rect");
@@ -76,7 +80,7 @@
         r.setAttribute("height", h);
         r.setAttribute("class", key);
         const title = document.createElementNS(SVG, "title");
-        title.textContent = d.toLocaleTimeString() + ": " + key + " " + s[key];
+        title.textContent = s.start.slice(11, 16) + ": " + key + " " + s[key];
         r.appendChild(title);
         svg.appendChild(r);
       }
