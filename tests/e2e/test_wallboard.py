@@ -10,6 +10,8 @@ from collections import defaultdict
 from datetime import date, datetime, timedelta, timezone
 from zoneinfo import ZoneInfo
 
+import pytest
+
 from conftest import free_port, http, payload, post_webhook, wait_until
 from ingest.console.passwords import hash_password
 
@@ -32,6 +34,7 @@ supervisor = "{hash}"
 enabled = true
 timezone = "Europe/Istanbul"
 service_level_seconds = 20
+max_clients = 2
 [wallboard.numbers.2]
 name = "Support"
 service_level_seconds = 30
@@ -50,6 +53,15 @@ schema = "{schema}"
 def config(console_port: int, url: str, schema: str, readonly: bool = False) -> str:
     return CONFIG.format(console_port=console_port, token=TOKEN, readonly=str(readonly).lower(),
                          hash=hash_password("pw"), dsn=url, schema=schema)
+
+
+def answer(url: str) -> tuple[int, bytes] | None:
+    """(status, body) of GET url with the token; None while the console is not listening yet."""
+    try:
+        status, _, body = http("GET", url, headers=BEARER)
+    except OSError:
+        return None
+    return status, body
 
 
 def iso(moment: datetime) -> str:
@@ -173,8 +185,8 @@ def test_a_scripted_day_posted_shuffled_and_twice_gives_the_figures_a_hand_compu
     posts = events + rng.sample(events, len(events) // 3)  # a third of them twice
     rng.shuffle(posts)
     for name, data in posts:
-        status, _, answer = post_webhook(run, webhook(name, data))
-        assert status == 202, answer
+        status, _, said = post_webhook(run, webhook(name, data))
+        assert status == 202, said
     console = f"http://127.0.0.1:{console_port}"
 
     def board(query: str = "") -> dict:
@@ -182,9 +194,13 @@ def test_a_scripted_day_posted_shuffled_and_twice_gives_the_figures_a_hand_compu
         assert status == 200, body
         return json.loads(body)
 
+    def counted() -> bool:
+        got = answer(f"{console}/api/wallboard?date={DAY}")
+        return got is not None and got[0] == 200 and same(json.loads(got[1]), want["all"])
+
     want = expected_day(hangups, DAY, lambda n: 30 if n == 2 else 20)
     assert want["all"]["offered"] > 30 and want["all"]["out_of_hours"] and want["all"]["voicemail"]  # the script is rich
-    wait_until(lambda: same(board(), want["all"]), timeout=120, what="the board to count every posted call")
+    wait_until(counted, timeout=120, what="the board to count every posted call")
     got = board()
     assert same(got, want["all"]) and got["service_level_seconds"] == 20 and got["date"] == str(DAY)
     numbers = {n["number_id"]: n for n in got["numbers"]}
@@ -232,7 +248,7 @@ def test_bad_input_gets_a_clear_400_and_a_read_only_console_shows_the_board(laun
     console_port = free_port()
     run = launch("run", broker, config(console_port, url, schema, readonly=True), wait="/readyz")
     console = f"http://127.0.0.1:{console_port}"
-    wait_until(lambda: http("GET", f"{console}/api/wallboard/live", headers=BEARER)[0] == 503, what="the console")
+    wait_until(lambda: (answer(f"{console}/api/wallboard/live") or (0,))[0] == 503, what="the console")
     # no calls yet, not even the tables: a clear 503, no traceback
     status, _, body = http("GET", f"{console}/api/wallboard", headers=BEARER)
     assert status == 503 and "no calls table" in json.loads(body)["error"], body
@@ -245,9 +261,57 @@ def test_bad_input_gets_a_clear_400_and_a_read_only_console_shows_the_board(laun
     assert post_webhook(run, webhook("call_init", data))[0] == 202
 
     def waiting() -> int | None:
-        status, _, body = http("GET", f"{console}/api/wallboard", headers=BEARER)
-        return json.loads(body)["waiting_now"] if status == 200 else None
+        got = answer(f"{console}/api/wallboard")
+        return json.loads(got[1])["waiting_now"] if got and got[0] == 200 else None
 
     wait_until(lambda: waiting() == 1, what="the posted call waiting")
     status, _, body = http("GET", f"{console}/wallboard", headers=BEARER)  # read-only: the board all the same
     assert status == 200 and b"Waiting now" in body and b'id="waiting_now">1<' in body
+
+
+def test_the_event_stream_sends_boards_and_refuses_pages_past_max_clients(launch, broker, postgres_schema):
+    import urllib.error
+    import urllib.request
+
+    url, schema = postgres_schema
+    console_port = free_port()
+    run = launch("run", broker, config(console_port, url, schema), wait="/readyz")
+    data = {**json.loads(payload("call_init"))["data"], "direction": "inbound",
+            "started_at": iso(datetime.now(timezone.utc) - timedelta(seconds=5))}
+    assert post_webhook(run, webhook("call_init", data))[0] == 202  # the tables exist after this one
+    console = f"http://127.0.0.1:{console_port}"
+    wait_until(lambda: (answer(f"{console}/api/wallboard") or (0,))[0] == 200, what="the tables")
+
+    def stream():
+        request = urllib.request.Request(f"{console}/api/wallboard/events", headers=BEARER)
+        return urllib.request.urlopen(request, timeout=30)
+
+    def next_board(response) -> dict:
+        while True:
+            line = response.readline()
+            assert line, "the stream ended"
+            if line.startswith(b"data: "):
+                return json.loads(line[6:])
+
+    first, second = stream(), stream()
+    try:
+        assert first.headers["Content-Type"] == "text/event-stream"
+        assert next_board(first)["board"]["waiting_now"] == 1
+        with pytest.raises(urllib.error.HTTPError) as refused:  # max_clients = 2
+            stream()
+        assert refused.value.code == 503 and "max_clients" in json.loads(refused.value.read())["error"]
+        bridged = {**data, "bridged_at": iso(datetime.now(timezone.utc)), "user_id": 5}
+        assert post_webhook(run, webhook("call_bridged", bridged))[0] == 202
+        wait_until(lambda: next_board(second)["board"]["in_progress"] == 1, what="the bridge pushed")
+    finally:
+        first.close()
+        second.close()
+
+    def room() -> bool:  # the closed pages are found out at their next board (a heartbeat at most)
+        try:
+            stream().close()
+            return True
+        except urllib.error.HTTPError:
+            return False
+
+    wait_until(room, timeout=30, what="room for a page again")

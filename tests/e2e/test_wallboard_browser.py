@@ -108,7 +108,10 @@ schema = "{schema}"
     console = f"http://127.0.0.1:{console_port}"
 
     def board() -> dict:
-        status, _, body = http("GET", f"{console}/api/wallboard", headers={"Authorization": f"Bearer {TOKEN}"})
+        try:
+            status, _, body = http("GET", f"{console}/api/wallboard", headers={"Authorization": f"Bearer {TOKEN}"})
+        except OSError:  # not listening yet
+            return {}
         return json.loads(body) if status == 200 else {}
 
     wait_until(lambda: board().get("offered") == len(day) and board().get("waiting_now") == 2, timeout=120,
