@@ -65,3 +65,22 @@ def test_a_slow_page_keeps_only_the_newest_boards():
     for n in range(5):
         _offer(queue, str(n).encode())
     assert [queue.get_nowait(), queue.get_nowait()] == [b"3", b"4"] and queue.empty()
+
+
+def test_the_alert_example_and_the_dashboard_row_use_the_wallboard_s_gauges():
+    import json
+    import re
+    from pathlib import Path
+
+    import yaml
+
+    root = Path(__file__).resolve().parents[2]
+    code = set(re.findall(r'Gauge\(\s*"(hipcall_wallboard_[a-z_]+)"', (root / "ingest/console/wallboard.py").read_text()))
+    rules = yaml.safe_load((root / "deploy/prometheus-wallboard.yml").read_text())["groups"][0]["rules"]
+    [waiting] = [r for r in rules if r["alert"] == "HipcallCallerWaitingOver2Minutes"]
+    assert "hipcall_wallboard_longest_wait_seconds" in waiting["expr"] and waiting["expr"].endswith("> 120")
+    used = {m for r in rules for m in re.findall(r"hipcall_wallboard_[a-z_]+", r["expr"])}
+    dashboard = json.loads((root / "deploy/grafana-dashboard.json").read_text())
+    used |= {m for p in dashboard["panels"] for t in p.get("targets", []) for m in re.findall(r"hipcall_wallboard_[a-z_]+", t["expr"])}
+    assert {"hipcall_wallboard_waiting_now", "hipcall_wallboard_longest_wait_seconds", "hipcall_wallboard_service_level"} <= used
+    assert used <= code
