@@ -52,6 +52,33 @@ FROM c LEFT JOIN t ON t.number_id = c.number_id
 GROUP BY 1, 2"""
 
 
+NO_NUMBER = -9223372036854775808  # workers/postgres.py's: the tallies' number_key of a call without a number
+WAIT_LADDER = (5, 10, 15, 20, 25, 30, 40, 45, 60, 90, 120, 180, 240, 300, 600)  # workers/postgres.py's
+
+
+def tallied_sql(schema: str) -> str:
+    """day_sql's answer from the running tallies the consumer's trigger keeps (hipcall_wallboard_slots):
+    the same rows, read from a few thousand tallies instead of every call; only for thresholds in
+    WAIT_LADDER (the tallies know a wait only as the smallest of those it is within)."""
+    return f"""
+WITH t AS (SELECT * FROM unnest($4::bigint[], $5::int[]) AS t(number_id, seconds))
+SELECT nullif(s.number_key, {NO_NUMBER}) AS number_id, s.slot AT TIME ZONE $3 AS slot,
+       coalesce(sum(calls) FILTER (WHERE kind <> 'out_of_hours'), 0)::bigint AS offered,
+       coalesce(sum(calls) FILTER (WHERE kind = 'answered'), 0)::bigint AS answered,
+       coalesce(sum(calls) FILTER (WHERE kind = 'answered' AND wait_within <= coalesce(t.seconds, $6)), 0)::bigint
+           AS answered_in_time,
+       coalesce(sum(calls) FILTER (WHERE kind = 'short_abandoned'), 0)::bigint AS short_abandoned,
+       coalesce(sum(calls) FILTER (WHERE kind = 'voicemail'), 0)::bigint AS voicemail,
+       coalesce(sum(calls) FILTER (WHERE kind = 'abandoned'), 0)::bigint AS abandoned,
+       coalesce(sum(calls) FILTER (WHERE kind = 'out_of_hours'), 0)::bigint AS out_of_hours,
+       coalesce(sum(wait_sum), 0)::float8 AS wait_sum, coalesce(sum(talk_sum), 0)::float8 AS talk_sum,
+       coalesce(sum(talk_count), 0)::bigint AS talk_count
+FROM {schema}.hipcall_wallboard_slots s LEFT JOIN t ON t.number_id = s.number_key
+WHERE s.slot >= $1 AND s.slot < $2 AND ($7::bigint IS NULL OR s.number_key = $7)
+GROUP BY 1, 2
+HAVING sum(calls) <> 0"""
+
+
 def live_sql(schema: str) -> str:
     """$1: the oldest start still live. The calls without a call_hangup (hipcall_calls_open's index)."""
     return f"""
@@ -92,6 +119,7 @@ class Queries:
         self.pool = pool
         schema = config.schema
         self._day, self._live, self._agents, self._missed = day_sql(schema), live_sql(schema), agents_sql(schema), missed_sql(schema)
+        self._tallied = tallied_sql(schema)
 
     def today(self, now: datetime | None = None) -> date:
         return (now or datetime.now(timezone.utc)).astimezone(self.zone).date()
@@ -103,7 +131,9 @@ class Queries:
         default = t or self.config.service_level_seconds
         now = datetime.now(timezone.utc)
         async with self.pool.acquire() as connection:
-            rows = await connection.fetch(self._day, start, end, self.config.timezone, list(numbers),
+            # the running tallies when they know every threshold asked for, else every call of the day
+            query = self._tallied if {default, *numbers.values()} <= set(WAIT_LADDER) else self._day
+            rows = await connection.fetch(query, start, end, self.config.timezone, list(numbers),
                                           list(numbers.values()), default, number_id)
             open_calls = [Call(**dict(r)) for r in await connection.fetch(self._live, now - timedelta(seconds=self.config.max_call_age))]
         tallies = {(r["number_id"], r["slot"].replace(tzinfo=self.zone)): Tally(**{k: r[k] for k in Tally.__dataclass_fields__})

@@ -353,6 +353,8 @@ def test_a_version_2_database_gets_number_id_from_its_stored_events_and_the_wall
                  f"VALUES ('{uuid}-e', '{name}', 'webhook', '{uuid}', $${json.dumps({'event': name, 'data': data})}$$);"
                  f"INSERT INTO {schema}.hipcall_calls (uuid, direction, newness, last_event) "
                  f"VALUES ('{uuid}', 'outbound', 1, '{name}');")
+    rows += (f"INSERT INTO {schema}.hipcall_calls (uuid, direction, started_at, missing_call, newness, last_event) "
+             f"VALUES ('v2-answered', 'inbound', '2024-11-17T10:41:00Z', false, 1, 'call_hangup');")
     _script(v2 + rows, url)
     store(url, schema, [event("deal_create", {"uuid": "not-a-call"})])  # any message migrates
     store(url, schema + "_new", [event("call_init", fixture_data("call_init"))])
@@ -361,7 +363,9 @@ def test_a_version_2_database_gets_number_id_from_its_stored_events_and_the_wall
     assert _indexes(url, schema) == _indexes(url, schema + "_new")
     assert any("(started_at)" in i and "call_hangup" in i for i in _indexes(url, schema))
     found = {r["uuid"]: r["number_id"] for r in _postgres(f"SELECT uuid, number_id FROM {schema}.hipcall_calls", url)}
-    assert found == {"v2-call": 328, "v2-odd": None}  # a value that is not a number stays null, the rest is kept
+    assert found == {"v2-call": 328, "v2-odd": None, "v2-answered": None}  # not a number: null; the rest is kept
+    tallies = [tuple(r) for r in _postgres(f"SELECT slot, kind, calls FROM {schema}.hipcall_wallboard_slots", url)]
+    assert tallies == [(datetime(2024, 11, 17, 10, 30, tzinfo=timezone.utc), "answered", 1)]  # counted on upgrade
 
 
 def test_each_merged_call_is_announced_with_notify_after_its_commit(postgres_schema):

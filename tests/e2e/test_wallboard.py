@@ -217,6 +217,8 @@ def test_a_scripted_day_posted_shuffled_and_twice_gives_the_figures_a_hand_compu
     want_t45 = expected_day(hangups, DAY, lambda n: 45)
     assert same(board("&t=45"), want_t45["all"]) and board("&t=45")["service_level_seconds"] == 45
     assert same(board("&number_id=1"), want[1])
+    # 17 s is not among the thresholds the running tallies sum ahead: every call of the day is read instead
+    assert same(board("&t=17"), expected_day(hangups, DAY, lambda n: 17)["all"]) and board("&t=17")["service_level_seconds"] == 17
     next_day = json.loads(http("GET", f"{console}/api/wallboard?date={DAY + timedelta(days=1)}", headers=BEARER)[2])
     assert next_day["offered"] > 0 or next_day["out_of_hours"] > 0  # the script crossed midnight
     assert same(next_day, expected_day(hangups, DAY + timedelta(days=1), lambda n: 30 if n == 2 else 20)["all"])

@@ -160,3 +160,58 @@ schema = "{schema}"
             page.screenshot(path=SCREENSHOTS / "wallboard.png", full_page=True)
         finally:
             chromium.close()
+
+
+def test_with_the_push_cut_the_page_refreshes_by_itself_and_goes_back_to_the_push(launch, broker, postgres_schema):
+    url, schema = postgres_schema
+    console_port = free_port()
+    config = f"""
+[http]
+host = "127.0.0.1"
+processes = 1
+[console]
+enabled = true
+port = {console_port}
+tokens = ["{TOKEN}"]
+[wallboard]
+enabled = true
+[consumers.hipcall]
+enabled = false
+[consumers.calls]
+events = ["call_init", "call_bridged", "call_hangup"]
+handler = "workers.builtin:postgres"
+[consumers.calls.options]
+dsn = "{url}"
+schema = "{schema}"
+"""
+    run = launch("run", broker, config, wait="/readyz")
+    now = datetime.now(timezone.utc)
+    assert post_webhook(run, webhook("call_init", call("first", now - timedelta(seconds=3), 1)))[0] == 202
+    console = f"http://127.0.0.1:{console_port}"
+
+    def waiting() -> int | None:
+        try:
+            status, _, body = http("GET", f"{console}/api/wallboard", headers={"Authorization": f"Bearer {TOKEN}"})
+        except OSError:
+            return None
+        return json.loads(body)["waiting_now"] if status == 200 else None
+
+    wait_until(lambda: waiting() == 1, what="the first call stored")
+    with browser() as playwright:
+        chromium = playwright.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox"])
+        try:
+            context = chromium.new_context(extra_http_headers={"Authorization": f"Bearer {TOKEN}"})
+            page = context.new_page()
+            page.route("**/api/wallboard/events", lambda route: route.abort())  # the push is cut (a proxy, say)
+            page.goto(f"{console}/wallboard")
+            page.wait_for_function("() => document.getElementById('feed').textContent.includes('push cut')", timeout=15_000)
+            page.evaluate("window.notReloaded = true")
+            assert post_webhook(run, webhook("call_init", call("second", datetime.now(timezone.utc), 1)))[0] == 202
+            page.wait_for_function("() => document.getElementById('waiting_now').textContent === '2'", timeout=40_000)
+            page.unroute("**/api/wallboard/events")  # the push is back: EventSource reconnects by itself
+            page.wait_for_function("() => document.getElementById('feed').textContent === 'live'", timeout=30_000)
+            assert post_webhook(run, webhook("call_init", call("third", datetime.now(timezone.utc), 1)))[0] == 202
+            page.wait_for_function("() => document.getElementById('waiting_now').textContent === '3'", timeout=15_000)
+            assert page.evaluate("window.notReloaded") is True
+        finally:
+            chromium.close()
