@@ -14,7 +14,7 @@ from .config import WallboardConfig
 from .wallboard import Call, Tally, combine, day_bounds, live
 
 LIVE_LIMIT = 10_000  # open calls read at most (a day of missing hangups is bounded by max_call_age)
-LIST_LIMIT = 500  # missed calls listed at most
+LIST_LIMIT = 100  # missed calls listed at most: the latest (an older one has more later calls to look through)
 
 WAIT = """CASE WHEN bridged_at IS NOT NULL AND started_at IS NOT NULL
                THEN greatest(0, extract(epoch FROM bridged_at - started_at))
@@ -97,7 +97,8 @@ GROUP BY user_id ORDER BY user_id"""
 
 
 def missed_sql(schema: str) -> str:
-    """$1, $2: the day's bounds. docs/consumers.md's "missed calls not called back yet", for that day."""
+    """$1, $2: the day's bounds. docs/consumers.md's "missed calls not called back yet", for that day,
+    the latest first: each is checked against the calls started after it, few for a recent one."""
     return f"""
 SELECT m.uuid, m.number_id, m.caller_number, m.ended_at, m.missing_call_reason
 FROM {schema}.hipcall_calls m
@@ -107,7 +108,7 @@ WHERE m.missed AND m.ended_at >= $1 AND m.ended_at < $2
     WHERE c.started_at > m.ended_at
       AND ((c.direction = 'outbound' AND c.callee_number = m.caller_number AND c.call_duration > 0)
         OR (c.direction = 'inbound' AND c.caller_number = m.caller_number AND c.missing_call IS NOT TRUE)))
-ORDER BY m.ended_at LIMIT {LIST_LIMIT}"""
+ORDER BY m.ended_at DESC LIMIT {LIST_LIMIT}"""
 
 
 class Queries:

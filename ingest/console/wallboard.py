@@ -53,7 +53,8 @@ class Wallboard:
         self._dirty = asyncio.Event()
         self._last: bytes | None = None
         self._details: dict[str, Any] = {}
-        self._details_at = 0.0
+        self._details_at = float("-inf")
+        self._details_task: asyncio.Task | None = None
         self._tasks: list[asyncio.Task] = []
         self.registry = CollectorRegistry()
         labels = ["number_id"]
@@ -82,9 +83,10 @@ class Wallboard:
             _offer(queue, None)
 
     async def close(self) -> None:
-        for task in self._tasks:
+        tasks = [*self._tasks, *([self._details_task] if self._details_task else [])]
+        for task in tasks:
             task.cancel()
-        for task in self._tasks:
+        for task in tasks:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
         if self.queries is not None:
@@ -159,17 +161,29 @@ class Wallboard:
         board = await self._read(lambda q: q.board(q.today()))
         calls = await self._read(lambda q: q.live())
         loop = asyncio.get_running_loop()
-        if loop.time() - self._details_at >= DETAIL_EVERY or self._details.get("date") != board["date"]:
-            day = date.fromisoformat(board["date"])
-            self._details = {"date": board["date"], "agents": await self._read(lambda q: q.agents(day)),
-                             "missed": await self._read(lambda q: q.missed(day))}
+        stale = loop.time() - self._details_at >= DETAIL_EVERY or self._details.get("date") != board["date"]
+        if stale and (self._details_task is None or self._details_task.done()):
+            # in the background: the board's push never waits for these slower tables (but the first page does)
             self._details_at = loop.time()
+            self._details_task = asyncio.create_task(self._refresh_details(date.fromisoformat(board["date"])))
+        if not self._details and self._details_task is not None:
+            await asyncio.shield(self._details_task)
+        if not self._details:
+            raise WallboardUnavailable("the wallboard's database did not answer the agents' and missed calls' reads")
         on_call = set(calls["agents"])
         agents = [{**a, "on_call": a["user_id"] in on_call} for a in self._details["agents"]]
         agents += [{"user_id": u, "calls": 0, "talk": 0.0, "on_call": True}
                    for u in sorted(on_call - {a["user_id"] for a in agents})]
         self._gauge(board)
         return {"board": board, "live": calls, "agents": agents, "missed": self._details["missed"]}
+
+    async def _refresh_details(self, day: date) -> None:
+        try:
+            self._details = {"date": day.isoformat(), "agents": await self._read(lambda q: q.agents(day)),
+                             "missed": await self._read(lambda q: q.missed(day))}
+        except WallboardUnavailable as exc:
+            log.warning("wallboard_read_failed", error=str(exc))
+            self._details_at = float("-inf")  # again at the next board
 
     def _gauge(self, board: dict[str, Any]) -> None:
         for row in [{**board, "number_id": "all"}, *board["numbers"]]:

@@ -59,9 +59,9 @@
       (c) => [[c.uuid.slice(0, 8)], [name(c.number_id)], [c.state, c.state], [c.user_id ?? ""], [dur(c.age + elapsed), "n"]]);
     document.querySelectorAll("#live tbody tr").forEach((tr, i) => { tr.dataset.uuid = (i < live.waiting.length ? live.waiting[i] : live.calls[i - live.waiting.length]).uuid; });
     fill("agents", state.agents, (a) => [[a.user_id], [a.calls, "n"], [dur(a.talk), "n"], [a.on_call ? "on a call" : "", a.on_call ? "talking" : ""]]);
-    const missed = state.missed.slice(-MISSED_SHOWN).reverse();  // the latest first
+    const missed = state.missed.slice(0, MISSED_SHOWN);  // the latest first
     fill("missed", missed, (m) => [[m.caller_number ?? ""], [name(m.number_id)], [clock(m.ended_at, b.timezone)], [m.missing_call_reason ?? ""]]);
-    $("missed-more").textContent = state.missed.length > MISSED_SHOWN ? "latest " + MISSED_SHOWN + " of " + state.missed.length : state.missed.length;
+    $("missed-more").textContent = state.missed.length > MISSED_SHOWN ? "the latest " + MISSED_SHOWN : "";
     chart(b.slots);
   }
 
