@@ -12,7 +12,7 @@ from zoneinfo import ZoneInfo
 
 import pytest
 
-from conftest import free_port, http, payload, post_webhook, wait_until
+from conftest import _postgres, free_port, http, payload, post_webhook, wait_until
 from ingest.console.passwords import hash_password
 
 TOKEN = "wallboard-test-token-1"
@@ -305,6 +305,19 @@ def test_the_event_stream_sends_boards_and_refuses_pages_past_max_clients(launch
         bridged = {**data, "bridged_at": iso(datetime.now(timezone.utc)), "user_id": 5}
         assert post_webhook(run, webhook("call_bridged", bridged))[0] == 202
         wait_until(lambda: next_board(second)["board"]["in_progress"] == 1, what="the bridge pushed")
+
+        # PostgreSQL drops the console's LISTEN connection (a restart, a failover): it listens again
+        def listening() -> int:
+            return sum(1 for line in run.logs() if line.get("msg") == "wallboard_listening")
+
+        assert listening() == 1
+        killed = _postgres("SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+                           "WHERE datname = current_database() AND query LIKE 'LISTEN%'", url)
+        assert [tuple(r) for r in killed] == [(True,)]
+        wait_until(lambda: listening() == 2, timeout=30, what="the console listening again")
+        hangup = {**bridged, "ended_at": iso(datetime.now(timezone.utc)), "missing_call": False}
+        assert post_webhook(run, webhook("call_hangup", hangup))[0] == 202
+        wait_until(lambda: next_board(first)["board"]["in_progress"] == 0, what="the hangup pushed")
     finally:
         first.close()
         second.close()
