@@ -84,3 +84,13 @@ def test_the_alert_example_and_the_dashboard_row_use_the_wallboard_s_gauges():
     used |= {m for p in dashboard["panels"] for t in p.get("targets", []) for m in re.findall(r"hipcall_wallboard_[a-z_]+", t["expr"])}
     assert {"hipcall_wallboard_waiting_now", "hipcall_wallboard_longest_wait_seconds", "hipcall_wallboard_service_level"} <= used
     assert used <= code
+
+
+def test_the_console_and_the_consumer_agree_on_the_channel_and_the_tallies():
+    """The console does not import workers/ (tests/unit/test_layers.py): its copies must match."""
+    from ingest import wallboard_sql
+    from ingest.console import wallboard
+    from workers import postgres
+
+    assert wallboard.CHANNEL == postgres.NOTIFY_CHANNEL
+    assert (wallboard_sql.WAIT_LADDER, wallboard_sql.NO_NUMBER) == (postgres.WAIT_LADDER, postgres.NO_NUMBER)
