@@ -35,6 +35,8 @@ sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
 
 from cpu import finished_children_cpu_s, tree_cpu_s  # noqa: E402  (bench/, this script's directory)
 from levers import measure as measure_levers  # noqa: E402
+from wallboard import measure as measure_wallboard  # noqa: E402
+from wallboard import table as wallboard_table  # noqa: E402
 
 from ingest.config import load_config  # noqa: E402
 from ingest.localnode import LocalNode, free_port, reachable  # noqa: E402
@@ -50,6 +52,8 @@ TARGETS = {  # issue 23's
     "replay_ratio": ("dlq replay vs a raw publisher", ">=", 0.8),
     "spool_drain_ratio": ("spool drain vs a raw publisher", ">=", 0.5),
     "ingress_rss_mb": ("ingress RSS, all its processes (MB)", "<=", 60.0),
+    "wallboard_api_p99_ms": ("GET /api/wallboard p99, 240,000 calls (ms)", "<=", 100.0),  # issue 31's
+    "wallboard_push_p99_ms": ("webhook 202 -> SSE in the browser p99 (ms)", "<=", 1000.0),
 }
 
 
@@ -431,6 +435,10 @@ class Bench:
 
     # --- the run ---------------------------------------------------------------------------------------
 
+    def wallboard(self) -> None:
+        """bench/wallboard.py: the console's /api/wallboard latency and the webhook-to-browser push (issue 31)."""
+        self.results["wallboard"] = measure_wallboard(self.url, self.work)
+
     def run(self) -> dict:
         print(f"bench: starting a throwaway RabbitMQ node ({self.node.name}) in {self.work}", flush=True)
         self.node.start()
@@ -441,7 +449,8 @@ class Bench:
                      ("worker", "worker drain (ours, FastStream, raw aiormq)", self.worker),
                      ("e2e", "end to end at 1,000/s", self.end_to_end), ("replay", "dlq replay", self.replay),
                      ("reconcile", "reconcile pass over 5,000 calls", self.reconcile),
-                     ("spool", "spool drain after an outage", self.spool_drain)]
+                     ("spool", "spool drain after an outage", self.spool_drain),
+                     ("wallboard", "wallboard: /api/wallboard over 240,000 calls, the push at 100 calls/s", self.wallboard)]
             for part, title, step in steps:
                 if self.args.only and part not in self.args.only:
                     continue
@@ -531,13 +540,18 @@ def table(r: dict) -> str:
         f"{sd['slowest_fresh_answer_ms']} ms, non-2xx {sd['fresh_non_2xx']}",
         f"MEMORY (RSS): ingress {r['ingress_rss_mb']} MB after its runs (serve and its processes: "
         f"{' + '.join(map(str, r['ingress_rss_processes_mb']))}), worker {r['worker_rss_mb']} MB after a drain",
+        *(wallboard_table(r["wallboard"]).splitlines() if "wallboard" in r else []),
         "",
         "TARGETS (printed, not enforced)",
     ]
     values = {"ingress_ratio": i["ratio"], "ingress_p99_ratio": i["p99_ratio"], "worker_vs_faststream": w["vs_faststream"],
               "worker_vs_raw": w["vs_raw"], "e2e_p99_ms": e["p99_ms"], "replay_ratio": rp["ratio"],
               "spool_drain_ratio": sd["ratio"], "ingress_rss_mb": r["ingress_rss_mb"]}
+    if "wallboard" in r:
+        values.update(wallboard_api_p99_ms=r["wallboard"]["api_p99_ms"], wallboard_push_p99_ms=r["wallboard"]["push_p99_ms"])
     for key, (what, op, goal) in TARGETS.items():
+        if key not in values:
+            continue
         met = values[key] >= goal if op == ">=" else values[key] <= goal
         lines.append(f"  {what:<44} {values[key]:>8} {op} {goal:<6} {'met' if met else 'MISSED'}")
     return "\n".join(lines)
@@ -558,10 +572,10 @@ def main() -> None:
     parser.add_argument("--seconds", type=int, default=8, help="length of each wrk run")
     parser.add_argument("--rounds", type=int, default=3, help="A/B rounds (medians are reported)")
     parser.add_argument("--messages", type=int, default=30_000, help="messages per worker drain")
-    parser.add_argument("--only", action="append", choices=["ingress", "levers", "worker", "e2e", "replay", "reconcile", "spool"],
+    parser.add_argument("--only", action="append", choices=["ingress", "levers", "worker", "e2e", "replay", "reconcile", "spool", "wallboard"],
                         help="run only this part (repeatable); the table then shows only it")
     args = parser.parse_args()
-    if shutil.which("wrk") is None:
+    if shutil.which("wrk") is None and set(args.only or ["all"]) - {"wallboard"}:  # the wallboard rows need no wrk
         raise SystemExit("bench: wrk is not installed; `make bench` installs it (apt-get install wrk)")
     work = Path(tempfile.mkdtemp(prefix="hipcall-bench-"))
     results = Bench(args, work).run()

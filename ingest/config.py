@@ -157,6 +157,36 @@ class ConsoleConfig:
 
 
 @dataclass(frozen=True)
+class WallboardNumber:
+    """[wallboard.numbers.N]: a number's name on the board and its own service-level threshold."""
+
+    name: str
+    service_level_seconds: int | None  # None: [wallboard] service_level_seconds
+
+
+@dataclass(frozen=True)
+class WallboardConfig:
+    """[wallboard] (docs/wallboard.md): the console's live board over the postgres consumer's tables."""
+
+    enabled: bool
+    dsn: str = field(repr=False)  # resolved: the table's, else the one postgres consumer's options.dsn
+    schema: str
+    timezone: str  # an IANA zone name (zoneinfo): the day the figures count in
+    service_level_seconds: int
+    service_level_target: float  # 0-1: the board shows the service level against it
+    longest_wait_amber: float  # seconds: the longest wait turns amber past this, red past the next
+    longest_wait_red: float
+    max_call_age: float  # a call without a call_hangup older than this is no longer live
+    max_clients: int  # live (SSE) pages per console process
+    numbers: Mapping[int, WallboardNumber]
+
+    def threshold(self, number_id: int | None) -> int:
+        """The service-level T for a number: its own, else the default."""
+        own = self.numbers.get(number_id) if number_id is not None else None
+        return own.service_level_seconds if own and own.service_level_seconds is not None else self.service_level_seconds
+
+
+@dataclass(frozen=True)
 class ConsumerConfig:
     name: str
     events: tuple[str, ...]
@@ -182,6 +212,7 @@ class Config:
     hipcall: HipcallConfig
     reconcile: ReconcileConfig
     console: ConsoleConfig
+    wallboard: WallboardConfig
 
     @property
     def enabled_consumers(self) -> tuple[ConsumerConfig, ...]:
@@ -327,6 +358,41 @@ def _host_name(value: Any) -> str:
     return name
 
 
+def _zone(value: Any) -> str:
+    import zoneinfo
+
+    if not isinstance(value, str) or not value:
+        raise _Bad('an IANA time zone name such as "Europe/Istanbul" or "UTC"')
+    try:
+        zoneinfo.ZoneInfo(value)
+    except (zoneinfo.ZoneInfoNotFoundError, ValueError):
+        raise _Bad('an IANA time zone name such as "Europe/Istanbul" or "UTC" (zoneinfo has no such zone)') from None
+    return value
+
+
+def _fraction(value: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value <= 1:
+        raise _Bad("a number from 0 to 1 (0.8 = 80 %)")
+    return float(value)
+
+
+def _numbers(value: Any) -> Mapping[int, WallboardNumber]:
+    """[wallboard.numbers.N] tables: N the number_id Hipcall sends, keys name and service_level_seconds."""
+    if not isinstance(value, dict):
+        raise _Bad("a table of [wallboard.numbers.N] tables (N a number_id)")
+    found: dict[int, WallboardNumber] = {}
+    for key, table in value.items():
+        if not key.isdigit() or not isinstance(table, dict) or set(table) - {"name", "service_level_seconds"}:
+            raise _Bad(f'[wallboard.numbers.N] tables, N a number_id, with name = "..." and service_level_seconds = S '
+                       f"(at {key!r})")
+        name, seconds = table.get("name", key), table.get("service_level_seconds")
+        if not isinstance(name, str) or (seconds is not None and (isinstance(seconds, bool) or not isinstance(seconds, int)
+                                                                   or not 1 <= seconds <= 3600)):
+            raise _Bad(f"for number {key}: name a string, service_level_seconds a whole number from 1 to 3600")
+        found[int(key)] = WallboardNumber(name, seconds)
+    return MappingProxyType(found)
+
+
 def _cidr(value: Any) -> ipaddress.IPv4Network | ipaddress.IPv6Network:
     try:
         return ipaddress.ip_network(_string(value), strict=False)
@@ -431,6 +497,19 @@ _SCHEMA: dict[str, dict[str, Callable[[Any], Any]]] = {
         "allowed_hosts": _list(_host_name),
         "trusted_proxies": _list(_cidr),
         "max_read_bytes": _integer(1 << 20, 1 << 40),
+    },
+    "wallboard": {
+        "enabled": _boolean,
+        "dsn": _string,
+        "schema": _string,
+        "timezone": _zone,
+        "service_level_seconds": _integer(1, 3600),
+        "service_level_target": _fraction,
+        "longest_wait_amber": _duration(1, 86400),
+        "longest_wait_red": _duration(1, 86400),
+        "max_call_age": _duration(60, 7 * 86400),
+        "max_clients": _integer(1, 10_000),
+        "numbers": _numbers,
     },
     "reconcile": {
         "enabled": _boolean,
@@ -543,6 +622,7 @@ def _build(defaults: dict, user: dict, source: str, env: Mapping[str, str]) -> C
     worker = WorkerConfig(**parsed["worker"])
     consumers = _consumers(defaults.get("consumers", {}), user.get("consumers", {}), source, retry, worker, fail)
     _check_names(broker["exchange"], broker["unrouted"], consumers, source)
+    wallboard = _wallboard(parsed["wallboard"], consumers, source, fail, raw["wallboard"])
     return Config(
         broker=BrokerConfig(**parsed["broker"]),
         http=HttpConfig(**parsed["http"]),
@@ -556,7 +636,34 @@ def _build(defaults: dict, user: dict, source: str, env: Mapping[str, str]) -> C
         hipcall=HipcallConfig(**parsed["hipcall"]),
         reconcile=ReconcileConfig(**parsed["reconcile"]),
         console=console,
+        wallboard=wallboard,
     )
+
+
+POSTGRES_HANDLER = "workers.builtin:postgres"
+
+
+def _wallboard(parsed: dict[str, Any], consumers: tuple[ConsumerConfig, ...], source: str, fail, raw: dict) -> WallboardConfig:
+    """The board reads the postgres consumer's tables: its own dsn (and schema), else those of the one
+    enabled postgres consumer; with none or several and no dsn, start-up stops saying which to name."""
+    if parsed["longest_wait_red"] < parsed["longest_wait_amber"]:
+        raise fail("wallboard.longest_wait_red", f"a duration of at least wallboard.longest_wait_amber "
+                   f"({_spell(parsed['longest_wait_amber'])})", raw["longest_wait_red"])
+    dsn, schema = parsed["dsn"], parsed["schema"]
+    if parsed["enabled"] and not dsn:
+        stores = [c for c in consumers if c.enabled and c.handler == POSTGRES_HANDLER]
+        if len(stores) != 1:
+            raise ConfigError(f"config error: {source}: wallboard.dsn: [wallboard] is enabled but names no dsn, and "
+                              f"{len(stores)} enabled consumers use {POSTGRES_HANDLER} ({', '.join(c.name for c in stores) or 'none'}): "
+                              f'name the database: dsn = "postgresql://..." (and schema)')
+        dsn = str(stores[0].options.get("dsn", ""))
+        schema = schema or str(stores[0].options.get("schema", "public"))
+    if parsed["enabled"] and not dsn.startswith(("postgresql://", "postgres://")):
+        raise fail("wallboard.dsn", "a postgresql:// URL", dsn)
+    schema = schema or "public"
+    if not re.fullmatch(r"[a-z_][a-z0-9_]{0,62}", schema):
+        raise fail("wallboard.schema", "a plain lower-case name (the postgres consumer's options.schema)", schema)
+    return WallboardConfig(**{**parsed, "dsn": dsn, "schema": schema})
 
 
 def _consumers(defaults: dict, user: Any, source: str, retry: RetryConfig, worker: WorkerConfig, fail) -> tuple:
@@ -651,7 +758,7 @@ def _port(value: str) -> Any:
     return int(value) if value.strip().isdigit() else value
 
 
-_SECRET_KEYS = {"auth.tokens", "hipcall.api_key", "console.tokens", "console.users"}
+_SECRET_KEYS = {"auth.tokens", "hipcall.api_key", "console.tokens", "console.users"}  # wallboard.dsn: redact_url
 _ENV_ONLY = {"hipcall.api_key": "HIPCALL_API_KEY"}  # secrets that a file in a repository must not hold
 
 _ENV_OVERRIDES: dict[str, tuple[str, str, Callable[[str], Any]]] = {

@@ -105,3 +105,7 @@ class StaleCount(BadRequest):
     """A purge confirmed for a count the DLQ no longer has."""
 
     status = 409
+
+
+class WallboardUnavailable(HipcallError):
+    """The wallboard's database did not answer (or has no tables yet): its pages and API answer 503."""

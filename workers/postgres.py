@@ -36,7 +36,8 @@ from .postgres_rows import CALL_EVENTS, COLUMNS, CallRow, call_row, fit_text, lo
 
 log = structlog.get_logger("workers.postgres")
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
+NOTIFY_CHANNEL = "hipcall_calls"  # payload "SCHEMA UUID LAST_EVENT": the wallboard LISTENs (ingest/console/wallboard.py)
 ROW = ("uuid", *COLUMNS, "newness", "last_event", "field_errors")  # the upsert's parameters, in order
 JSONB = ("call_flow", "field_errors")
 SCHEMA_RE = re.compile(r"[a-z_][a-z0-9_]{0,62}")
@@ -93,9 +94,81 @@ def ddl(schema: str) -> list[str]:
                            (direction = 'inbound' AND missing_call IS TRUE AND voicemail_id IS NULL) STORED,
     voicemail            boolean GENERATED ALWAYS AS (voicemail_id IS NOT NULL) STORED,
     unanswered_outbound  boolean GENERATED ALWAYS AS (direction = 'outbound' AND call_duration = 0) STORED,
-    field_errors         jsonb           -- a column -> "event: why" for each value not stored as sent
+    field_errors         jsonb,          -- a column -> "event: why" for each value not stored as sent
+    number_id            bigint          -- the number the caller dialled (the wallboard's per-number figures)
 )""",
         f"CREATE INDEX IF NOT EXISTS hipcall_calls_ended_at ON {schema}.hipcall_calls (ended_at)",
+        f"CREATE INDEX IF NOT EXISTS hipcall_calls_started_at ON {schema}.hipcall_calls (started_at)",
+        f"CREATE INDEX IF NOT EXISTS hipcall_calls_open ON {schema}.hipcall_calls (started_at) WHERE last_event <> 'call_hangup'",
+        *wallboard_ddl(schema),
+    ]
+
+
+NO_NUMBER = -9223372036854775808  # hipcall_wallboard_slots.number_key of a call without a number_id
+WAIT_LADDER = (5, 10, 15, 20, 25, 30, 40, 45, 60, 90, 120, 180, 240, 300, 600)  # the thresholds summed ahead
+
+
+def wallboard_ddl(schema: str) -> list[str]:
+    """The wallboard's running tallies (issue 31, docs/wallboard.md): each ended inbound call counted
+    in its number's 15-minute slot by outcome (and, answered, by the smallest of WAIT_LADDER's seconds
+    its wait is within), kept by a trigger as the calls' rows change, so a day's figures read a few
+    thousand rows instead of every call."""
+    ladder = ", ".join(map(str, WAIT_LADDER))
+    return [
+        f"""CREATE TABLE IF NOT EXISTS {schema}.hipcall_wallboard_slots (
+    slot        timestamptz NOT NULL,   -- started_at's 15-minute slot (a local quarter hour in every zone)
+    number_key  bigint NOT NULL,        -- number_id; {NO_NUMBER} for none
+    kind        text NOT NULL,          -- answered, short_abandoned, voicemail, abandoned, out_of_hours
+    wait_within integer NOT NULL,       -- answered: the smallest of {ladder} (else 2147483647) >= its wait; others 0
+    calls       bigint NOT NULL,
+    wait_sum    float8 NOT NULL,
+    talk_sum    float8 NOT NULL,
+    talk_count  bigint NOT NULL,
+    PRIMARY KEY (slot, number_key, kind, wait_within)
+)""",
+        f"""CREATE OR REPLACE FUNCTION {schema}.hipcall_wallboard_add(c {schema}.hipcall_calls, sign integer)
+RETURNS void LANGUAGE plpgsql AS $$
+DECLARE
+    outcome text;
+    waited float8 := 0;
+    talked float8;
+BEGIN
+    IF c.direction IS DISTINCT FROM 'inbound' OR c.last_event <> 'call_hangup' OR c.started_at IS NULL THEN
+        RETURN;
+    END IF;
+    outcome := CASE WHEN c.missing_call_reason = 'out_of_business_hours' THEN 'out_of_hours'
+                 WHEN c.missing_call IS FALSE THEN 'answered'
+                 WHEN c.missing_call_reason = 'short_abandoned' THEN 'short_abandoned'
+                 WHEN c.voicemail_id IS NOT NULL THEN 'voicemail' ELSE 'abandoned' END;
+    IF outcome = 'answered' THEN
+        waited := CASE WHEN c.bridged_at IS NOT NULL THEN greatest(0, extract(epoch FROM c.bridged_at - c.started_at))
+                     WHEN c.first_touch_duration IS NOT NULL THEN greatest(0, c.first_touch_duration) ELSE 0 END;
+        IF c.bridged_at IS NOT NULL AND c.ended_at IS NOT NULL THEN
+            talked := greatest(0, extract(epoch FROM c.ended_at - c.bridged_at));
+        END IF;
+    END IF;
+    INSERT INTO {schema}.hipcall_wallboard_slots AS s VALUES (
+        to_timestamp(floor(extract(epoch FROM c.started_at) / 900) * 900), coalesce(c.number_id, {NO_NUMBER}), outcome,
+        CASE WHEN outcome = 'answered'
+             THEN coalesce((SELECT min(l) FROM unnest(ARRAY[{ladder}]) AS l WHERE waited <= l), 2147483647) ELSE 0 END,
+        sign, sign * waited, sign * coalesce(talked, 0), CASE WHEN talked IS NULL THEN 0 ELSE sign END)
+    ON CONFLICT (slot, number_key, kind, wait_within) DO UPDATE SET
+        calls = s.calls + EXCLUDED.calls, wait_sum = s.wait_sum + EXCLUDED.wait_sum,
+        talk_sum = s.talk_sum + EXCLUDED.talk_sum, talk_count = s.talk_count + EXCLUDED.talk_count;
+END $$""",
+        f"""CREATE OR REPLACE FUNCTION {schema}.hipcall_wallboard_count() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN
+    IF TG_OP IN ('UPDATE', 'DELETE') THEN PERFORM {schema}.hipcall_wallboard_add(OLD, -1); END IF;
+    IF TG_OP IN ('INSERT', 'UPDATE') THEN PERFORM {schema}.hipcall_wallboard_add(NEW, 1); END IF;
+    RETURN NULL;
+END $$""",
+        f"""DO $$ BEGIN
+    IF NOT EXISTS (SELECT 1 FROM pg_trigger WHERE tgname = 'hipcall_wallboard_count'
+                   AND tgrelid = '{schema}.hipcall_calls'::regclass) THEN
+        CREATE TRIGGER hipcall_wallboard_count AFTER INSERT OR UPDATE OR DELETE ON {schema}.hipcall_calls
+        FOR EACH ROW EXECUTE FUNCTION {schema}.hipcall_wallboard_count();
+    END IF;
+END $$""",
     ]
 
 
@@ -105,6 +178,22 @@ def migrations(schema: str) -> dict[int, list[str]]:
         2: [f"ALTER TABLE {schema}.hipcall_events ADD COLUMN IF NOT EXISTS raw_body bytea, "
             f"ADD COLUMN IF NOT EXISTS field_errors jsonb",
             f"ALTER TABLE {schema}.hipcall_calls ADD COLUMN IF NOT EXISTS field_errors jsonb"],
+        3: [f"ALTER TABLE {schema}.hipcall_calls ADD COLUMN IF NOT EXISTS number_id bigint",
+            # the calls already stored get theirs from their latest stored call event that has one
+            f"""UPDATE {schema}.hipcall_calls c SET number_id = (
+    SELECT (e.payload->'data'->>'number_id')::bigint FROM {schema}.hipcall_events e
+    WHERE e.call_uuid = c.uuid AND e.event IN ('call_init', 'call_bridged', 'call_hangup')
+      AND jsonb_typeof(e.payload->'data'->'number_id') = 'number'
+      AND e.payload->'data'->>'number_id' ~ '^-?[0-9]{{1,18}}$'
+    ORDER BY CASE e.event WHEN 'call_hangup' THEN 3 WHEN 'call_bridged' THEN 2 ELSE 1 END DESC, e.message_id DESC
+    LIMIT 1)
+WHERE c.number_id IS NULL""",
+            f"CREATE INDEX IF NOT EXISTS hipcall_calls_started_at ON {schema}.hipcall_calls (started_at)",
+            f"CREATE INDEX IF NOT EXISTS hipcall_calls_open ON {schema}.hipcall_calls (started_at) "
+            f"WHERE last_event <> 'call_hangup'",
+            # the wallboard's tallies (made by ddl() before this runs), counted again from every call
+            f"TRUNCATE {schema}.hipcall_wallboard_slots",
+            f"SELECT {schema}.hipcall_wallboard_add(c, 1) FROM {schema}.hipcall_calls c"],
     }
 
 
@@ -183,7 +272,11 @@ class Postgres:
                     self._insert_event, event.id, event.name, source_of(event), event.received_at, call_uuid, payload,
                     raw_body, orjson.dumps(errors).decode() if errors else None)
                 if uuid is not None:
-                    await connection.execute(self._upsert, *await self._merged(connection, uuid, row if written else None))
+                    merged = await self._merged(connection, uuid, row if written else None)
+                    await connection.execute(self._upsert, *merged)
+                    # delivered at commit, to whoever LISTENs (the console's wallboard): this call changed
+                    await connection.execute("SELECT pg_notify($1, $2)", NOTIFY_CHANNEL,
+                                             f"{self._schema} {uuid[:200]} {merged[ROW.index('last_event')]}")
         except self._asyncpg.DataError as exc:  # a value PostgreSQL refuses for its column: no retry helps
             raise PermanentError(f"PostgreSQL refused a value: {exc}") from None
 

@@ -27,7 +27,7 @@ TEXTS = ("direction", "caller_number", "callee_number", "caller_type", "callee_t
          "missing_call_reason", "voicemail_url", "record_url")
 # the merged columns, in the order of the DDL (uuid, newness, last_event, field_errors are the row's own)
 COLUMNS = (*TEXTS[:5], *IDS, *TIMES, *INTEGERS, "hangup_by", "missing_call", "missing_call_reason",
-           "voicemail_id", "voicemail_url", "record_url", "call_flow")
+           "voicemail_id", "voicemail_url", "record_url", "call_flow", "number_id")  # number_id: version 3
 REPLACED = "\ufffd"  # what U+0000 and lone surrogates become in a jsonb value
 UNSTORABLE_ESCAPE = re.compile(rb"\\u(?:0000|[dD][89a-fA-F])")  # may be in the body: then look closer
 UNSTORABLE_CHAR = re.compile("[\x00\ud800-\udfff]")
@@ -67,7 +67,7 @@ def call_row(event: str, data: Mapping[str, Any], message_id: str = "") -> CallR
         uuid, errors["uuid"] = None, why or f"expected the call's uuid (text), got {_shown(data.get('uuid'))}"
     for key in TEXTS:
         put(key, fit_text(data.get(key)))
-    for key in IDS:
+    for key in (*IDS, "number_id"):
         put(key, _integer(data.get(key), INT64, "a bigint"))
     for key in INTEGERS:
         put(key, _integer(data.get(key), INT32, "an integer"))

@@ -52,6 +52,7 @@ from .auth import (
 from .passwords import dummy_hash, verify_password
 from .samples import Samples, dead_letters_chart, sample_forever, webhooks_chart
 from .throttle import Throttle
+from .wallboard import add_wallboard
 
 log = structlog.get_logger("ingest.console")
 
@@ -694,6 +695,7 @@ def build_console(config: Config, sessions: Sessions | None = None, sample: bool
     r.add_post("/api/dlq/{queue}/purge", console.api_purge)
     r.add_post("/api/unrouted/replay", console.api_replay_unrouted)
     app.cleanup_ctx.append(functools.partial(_lifetime, sample=sample))
+    add_wallboard(app, config.wallboard)  # /wallboard and /api/wallboard*, when [wallboard] is enabled
     return app
 
 

@@ -324,13 +324,77 @@ def test_a_version_1_database_is_upgraded_in_place_and_its_calls_merge_with_new_
               "call_flow": None, "user_id": {"id": 1121}}  # no times, and a field that does not fit
     store(url, schema, [event("call_hangup", hangup)])
     store(url, schema + "_new", [event("call_init", fixture_data("call_init"))])  # a fresh database, for comparison
-    assert _postgres(f"SELECT version FROM {schema}.hipcall_schema", url)[0]["version"] == 2
+    assert _postgres(f"SELECT version FROM {schema}.hipcall_schema", url)[0]["version"] == 3
     assert _columns(url, schema) == _columns(url, schema + "_new")  # the same tables as a new database's
     [call] = calls(url, schema)
     assert (call["last_event"], call["hangup_by"], call["caller_number"]) == ("call_hangup", "user", "+902582440032")
     assert call["started_at"] == datetime(2024, 11, 17, 10, 41, tzinfo=timezone.utc)  # from the old call_init
     assert call["recording_path"] == "/archive/old-call.mp3"  # not the merge's: kept
     assert json.loads(call["field_errors"]) == {"user_id": "call_hangup: expected a whole number, got {'id': 1121}"}
+
+
+def _indexes(url: str, schema: str) -> list[str]:
+    return [r["indexdef"].replace(f"{schema}.", "S.") for r in _postgres(
+        f"SELECT indexdef FROM pg_indexes WHERE schemaname = '{schema}' ORDER BY indexname", url)]
+
+
+def test_a_version_2_database_gets_number_id_from_its_stored_events_and_the_wallboard_s_indexes(postgres_schema):
+    """Version 3 (issue 31, the wallboard) adds hipcall_calls.number_id, filled in for the calls already
+    stored from their events, and the indexes on started_at the day's and the live figures read."""
+    url, schema = postgres_schema
+    hangup = {**fixture_data("call_hangup"), "uuid": "v2-call", "number_id": 328}
+    odd = {**fixture_data("call_init"), "uuid": "v2-odd", "number_id": "not a number"}
+    v2 = V1_TABLES.format(s=schema).replace("VALUES (1)", "VALUES (2)") + (
+        f"ALTER TABLE {schema}.hipcall_events ADD COLUMN raw_body bytea, ADD COLUMN field_errors jsonb;"
+        f"ALTER TABLE {schema}.hipcall_calls ADD COLUMN field_errors jsonb;")
+    rows = ""
+    for uuid, name, data in (("v2-call", "call_hangup", hangup), ("v2-odd", "call_init", odd)):
+        rows += (f"INSERT INTO {schema}.hipcall_events (message_id, event, source, call_uuid, payload) "
+                 f"VALUES ('{uuid}-e', '{name}', 'webhook', '{uuid}', $${json.dumps({'event': name, 'data': data})}$$);"
+                 f"INSERT INTO {schema}.hipcall_calls (uuid, direction, newness, last_event) "
+                 f"VALUES ('{uuid}', 'outbound', 1, '{name}');")
+    rows += (f"INSERT INTO {schema}.hipcall_calls (uuid, direction, started_at, missing_call, newness, last_event) "
+             f"VALUES ('v2-answered', 'inbound', '2024-11-17T10:41:00Z', false, 1, 'call_hangup');")
+    _script(v2 + rows, url)
+    store(url, schema, [event("deal_create", {"uuid": "not-a-call"})])  # any message migrates
+    store(url, schema + "_new", [event("call_init", fixture_data("call_init"))])
+    assert _postgres(f"SELECT version FROM {schema}.hipcall_schema", url)[0]["version"] == 3
+    assert _columns(url, schema) == _columns(url, schema + "_new")
+    assert _indexes(url, schema) == _indexes(url, schema + "_new")
+    assert any("(started_at)" in i and "call_hangup" in i for i in _indexes(url, schema))
+    found = {r["uuid"]: r["number_id"] for r in _postgres(f"SELECT uuid, number_id FROM {schema}.hipcall_calls", url)}
+    assert found == {"v2-call": 328, "v2-odd": None, "v2-answered": None}  # not a number: null; the rest is kept
+    tallies = [tuple(r) for r in _postgres(f"SELECT slot, kind, calls FROM {schema}.hipcall_wallboard_slots", url)]
+    assert tallies == [(datetime(2024, 11, 17, 10, 30, tzinfo=timezone.utc), "answered", 1)]  # counted on upgrade
+
+
+def test_each_merged_call_is_announced_with_notify_after_its_commit(postgres_schema):
+    url, schema = postgres_schema
+    import asyncpg
+
+    async def main():
+        heard: asyncio.Queue = asyncio.Queue()
+        listener = await asyncpg.connect(url, timeout=10)
+        await listener.add_listener("hipcall_calls", lambda *args: heard.put_nowait(args[3]))
+        handler = Postgres()
+        await handler.start({"dsn": url, "schema": schema})
+        try:
+            await handler.handle(event("call_init", fixture_data("call_init")))
+            first = await asyncio.wait_for(heard.get(), 10)
+            await handler.handle(event("call_hangup", fixture_data("call_hangup")))
+            second = await asyncio.wait_for(heard.get(), 10)
+            await handler.handle(event("deal_create", {"uuid": "deal-1"}))  # not a call: no announcement
+            await handler.handle(event("call_init", fixture_data("call_init")))  # late init: the call has ended
+            third = await asyncio.wait_for(heard.get(), 10)
+            assert heard.empty()
+        finally:
+            await handler.close()
+            await listener.close()
+        return first, second, third
+
+    uuid = fixture_data("call_init")["uuid"]
+    assert asyncio.run(main()) == (f"{schema} {uuid} call_init", f"{schema} {uuid} call_hangup",
+                                   f"{schema} {uuid} call_hangup")
 
 
 def _worker_config(url: str, schema: str, delays: str = '["200ms", "500ms", "1s", "2s", "3s", "5s"]') -> str:
