@@ -9,8 +9,9 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
-from conftest import ROOT, free_port, http, payload, post_webhook, wait_until
+from conftest import ROOT, Proc, free_port, http, payload, post_webhook, wait_until
 from ingest.localnode import LocalNode, reachable
 
 SERVE = '[http]\nhost = "127.0.0.1"\n'
@@ -84,6 +85,30 @@ def test_a_sighup_during_start_up_is_queued_not_fatal(launch, broker):
     wait_until(lambda: _lines(proc, "reload_done"), timeout=60, what="the queued SIGHUPs reloaded, once")
     assert post_webhook(proc, payload("call_init"))[0] == 202
     assert proc.stop(timeout=90) == 0
+
+
+def test_a_sighup_during_start_up_of_the_installed_command_is_queued_not_fatal(broker, tmp_path):
+    """As systemd's unit and the Dockerfile start it: the `hipcall-ingest` console script, whose
+    entry point is imported before anything of ours runs (`python -m ingest` is the test above)."""
+    script = Path(sys.executable).with_name("hipcall-ingest")
+    (tmp_path / "c.toml").write_text(SERVE)
+    port = free_port()
+    env = {**os.environ, "HIPCALL_AMQP_URL": broker.url, "HIPCALL_HTTP_PORT": str(port)}
+    proc = Proc(["serve", "--config", str(tmp_path / "c.toml")], env, tmp_path / "serve.log", port)
+    proc.process = subprocess.Popen([str(script), *proc.args], env=env, cwd=tmp_path, stdout=open(proc.log_path, "ab"),
+                                    stderr=subprocess.STDOUT, process_group=0)
+    try:
+        time.sleep(0.2)  # as the test above: 0.2 s after the start, the imports still running
+        proc.process.send_signal(signal.SIGHUP)
+        _hup_until(proc, lambda: _lines(proc, "supervisor_started"), "the supervisor started")
+        _alive_or_say_why(proc)
+        proc.wait_http("/readyz", timeout=90)
+        assert post_webhook(proc, payload("call_init"))[0] == 202
+        assert proc.stop(timeout=90) == 0
+    finally:
+        if proc.process.poll() is None:
+            os.killpg(proc.process.pid, signal.SIGKILL)
+            proc.process.wait()
 
 
 def test_sighups_during_an_upgrade_are_held_across_the_exec_and_reload_afterwards(launch, broker):
