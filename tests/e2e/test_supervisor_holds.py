@@ -214,6 +214,47 @@ def test_run_keeps_the_ingress_answering_while_a_worker_that_cannot_start_is_res
 # --- item 5: backoff, the exit code after a failed reload, coalesced SIGHUPs, run's local node ------
 
 
+SLOW_START = '''
+import asyncio
+
+
+class SlowStart:
+    """A handler whose start() takes 25 s (a database far away): a reload waits for it."""
+
+    async def start(self, options):
+        await asyncio.sleep(25)
+
+    async def handle(self, event):
+        pass
+'''
+
+
+def test_an_ingress_process_killed_while_a_reload_waits_for_the_worker_is_restarted_at_once(launch, broker, tmp_path):
+    (tmp_path / "slowstart.py").write_text(SLOW_START)
+    table = '[consumers.crm]\nevents = ["call_hangup"]\nhandler = "slowstart:SlowStart"\n' + SERVE + "processes = 1\n"
+    run = launch("run", broker, table, wait="/readyz")
+    wait_until(lambda: any(l.get("msg") == "consuming" for l in run.logs()), timeout=90, what="the worker started")
+    run.process.send_signal(signal.SIGHUP)
+    wait_until(lambda: _alive_or_say_why(run) and len(_lines(run, "process_started", kind="worker")) == 2, timeout=90,
+               what="the reload starting a fresh worker (which takes 25 s)")
+    wait_until(lambda: len(run.ingress_pids()) == 1, timeout=60, what="the old ingress process gone")
+    [ingress] = run.ingress_pids()
+    os.kill(ingress, signal.SIGKILL)
+
+    def answers() -> bool:
+        try:
+            return http("GET", run.url + "/healthz")[0] == 200
+        except OSError:
+            return False
+
+    wait_until(lambda: answers() or _lines(run, "reload_done"), timeout=90, what="the webhook port answering again")
+    # before: no ingress process until the reload was done, 13 s here, with "restart_in_s": 0.0 logged
+    assert answers() and not _lines(run, "reload_done"), "the ingress was restarted only after the reload"
+    wait_until(lambda: _lines(run, "reload_done"), timeout=90, what="the reload done")
+    assert len(run.ingress_pids()) == 1
+    assert run.stop(timeout=90) == 0
+
+
 def test_an_ingress_process_killed_again_and_again_is_restarted_with_growing_pauses(launch, broker):
     proc = launch("serve", broker, SERVE + "processes = 1\n", wait="/readyz")
     for _ in range(3):
