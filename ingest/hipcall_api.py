@@ -30,6 +30,7 @@ log = structlog.get_logger("ingest.hipcall_api")
 REQUESTS = Counter("hipcall_reconcile_api_requests_total", "Requests to Hipcall's API, by outcome.", ["outcome"])
 
 PAGE = 100  # the API's largest page
+NONE_MADE = (500, 503)  # the 5xx Hipcall answers itself when it made no task (with 429): safe to try again
 UUID_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,127}")  # what may go into /api/v3/calls/{uuid}
 TIMESTAMPS = ("started_at", "answered_at", "bridged_at", "ended_at", "callback_time")
 
@@ -144,7 +145,8 @@ class HipcallApi:
         `ready` is called after the rate limit's wait, right before the POST (the caller's claim on it):
         False, or what it raises, and nothing is sent (None). ApiError when Hipcall says it made none (a
         429, a 500, a 503: trying again later is safe), ApiRefused for another 4xx (it would refuse it
-        again), TaskUncertain when no answer came or a gateway's 502 or 504 did (a task may exist)."""
+        again), TaskUncertain when no answer came or another 5xx did (a gateway's 502 or 504, a CDN's 520
+        to 524: a task may exist)."""
         assert self._session is not None, "use HipcallApi in `async with`"
         await self._limit.take()
         if ready is not None and not ready():
@@ -162,7 +164,7 @@ class HipcallApi:
             REQUESTS.labels(str(status)).inc()
             raise ApiUnauthorized(f"Hipcall's API at {self._config.api_url} refused the key in HIPCALL_API_KEY "
                                   f"(HTTP {status}) for POST /api/v3/tasks")
-        if status in (502, 504):  # a gateway's answer: what Hipcall did behind it is unknown
+        if status >= 500 and status not in NONE_MADE:  # a gateway's or a CDN's (502, 504, 520-524): unknown behind it
             REQUESTS.labels("5xx").inc()
             raise TaskUncertain(f"POST /api/v3/tasks got HTTP {status} from a gateway; a task may have been made")
         if status not in (200, 201):

@@ -186,6 +186,7 @@ class Supervisor:
     _pending: list[int] = field(default_factory=list)  # SIGHUP/SIGUSR2 waiting for the reload or upgrade running
     _stopping: bool = False
     _busy: bool = False  # a reload or an upgrade runs (the loop turns inside it)
+    _reloading: str | None = None  # the kind a reload is replacing now: the reload keeps its count, not _top_up
     _served: bool = False  # an ingress process has been ready: from then on no child's failure ends the service
     _backoff: dict[str, Backoff] = field(default_factory=dict)  # kind -> its restarts
     _metrics_dir: str = ""
@@ -237,7 +238,7 @@ class Supervisor:
         self._read_ready()
         self._reap()
         now = time.monotonic()
-        if not self._stopping and not self._busy:
+        if not self._stopping:  # also while a reload waits on another kind, or an upgrade's trial run goes on
             self._top_up(now)
         for child in self.children:
             if child.asked_at is not None and now - child.asked_at > child.kind.grace + KILL_SLACK \
@@ -259,6 +260,7 @@ class Supervisor:
                 self._reload(queued.count(signal.SIGHUP))
         finally:
             self._busy = False
+            self._reloading = None
 
     def _read_ready(self) -> None:
         waiting = {c.ready: c for c in self.children if c.ready >= 0}
@@ -306,8 +308,12 @@ class Supervisor:
                   **({"note": "the new one adopts its spool segments"} if child.kind.name == "ingress" else {}))
 
     def _top_up(self, now: float) -> None:
-        """Start what each kind lacks of its count, once its backoff allows (not during a reload)."""
+        """Start what each kind lacks of its count, once its backoff allows; not the kind a reload is
+        replacing (the reload starts its fresh ones), but the others: an ingress process that dies while
+        a reload waits for a slow worker is not left unreplaced until the reload is done."""
         for kind in kinds(self.config, self.run):
+            if kind.name == self._reloading:
+                continue
             backoff = self._backoff.get(kind.name)
             if backoff is not None and backoff.next_at is not None:
                 if backoff.next_at > now:
@@ -532,6 +538,7 @@ class Supervisor:
         fresh = kinds(config, self.run)
         failed = []
         for kind in fresh:
+            self._reloading = kind.name
             old = [c for c in self.children if c.kind.name == kind.name and c.asked_at is None]
             if kind.restart_first:
                 for i in range(max(kind.count, len(old))):

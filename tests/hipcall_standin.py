@@ -8,7 +8,7 @@ A real HTTP server on 127.0.0.1 in a thread of the test process:
 - GET /api/v3/calls/{uuid}: {"data": call} with every field; `call_flow` as JSON text (the Python
   SDK's type for it); 404 if unknown.
 - Bearer auth (401 with {"errors": {"detail": ...}}), a per-minute request limit (429).
-Tests change its calls and inject faults ("429", "500", "502", "503", "504", "hang") taken one per request;
+Tests change its calls and inject faults ("429", "500", "502", "503", "504", "520", "524", "hang") taken one per request;
 `task_delay` holds each POST /api/v3/tasks that long before it is made (two workers then overlap).
 """
 
@@ -65,7 +65,7 @@ class StandinApi:
         self.per_minute = per_minute
         self.calls: dict[str, dict] = {}
         self.tasks: list[dict] = []  # POST /api/v3/tasks, as received (the id is their position + 1)
-        self.faults: list[str] = []  # one per request: "429", "429-negative" (Retry-After: -5), "500", "502", "503", "504", "hang"
+        self.faults: list[str] = []  # one per request: "429", "429-negative" (Retry-After: -5), "500", "502", "503", "504", "520", "524", "hang"
         self.ignore_offset = False  # a broken API: every page from offset 0
         self.requests: list[tuple[str, dict, str]] = []  # (path, query, Authorization header)
         self.detail_delay = 0.0
@@ -126,7 +126,7 @@ class StandinApi:
         if fault in ("429", "429-negative"):
             return self._error(429, "Too many requests. Please try again later.",
                                **{"Retry-After": "1" if fault == "429" else "-5"})
-        if fault in ("500", "502", "503", "504"):
+        if fault in ("500", "502", "503", "504", "520", "524"):
             return web.json_response({"errors": {"detail": "Internal server error"}}, status=int(fault))
         if fault == "hang":
             await asyncio.sleep(30)

@@ -12,7 +12,7 @@ with a lock (`Claims`) held while it posts, so a copy another process is posting
 (`RetryLater`), and "pending" is written when the POST goes out (after the rate limit's wait): a
 process stopped while it waited leaves nothing behind. A POST is never repeated blindly: Hipcall has
 no way to look a task up by call, so when a POST got no answer (a timeout, a dropped connection, a
-gateway's 502 or 504) the task may exist, and the message goes to the DLQ saying so
+5xx but 500 and 503, as a gateway's 502 or 504) the task may exist, and the message goes to the DLQ saying so
 (`PermanentError`) for a person to check, rather than risk a second task; so does a "pending" left
 without a claim (its process died mid-POST). When Hipcall answered that it made none (429, 500, 503)
 the entry is cleared and the message retried; a 4xx it would refuse again is a PermanentError.

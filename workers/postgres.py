@@ -32,7 +32,7 @@ from ingest.errors import HandlerImportError
 from ingest.message import SPOOLED
 
 from .handler import Event, PermanentError
-from .postgres_rows import CALL_EVENTS, COLUMNS, CallRow, call_row, fit_text, loads, merge, storable_body
+from .postgres_rows import CALL_EVENTS, COLUMNS, CallRow, call_row, fit_uuid, loads, merge, storable_body
 
 log = structlog.get_logger("workers.postgres")
 
@@ -261,7 +261,7 @@ class Postgres:
         if errors:  # the event is stored all the same; the values themselves stay out of the log
             log.warning("postgres_field_errors", message_id=event.id, event_name=event.name, fields=sorted(errors))
         uuid = row.uuid if row else None
-        call_uuid = uuid if row else fit_text(event.call_uuid)[0]
+        call_uuid = uuid if row else fit_uuid(event.call_uuid)[0]
         if not self._ready:
             await self._prepare()
         try:

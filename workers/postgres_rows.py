@@ -32,6 +32,7 @@ REPLACED = "\ufffd"  # what U+0000 and lone surrogates become in a jsonb value
 UNSTORABLE_ESCAPE = re.compile(rb"\\u(?:0000|[dD][89a-fA-F])")  # may be in the body: then look closer
 UNSTORABLE_CHAR = re.compile("[\x00\ud800-\udfff]")
 WHOLE = re.compile(r"-?[0-9]{1,20}")
+UUID_MAX = 255  # characters of a call uuid stored (Hipcall's have 36): a btree index entry holds 2,704 bytes at most
 INT32, INT64 = 2**31, 2**63
 
 
@@ -62,7 +63,7 @@ def call_row(event: str, data: Mapping[str, Any], message_id: str = "") -> CallR
         if why:
             errors[column] = why
 
-    uuid, why = fit_text(data.get("uuid"), "the call's uuid (text)")
+    uuid, why = fit_uuid(data.get("uuid"))
     if not uuid:
         uuid, errors["uuid"] = None, why or f"expected the call's uuid (text), got {_shown(data.get('uuid'))}"
     for key in TEXTS:
@@ -175,6 +176,15 @@ def fit_text(value: Any, expected: str = "text") -> tuple[str | None, str | None
         what = "U+0000" if bad.group() == "\x00" else "a lone surrogate"
         return None, f"contains {what}, which a text column cannot hold"
     return value, None
+
+
+def fit_uuid(value: Any) -> tuple[str | None, str | None]:
+    """A call uuid the uuid columns and their indexes can hold (at most UUID_MAX characters), else (None, why)."""
+    text, why = fit_text(value, "the call's uuid (text)")
+    if text is not None and len(text) > UUID_MAX:
+        return None, (f"expected the call's uuid, got {len(text)} characters (at most {UUID_MAX}: an index "
+                      f"entry cannot hold more)")
+    return text, why
 
 
 def _integer(value: Any, limit: int, column: str) -> tuple[int | None, str | None]:

@@ -6,6 +6,7 @@ import asyncio
 import itertools
 import json
 import os
+import secrets
 import shutil
 import signal
 import subprocess
@@ -161,6 +162,24 @@ def test_an_odd_field_loses_nothing_the_raw_event_is_stored_and_the_field_is_nul
         {"nul": ["call_flow", "caller_type", "payload"], "object-id": ["user_id"], "past-bigint": ["caller_id"],
          "far-future": ["ended_at"], None: ["uuid"]}  # the fields' names, never their values
     assert "1121" not in json.dumps(said["object-id"]) and "9999" not in json.dumps(said["far-future"])
+
+
+def test_a_uuid_too_long_for_an_index_entry_is_stored_as_null_with_its_reason(postgres_schema):
+    """A uuid no compression shrinks past a btree entry's 2,704 bytes: PostgreSQL refuses the row
+    (ProgramLimitExceeded, retried, then dead-lettered, and a replay the same) unless it is left out."""
+    url, schema = postgres_schema
+    long = secrets.token_hex(1500)  # 3,000 characters
+    hangup = {**fixture_data("call_hangup"), "uuid": long}
+    task = {"uuid": secrets.token_hex(1500), "name": "a task whose data.uuid is long too"}
+    events = [Event(name=name, data=data, id=f"{name}-long", attempt=1, received_at=datetime.now(timezone.utc),
+                    body=json.dumps({"event": name, "data": data}).encode())
+              for name, data in (("call_hangup", hangup), ("task_create", task))]
+    store(url, schema, events)  # before: ProgramLimitExceededError, index row size 3016 exceeds ... 2704
+    stored = {r["event"]: r for r in _postgres(f"SELECT * FROM {schema}.hipcall_events", url)}
+    assert stored["call_hangup"]["call_uuid"] is None and json.loads(stored["call_hangup"]["payload"])["data"] == hangup
+    assert "3000 characters" in json.loads(stored["call_hangup"]["field_errors"])["uuid"]
+    assert stored["task_create"]["call_uuid"] is None and json.loads(stored["task_create"]["payload"])["data"] == task
+    assert _count(url, f"{schema}.hipcall_calls") == 0
 
 
 def test_a_lone_surrogate_jsonb_cannot_hold_is_stored_as_u_fffd_and_kept_as_sent(postgres_schema):

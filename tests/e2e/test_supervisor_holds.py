@@ -9,8 +9,9 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
-from conftest import ROOT, free_port, http, payload, post_webhook, wait_until
+from conftest import ROOT, Proc, free_port, http, payload, post_webhook, wait_until
 from ingest.localnode import LocalNode, reachable
 
 SERVE = '[http]\nhost = "127.0.0.1"\n'
@@ -84,6 +85,30 @@ def test_a_sighup_during_start_up_is_queued_not_fatal(launch, broker):
     wait_until(lambda: _lines(proc, "reload_done"), timeout=60, what="the queued SIGHUPs reloaded, once")
     assert post_webhook(proc, payload("call_init"))[0] == 202
     assert proc.stop(timeout=90) == 0
+
+
+def test_a_sighup_during_start_up_of_the_installed_command_is_queued_not_fatal(broker, tmp_path):
+    """As systemd's unit and the Dockerfile start it: the `hipcall-ingest` console script, whose
+    entry point is imported before anything of ours runs (`python -m ingest` is the test above)."""
+    script = Path(sys.executable).with_name("hipcall-ingest")
+    (tmp_path / "c.toml").write_text(SERVE)
+    port = free_port()
+    env = {**os.environ, "HIPCALL_AMQP_URL": broker.url, "HIPCALL_HTTP_PORT": str(port)}
+    proc = Proc(["serve", "--config", str(tmp_path / "c.toml")], env, tmp_path / "serve.log", port)
+    proc.process = subprocess.Popen([str(script), *proc.args], env=env, cwd=tmp_path, stdout=open(proc.log_path, "ab"),
+                                    stderr=subprocess.STDOUT, process_group=0)
+    try:
+        time.sleep(0.2)  # as the test above: 0.2 s after the start, the imports still running
+        proc.process.send_signal(signal.SIGHUP)
+        _hup_until(proc, lambda: _lines(proc, "supervisor_started"), "the supervisor started")
+        _alive_or_say_why(proc)
+        proc.wait_http("/readyz", timeout=90)
+        assert post_webhook(proc, payload("call_init"))[0] == 202
+        assert proc.stop(timeout=90) == 0
+    finally:
+        if proc.process.poll() is None:
+            os.killpg(proc.process.pid, signal.SIGKILL)
+            proc.process.wait()
 
 
 def test_sighups_during_an_upgrade_are_held_across_the_exec_and_reload_afterwards(launch, broker):
@@ -187,6 +212,47 @@ def test_run_keeps_the_ingress_answering_while_a_worker_that_cannot_start_is_res
 
 
 # --- item 5: backoff, the exit code after a failed reload, coalesced SIGHUPs, run's local node ------
+
+
+SLOW_START = '''
+import asyncio
+
+
+class SlowStart:
+    """A handler whose start() takes 25 s (a database far away): a reload waits for it."""
+
+    async def start(self, options):
+        await asyncio.sleep(25)
+
+    async def handle(self, event):
+        pass
+'''
+
+
+def test_an_ingress_process_killed_while_a_reload_waits_for_the_worker_is_restarted_at_once(launch, broker, tmp_path):
+    (tmp_path / "slowstart.py").write_text(SLOW_START)
+    table = '[consumers.crm]\nevents = ["call_hangup"]\nhandler = "slowstart:SlowStart"\n' + SERVE + "processes = 1\n"
+    run = launch("run", broker, table, wait="/readyz")
+    wait_until(lambda: any(l.get("msg") == "consuming" for l in run.logs()), timeout=90, what="the worker started")
+    run.process.send_signal(signal.SIGHUP)
+    wait_until(lambda: _alive_or_say_why(run) and len(_lines(run, "process_started", kind="worker")) == 2, timeout=90,
+               what="the reload starting a fresh worker (which takes 25 s)")
+    wait_until(lambda: len(run.ingress_pids()) == 1, timeout=60, what="the old ingress process gone")
+    [ingress] = run.ingress_pids()
+    os.kill(ingress, signal.SIGKILL)
+
+    def answers() -> bool:
+        try:
+            return http("GET", run.url + "/healthz")[0] == 200
+        except OSError:
+            return False
+
+    wait_until(lambda: answers() or _lines(run, "reload_done"), timeout=90, what="the webhook port answering again")
+    # before: no ingress process until the reload was done, 13 s here, with "restart_in_s": 0.0 logged
+    assert answers() and not _lines(run, "reload_done"), "the ingress was restarted only after the reload"
+    wait_until(lambda: _lines(run, "reload_done"), timeout=90, what="the reload done")
+    assert len(run.ingress_pids()) == 1
+    assert run.stop(timeout=90) == 0
 
 
 def test_an_ingress_process_killed_again_and_again_is_restarted_with_growing_pauses(launch, broker):
