@@ -144,7 +144,7 @@ class HipcallApi:
         """POST /api/v3/tasks once (a POST is not repeated: it could make a second task); the new task's id.
         `ready` is called after the rate limit's wait, right before the POST (the caller's claim on it):
         False, or what it raises, and nothing is sent (None). ApiError when Hipcall says it made none (a
-        429, a 500, a 503: trying again later is safe), ApiRefused for another 4xx (it would refuse it
+        429, a 500, a 503, no connection made: trying again later is safe), ApiRefused for another 4xx (it would refuse it
         again), TaskUncertain when no answer came or another 5xx did (a gateway's 502 or 504, a CDN's 520
         to 524: a task may exist)."""
         assert self._session is not None, "use HipcallApi in `async with`"
@@ -156,6 +156,10 @@ class HipcallApi:
             async with asyncio.timeout(self._config.timeout):
                 async with self._session.post(self._config.api_url + "/api/v3/tasks", json=task) as response:
                     status, body = response.status, await response.read()
+        except aiohttp.ClientConnectorError as exc:  # no connection was made, so no request went out: no task
+            REQUESTS.labels("error").inc()
+            raise ApiError(f"POST /api/v3/tasks could not connect to Hipcall's API ({type(exc).__name__}); "
+                           f"no task was made") from None
         except (TimeoutError, aiohttp.ClientError) as exc:
             REQUESTS.labels("timeout" if isinstance(exc, TimeoutError) else "error").inc()
             raise TaskUncertain(f"POST /api/v3/tasks got no answer ({type(exc).__name__}); a task may have been "

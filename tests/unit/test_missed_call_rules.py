@@ -61,3 +61,41 @@ def test_a_claim_is_held_by_one_process_at_a_time_and_dropped_when_its_process_d
     finally:
         holder.kill()
         holder.wait(10)
+
+
+def test_a_post_that_never_connected_made_no_task_and_one_cut_off_after_sending_may_have():
+    """A refused connection sends nothing: ApiError (safe to try again later), not TaskUncertain, which
+    dead-letters the call as "a task may have been made" (seen in a full run: three calls dead-lettered so
+    when the stand-in refused the connection). A server that takes the request and closes without an
+    answer may have made the task: TaskUncertain."""
+    import asyncio
+    import socket
+
+    from ingest.config import HipcallConfig
+    from ingest.errors import ApiError, TaskUncertain
+    from ingest.hipcall_api import HipcallApi
+
+    async def post(port: int) -> BaseException:
+        config = HipcallConfig(api_url=f"http://127.0.0.1:{port}", api_key="k", timeout=5.0)
+        async with HipcallApi(config, rate_limit=600) as api:
+            try:
+                await api.create_task({"name": "x"})
+            except BaseException as exc:  # noqa: BLE001 - the type is what the test looks at
+                return exc
+        raise AssertionError("the POST succeeded")
+
+    with socket.socket() as closed:  # a port nothing listens on: bound, never listening
+        closed.bind(("127.0.0.1", 0))
+        refused = asyncio.run(post(closed.getsockname()[1]))
+    assert isinstance(refused, ApiError) and not isinstance(refused, TaskUncertain), refused
+
+    async def cut_off() -> BaseException:
+        async def take_and_close(reader, writer):
+            await reader.read(100)  # the request arrived
+            writer.close()
+
+        server = await asyncio.start_server(take_and_close, "127.0.0.1", 0)
+        async with server:
+            return await post(server.sockets[0].getsockname()[1])
+
+    assert isinstance(asyncio.run(cut_off()), TaskUncertain)
