@@ -374,12 +374,19 @@ def test_x_forwarded_for_counts_only_from_a_trusted_proxy(launch, broker):
     assert post_webhook(behind, body, {"X-Forwarded-For": "203.0.113.7, 198.51.100.4"})[0] == 403
     [message] = broker.take("hipcall.call_hangup", expect=1)
     assert message.headers["x-hipcall-client"] == "203.0.113.7"
-    requests = [l for l in behind.logs() if l.get("msg") == "request"]
-    assert [r["remote"] for r in requests[-2:]] == ["203.0.113.7", "198.51.100.4"]
+    # Two processes write their lines each at the end of its loop turn: the webhooks' own lines, in any order.
+    assert sorted(wait_until(lambda: _webhook_lines(behind, 2), what="the two webhooks' request lines")) == [
+        (202, "203.0.113.7"), (403, "198.51.100.4")]
     # From a peer that is not a trusted proxy the header is ignored: the peer itself is the client.
     direct = launch("serve", broker, allow + 'trusted_proxies = ["10.0.0.0/8"]\n', wait="/readyz")
     assert post_webhook(direct, body, {"X-Forwarded-For": "203.0.113.7"})[0] == 403
-    assert [l["remote"] for l in direct.logs() if l.get("msg") == "request"][-1] == "127.0.0.1"
+    assert wait_until(lambda: _webhook_lines(direct, 1), what="the webhook's request line") == [(403, "127.0.0.1")]
+
+
+def _webhook_lines(proc, at_least: int) -> list[tuple[int, str]] | None:
+    """(status, remote) of the `request` lines of webhooks (not of /readyz), once there are `at_least`."""
+    lines = [(l["status"], l["remote"]) for l in proc.logs() if l.get("msg") == "request" and l["path"] == "/webhooks/hipcall"]
+    return lines if len(lines) >= at_least else None
 
 
 def test_a_call_hangup_id_comes_from_its_call_uuid_and_other_ids_from_the_body(ingress):
@@ -403,11 +410,7 @@ def test_x_forwarded_for_entries_with_a_port_are_parsed_and_a_trusted_hop_with_a
     assert post_webhook(proc, body, {"X-Forwarded-For": "203.0.113.7, 198.51.100.4:443"})[0] == 403
     # Each process writes its lines at the end of its loop turn: wait for the four webhooks' own lines (not
     # the last four lines of the file, where a /readyz of the other process may stand), whatever their order.
-    def webhook_lines():
-        lines = [(l["status"], l["remote"]) for l in proc.logs() if l.get("msg") == "request" and l["path"] == "/webhooks/hipcall"]
-        return lines if len(lines) >= 4 else None
-
-    assert sorted(wait_until(webhook_lines, what="the four webhooks' request lines")) == [
+    assert sorted(wait_until(lambda: _webhook_lines(proc, 4), what="the four webhooks' request lines")) == [
         (202, "2001:db8::1"), (202, "203.0.113.7"), (202, "203.0.113.7"), (403, "198.51.100.4")]
 
 

@@ -35,7 +35,8 @@ def _alive(pid: int) -> bool:
 def test_two_processes_share_the_port_and_metrics_add_up_whichever_answers(ingress, broker):
     ids = [post_webhook(ingress, payload("call_hangup"))[2]["id"] for _ in range(30)]  # a connection each
     assert len(_pids(ingress, "serving")) == 2
-    assert len({l["pid"] for l in ingress.logs() if l.get("msg") == "request"}) == 2  # the kernel used both
+    wait_until(lambda: len({l["pid"] for l in ingress.logs() if l.get("msg") == "request"}) == 2,
+               what="request lines from both processes")  # the kernel used both
     for _ in range(4):  # each scrape reaches one of them; every one sums both
         metrics = http("GET", ingress.url + "/metrics")[2].decode()
         assert _metric(metrics, 'hipcall_ingest_requests_total{event="call_hangup",status="202"}') == 30
