@@ -377,7 +377,9 @@ def test_a_sync_handler_gets_concurrency_threads_and_one_that_never_returns_does
 
 def test_sigterm_finishes_within_the_grace_period_during_a_resource_alarm_and_readyz_says_blocked(launch, node_broker, rabbit_node, tmp_path):
     record = tmp_path / "record.jsonl"
-    config = consumer(delays='["300ms"]', record=str(record), mode="sleep_fail", sleep=1, fail_times=9)
+    # It fails every attempt until the test is done: however long rabbitmqctl takes to raise the alarm on a
+    # busy machine, a retry publish is still to come and meets it (with 9 it was dead-lettered first).
+    config = consumer(delays='["300ms"]', record=str(record), mode="sleep_fail", sleep=1, fail_times=10_000)
     config += '[worker]\ngrace_period = "2s"\n[broker]\npublish_timeout = "1s"\n'
     # One ingress process: RabbitMQ blocks a connection when it publishes, and /readyz answers for the
     # process that takes it, so with two the check below could reach the one that has not published.
@@ -387,7 +389,7 @@ def test_sigterm_finishes_within_the_grace_period_during_a_resource_alarm_and_re
     wait_until(lambda: records(record, "start"), what="handler started")
     node_broker.ctl("set_vm_memory_high_watermark", "0")  # every publishing connection is blocked now
     try:
-        wait_until(lambda: any(l.get("msg") == "replacement_publish_failed" for l in worker.logs()), timeout=20,
+        wait_until(lambda: any(l.get("msg") == "replacement_publish_failed" for l in worker.logs()), timeout=60,
                    what="the retry publish to hit the alarm")
         status, _, answer = post_webhook(ingress, payload("call_init"))  # blocked: straight to the spool
         assert status == 202
