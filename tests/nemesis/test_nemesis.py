@@ -454,7 +454,7 @@ class Nemesis:
         if not start:
             filler.unlink(missing_ok=True)
             return
-        with open(filler, "wb") as f:
+        with open(filler, "wb", buffering=0) as f:  # unbuffered: no flush at close to meet ENOSPC again
             try:
                 while True:
                     f.write(b"\0" * (1 << 20))
