@@ -377,9 +377,11 @@ def test_a_sync_handler_gets_concurrency_threads_and_one_that_never_returns_does
 
 def test_sigterm_finishes_within_the_grace_period_during_a_resource_alarm_and_readyz_says_blocked(launch, node_broker, rabbit_node, tmp_path):
     record = tmp_path / "record.jsonl"
-    # It fails every attempt until the test is done: however long rabbitmqctl takes to raise the alarm on a
-    # busy machine, a retry publish is still to come and meets it (with 9 it was dead-lettered first).
-    config = consumer(delays='["300ms"]', record=str(record), mode="sleep_fail", sleep=1, fail_times=10_000)
+    # It fails every attempt, and 80 attempts (about 1.3 s each) outlast the 60 s wait below: however long
+    # rabbitmqctl takes to raise the alarm on a busy machine, a retry publish is still to come and meets it.
+    # (With one delay the second failure was dead-lettered 2.3 s after the start, before the alarm was up.)
+    config = consumer(delays=json.dumps(["300ms"] * 79), record=str(record), mode="sleep_fail", sleep=1,
+                      fail_times=10_000)
     config += '[worker]\ngrace_period = "2s"\n[broker]\npublish_timeout = "1s"\n'
     # One ingress process: RabbitMQ blocks a connection when it publishes, and /readyz answers for the
     # process that takes it, so with two the check below could reach the one that has not published.
