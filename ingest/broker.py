@@ -99,13 +99,13 @@ class BrokerLink:
         of declaring the topology (about 1 in 100 closes there, aio-pika 10.2), the set-up goes on and the
         link would wait for a lost connection for ever (a stop asked for just as the broker connected hung
         until the supervisor killed the process). So `_run` is also woken through `_lost` and stops at
-        `_stopping`, and the cancel is repeated until the task has ended, for at most `connect_timeout`."""
+        `_stopping`, and the cancel is repeated until the task has ended, for at most `connect_timeout` (1 s at least)."""
         self._stopping = True
         self._lost.set()
         task = self._task
         if task is not None:
             loop = asyncio.get_running_loop()
-            deadline = loop.time() + self._config.connect_timeout
+            deadline = loop.time() + max(self._config.connect_timeout, 1.0)
             while not task.done() and loop.time() < deadline:
                 task.cancel()
                 await asyncio.wait({task}, timeout=0.1)
@@ -141,8 +141,12 @@ class BrokerLink:
                 url = self._config.urls[index]
                 first = (index + 1) % len(self._config.urls)
                 self.connection = connection
+                if self._stopping:
+                    return  # a lost cancel: close() drops the connection
                 self.watch(connection)
                 await self._on_connect(connection)
+                if self._stopping:
+                    return
                 self.connected.set()
                 self.on_state(True)
                 log.info("broker_connected", broker=redact_url(url))

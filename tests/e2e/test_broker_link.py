@@ -9,6 +9,40 @@ from ingest.publish import Publisher
 from ingest.topology import declare, plan
 
 
+def ended(link: BrokerLink, opened: list) -> bool:
+    """Closed for good: its task over, no connection held, the one it opened closed."""
+    return link._task is not None and link._task.done() and link.connection is None and all(c.is_closed for c in opened)
+
+
+def test_a_link_whose_set_up_loses_the_cancel_still_ends_when_closed(broker):
+    """The lost cancel made on purpose: a set-up that swallows it (as aio-pika did in a declare) must not keep
+    the link waiting for a lost connection after close()."""
+    async def main() -> bool:
+        config = load_config(None, {"HIPCALL_AMQP_URL": broker.url})
+        entered, opened = asyncio.Event(), []
+
+        async def on_connect(connection) -> None:
+            opened.append(connection)
+            entered.set()
+            try:
+                await asyncio.sleep(60)
+            except asyncio.CancelledError:
+                pass  # lost
+
+        link = BrokerLink(config.broker, "test-link-lost-cancel", on_connect)
+        await link.__aenter__()
+        await asyncio.wait_for(entered.wait(), 30)
+        try:
+            await asyncio.wait_for(asyncio.shield(link.close()), config.broker.connect_timeout + 5)
+        except TimeoutError:
+            link._lost.set()  # free it, so that the test ends
+            await asyncio.sleep(0.5)
+            return False
+        return ended(link, opened)
+
+    assert asyncio.run(main()), "close() did not end a link whose set-up lost the cancel"
+
+
 def test_a_link_closed_while_it_declares_the_topology_ends_instead_of_waiting_for_ever(broker):
     """A reload's new ingress process told to stop just as its broker connection came up hung until the
     supervisor killed it 55 s later: the cancel that closes the link landed while it declared the topology,
@@ -19,9 +53,11 @@ def test_a_link_closed_while_it_declares_the_topology_ends_instead_of_waiting_fo
         the close ended it, and how long this set-up took if it finished."""
         declaring = asyncio.Event()
         finished = took
+        opened = []
 
         async def on_connect(connection) -> None:
             nonlocal finished
+            opened.append(connection)
             declaring.set()
             started = asyncio.get_running_loop().time()
             await declare(connection, topology)
@@ -34,7 +70,7 @@ def test_a_link_closed_while_it_declares_the_topology_ends_instead_of_waiting_fo
         await asyncio.sleep(fraction * took)
         try:
             await asyncio.wait_for(asyncio.shield(link.close()), config.broker.connect_timeout + 5)
-            return True, finished
+            return ended(link, opened), finished
         except TimeoutError:
             link._lost.set()  # free it, so that the test ends
             await asyncio.sleep(0.5)
