@@ -105,12 +105,13 @@ class BrokerLink:
         task = self._task
         if task is not None:
             loop = asyncio.get_running_loop()
-            deadline = loop.time() + max(self._config.connect_timeout, 1.0)
+            bound = max(self._config.connect_timeout, 1.0)
+            deadline = loop.time() + bound
             while not task.done() and loop.time() < deadline:
                 task.cancel()
                 await asyncio.wait({task}, timeout=0.1)
             if not task.done():
-                log.warning("broker_link_not_stopped", seconds=self._config.connect_timeout)
+                log.warning("broker_link_not_stopped", seconds=bound)
         await self._drop()
 
     def restart(self) -> None:

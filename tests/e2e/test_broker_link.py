@@ -9,8 +9,15 @@ from ingest.publish import Publisher
 from ingest.topology import declare, plan
 
 
-def ended(link: BrokerLink, opened: list) -> bool:
-    """Closed for good: its task over, no connection held, the one it opened closed."""
+async def closes(link: BrokerLink, opened: list) -> bool:
+    """Whether close() ends the link for good within connect_timeout and 5 s: its task over, no connection
+    held, the ones it opened closed. A link that hangs is freed, so that the test ends."""
+    try:
+        await asyncio.wait_for(asyncio.shield(link.close()), link._config.connect_timeout + 5)
+    except TimeoutError:
+        link._lost.set()
+        await asyncio.sleep(0.5)
+        return False
     return link._task is not None and link._task.done() and link.connection is None and all(c.is_closed for c in opened)
 
 
@@ -32,13 +39,7 @@ def test_a_link_whose_set_up_loses_the_cancel_still_ends_when_closed(broker):
         link = BrokerLink(config.broker, "test-link-lost-cancel", on_connect)
         await link.__aenter__()
         await asyncio.wait_for(entered.wait(), 30)
-        try:
-            await asyncio.wait_for(asyncio.shield(link.close()), config.broker.connect_timeout + 5)
-        except TimeoutError:
-            link._lost.set()  # free it, so that the test ends
-            await asyncio.sleep(0.5)
-            return False
-        return ended(link, opened)
+        return await closes(link, opened)
 
     assert asyncio.run(main()), "close() did not end a link whose set-up lost the cancel"
 
@@ -68,13 +69,7 @@ def test_a_link_closed_while_it_declares_the_topology_ends_instead_of_waiting_fo
         await link.__aenter__()
         await asyncio.wait_for(declaring.wait(), 30)
         await asyncio.sleep(fraction * took)
-        try:
-            await asyncio.wait_for(asyncio.shield(link.close()), config.broker.connect_timeout + 5)
-            return ended(link, opened), finished
-        except TimeoutError:
-            link._lost.set()  # free it, so that the test ends
-            await asyncio.sleep(0.5)
-            return False, finished
+        return await closes(link, opened), finished
 
     async def main() -> list[int]:
         config = load_config(None, {"HIPCALL_AMQP_URL": broker.url})
@@ -83,8 +78,8 @@ def test_a_link_closed_while_it_declares_the_topology_ends_instead_of_waiting_fo
         hung, took = [], 0.2
         for attempt in range(300):
             # the later two thirds of the set-up: none of 450 closes in the first third hung
-            ended, took = await close_while_declaring(config, topology, rng.uniform(1 / 3, 1), took)
-            if not ended:
+            closed, took = await close_while_declaring(config, topology, rng.uniform(1 / 3, 1), took)
+            if not closed:
                 hung.append(attempt)
         return hung
 
