@@ -82,6 +82,7 @@ class BrokerLink:
         self._on_connect = on_connect
         self.connection: aio_pika.abc.AbstractConnection | None = None
         self.connected = asyncio.Event()
+        self._attempted = asyncio.Event()  # the first connect-and-set-up has ended, either way
         self._task: asyncio.Task | None = None
         self._stopping = False
         self._lost = asyncio.Event()
@@ -113,6 +114,15 @@ class BrokerLink:
             if not task.done():
                 log.warning("broker_link_not_stopped", seconds=bound)
         await self._drop()
+
+    async def settle(self, timeout: float) -> None:
+        """Wait until the first attempt to connect and set up has ended, either way, for at most `timeout`
+        seconds. The ingress waits so before it accepts connections."""
+        try:
+            async with asyncio.timeout(timeout):
+                await self._attempted.wait()
+        except TimeoutError:
+            pass
 
     def restart(self) -> None:
         """Drop the connection and start over (declare, open channels, consume), as if it were lost."""
@@ -149,6 +159,7 @@ class BrokerLink:
                 if self._stopping:
                     return
                 self.connected.set()
+                self._attempted.set()
                 self.on_state(True)
                 log.info("broker_connected", broker=redact_url(url))
                 delay = self._config.reconnect_min
@@ -164,6 +175,7 @@ class BrokerLink:
                 log.warning("broker_unavailable", error=str(exc), retry_in=delay)
             except Exception as exc:
                 log.warning("broker_setup_failed", error=_describe(exc), error_type=type(exc).__name__, retry_in=delay)
+            self._attempted.set()
             await self._drop()
             await asyncio.sleep(delay)
             delay = min(delay * 2, self._config.reconnect_max)

@@ -2,8 +2,8 @@
 
 The whole request path is `Ingress.webhook`: check the client, read and validate the body, publish
 the raw bytes through the one confirmed publish (ingest/publish.py), answer. Start-up and shutdown are
-`serve` plus the `broker_context` cleanup context: the broker connection opens before the first
-request is served and closes after the last in-flight request has its answer.
+`serve` plus the `broker_context` cleanup context: the broker connection opens (or its first attempt
+fails) before the first request is served and closes after the last in-flight request has its answer.
 
 Hostile clients are bounded in `Connection` and `Site`: a cap on open connections, an idle timeout
 that also bounds how long a request head may take (aiohttp starts it when the connection opens), a
@@ -486,6 +486,11 @@ async def broker_context(app: web.Application) -> AsyncIterator[None]:
     tasks = [asyncio.create_task(keep_topology())] + ([asyncio.create_task(drain_spool(ingress.spool))] if ingress.spool else [])
     try:
         async with link:
+            # A process that accepted before its link was up could only spool, and with the spool full or off
+            # it refused webhooks the broker would have taken (a process restarted after a kill, while the
+            # spool's disk was full). So it accepts once the first attempt has ended, connect_timeout at most;
+            # meanwhile the other processes, or the listening socket's queue, hold the connections.
+            await link.settle(config.broker.connect_timeout)
             yield
     finally:
         for task in tasks:

@@ -3,11 +3,15 @@
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
+from concurrent.futures import ThreadPoolExecutor
+from urllib.parse import urlsplit
 
 from conftest import ROOT, Broker, free_port, http, payload, post_webhook, wait_until
 from ingest.localnode import LocalNode, reachable
+from netproxy import Proxy
 
 NO_SPOOL = '[spool]\nenabled = false\n'
 
@@ -31,6 +35,56 @@ def test_without_a_broker_and_without_a_spool_webhooks_get_503_and_the_ingress_r
     [message] = node_broker.take("hipcall.call_hangup", expect=1)
     assert message.message_id == answer["id"]
     assert proc.stop() == 0
+
+
+def test_an_ingress_process_takes_webhooks_only_once_its_broker_link_is_up(launch, broker):
+    """A process that accepted before its link was set up had only the spool, and with the spool off or
+    full it refused webhooks the broker would have taken (the nemesis, seed 189062349: an ingress process
+    restarted after a kill while the spool's disk was full answered 503 in its first 75 ms). Through a
+    proxy that delays each chunk by 10 ms, connecting and declaring the topology takes a second or more; webhooks
+    sent as soon as the supervisor's socket listens wait in its queue and are all taken by the broker."""
+    proxy = Proxy(urlsplit(broker.url).port)
+    proxy.delay = 0.01
+    try:
+        proc = launch("serve", Broker(proxy.url(broker.url)), '[http]\nprocesses = 1\n' + NO_SPOOL)
+
+        def listening() -> bool:
+            try:
+                socket.create_connection(("127.0.0.1", proc.port), timeout=1).close()
+                return True
+            except OSError:
+                return False
+
+        wait_until(listening, what="the supervisor's socket listening")
+        with ThreadPoolExecutor(5) as pool:
+            answers = list(pool.map(lambda n: post_webhook(proc, payload("call_hangup")), range(5)))
+        assert [status for status, _, _ in answers] == [202] * 5, answers
+        logs = [line.get("msg") for line in proc.logs()]
+        assert logs.index("broker_connected") < logs.index("serving")
+        assert sorted(m.message_id for m in broker.take("hipcall.call_hangup", expect=5)) == \
+            sorted(answer["id"] for _, _, answer in answers)
+        assert proc.stop() == 0
+    finally:
+        proxy.close()
+
+
+def test_a_stalled_broker_delays_an_ingress_process_s_start_by_connect_timeout_at_most(launch, broker):
+    """The wait for the link is bounded: a broker that never answers (a proxy that forwards nothing) holds
+    a process back for broker.connect_timeout, then the spool takes the webhooks."""
+    proxy = Proxy(urlsplit(broker.url).port)
+    proxy.frozen.set()
+    try:
+        proc = launch("serve", Broker(proxy.url(broker.url)), '[http]\nprocesses = 1\n[broker]\nconnect_timeout = "2s"\n')
+        proc.wait_http("/healthz")
+        status, _, answer = post_webhook(proc, payload("call_hangup"))
+        assert status == 202, answer
+        assert any(line.get("msg") == "spooled" for line in proc.logs())
+        proxy.heal()
+        proc.wait_http("/readyz", timeout=30)
+        assert [m.message_id for m in broker.take("hipcall.call_hangup", expect=1, timeout=30)] == [answer["id"]]
+        assert proc.stop() == 0
+    finally:
+        proxy.close()
 
 
 def test_without_a_broker_webhooks_are_spooled_answered_202_and_drained_when_it_is_back(launch, node_broker, rabbit_node):
