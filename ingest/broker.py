@@ -115,14 +115,15 @@ class BrokerLink:
                 log.warning("broker_link_not_stopped", seconds=bound)
         await self._drop()
 
-    async def settle(self, timeout: float) -> None:
-        """Wait until the first attempt to connect and set up has ended, either way, for at most `timeout`
-        seconds. The ingress waits so before it accepts connections."""
+    async def settle(self, timeout: float, stop: asyncio.Event) -> None:
+        """Wait until the first attempt to connect and set up has ended, either way, or `stop` is set,
+        for at most `timeout` seconds. The ingress waits so before it accepts connections."""
+        waits = [asyncio.ensure_future(self._attempted.wait()), asyncio.ensure_future(stop.wait())]
         try:
-            async with asyncio.timeout(timeout):
-                await self._attempted.wait()
-        except TimeoutError:
-            pass
+            await asyncio.wait(waits, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for wait in waits:
+                wait.cancel()
 
     def restart(self) -> None:
         """Drop the connection and start over (declare, open channels, consume), as if it were lost."""

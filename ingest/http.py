@@ -61,6 +61,7 @@ CONNECTIONS_REFUSED = Counter("hipcall_ingest_connections_refused_total", "Conne
 CONNECTIONS_REFUSED_PER_CLIENT = Counter("hipcall_ingest_connections_refused_per_client_total",
                                          "Connections closed at once: their client address had http.max_connections_per_client open.")
 
+SETTLE_MAX = 15.0  # seconds a starting process waits at most for its broker link: half the supervisor's READY_TIMEOUT
 RETRY_AFTER = "5"  # seconds a client is asked to wait after a 503
 LINGER = 1.0  # seconds an answered connection may still drain an unread body before it is closed
 # An idle connection is closed this long after http.idle_timeout: a client that keeps its idle connections
@@ -351,6 +352,7 @@ def _validate(body: bytes) -> tuple[dict, str | None]:
 
 
 INGRESS = web.AppKey("ingress", Ingress)
+STOP = web.AppKey("stop", asyncio.Event)  # set when the process should stop (serve's stop_event)
 CLIENT_ADDRESS = web.RequestKey("client", str)  # the client as client_address() decided, for the access log
 LOG_FIELDS = web.RequestKey("log", dict)  # what the webhook handler adds to the request's access-log line
 
@@ -486,11 +488,10 @@ async def broker_context(app: web.Application) -> AsyncIterator[None]:
     tasks = [asyncio.create_task(keep_topology())] + ([asyncio.create_task(drain_spool(ingress.spool))] if ingress.spool else [])
     try:
         async with link:
-            # A process that accepted before its link was up could only spool, and with the spool full or off
-            # it refused webhooks the broker would have taken (a process restarted after a kill, while the
-            # spool's disk was full). So it accepts once the first attempt has ended, connect_timeout at most;
-            # meanwhile the other processes, or the listening socket's queue, hold the connections.
-            await link.settle(config.broker.connect_timeout)
+            # Accept only once the link is up or its first attempt failed (docs/http.md, "Several processes").
+            # connect_timeout for each URL and one more for the set-up, SETTLE_MAX at most.
+            bound = min((len(config.broker.urls) + 1) * config.broker.connect_timeout, SETTLE_MAX)
+            await link.settle(bound, app[STOP])
             yield
     finally:
         for task in tasks:
@@ -688,25 +689,28 @@ async def serve(config: Config, supervised: Supervised, metrics_dir: str) -> Non
     if supervised.listen_fd is None:
         raise UsageError("serve --lifeline needs --listen-fd: the supervisor's listening socket")
     sock = socket.socket(fileno=supervised.listen_fd)
-    runner = web.AppRunner(build_app(config, metrics_dir), handle_signals=False,
-                           shutdown_timeout=config.http.shutdown_timeout)
+    app = build_app(config, metrics_dir)
+    stop = app[STOP] = stop_event(supervised)  # before setup: a stop ends the wait for the broker link
+    runner = web.AppRunner(app, handle_signals=False, shutdown_timeout=config.http.shutdown_timeout)
     await runner.setup()
-    stop = stop_event(supervised)
     try:
-        site = Site(runner, config, sock)
-        await site.start()
-        log.info("serving", url=site.name, path=config.http.path,
-                 auth="on" if config.auth.tokens else "off", tokens=len(config.auth.tokens),
-                 allow_ips=len(config.auth.allow_ips))
-        ready(supervised)
-        await stop.wait()
-        log.info("stopping", reason=stop_reason(supervised))
-        await site.stop()  # no new connection: they wait in the socket's queue for the other processes
-        runner.app[INGRESS].draining = True
-        for connection in list(runner.server.connections if runner.server else ()):
-            if isinstance(connection, Connection):
-                connection.stop()
-        await _linger(runner, min(config.http.idle_timeout + IDLE_SLACK, config.http.shutdown_timeout))
+        if stop.is_set():  # asked to stop while the broker link was being set up: never accept
+            log.info("stopping", reason=stop_reason(supervised), accepted=False)
+        else:
+            site = Site(runner, config, sock)
+            await site.start()
+            log.info("serving", url=site.name, path=config.http.path, broker=app[INGRESS].broker_state(),
+                     auth="on" if config.auth.tokens else "off", tokens=len(config.auth.tokens),
+                     allow_ips=len(config.auth.allow_ips))
+            ready(supervised)
+            await stop.wait()
+            log.info("stopping", reason=stop_reason(supervised))
+            await site.stop()  # no new connection: they wait in the socket's queue for the other processes
+            runner.app[INGRESS].draining = True
+            for connection in list(runner.server.connections if runner.server else ()):
+                if isinstance(connection, Connection):
+                    connection.stop()
+            await _linger(runner, min(config.http.idle_timeout + IDLE_SLACK, config.http.shutdown_timeout))
     finally:
         await runner.cleanup()
     log.info("stopped")

@@ -28,6 +28,11 @@ class Proxy:
         """broker_url with this proxy's port in place of the node's."""
         return broker_url.replace(f":{self.target}/", f":{self.port}/")
 
+    def connections(self) -> int:
+        """Connections being forwarded now (two sockets each)."""
+        with self._lock:
+            return len(self._sockets) // 2
+
     def _accept(self) -> None:
         while True:
             try:

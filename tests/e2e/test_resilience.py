@@ -46,7 +46,9 @@ def test_an_ingress_process_takes_webhooks_only_once_its_broker_link_is_up(launc
     proxy = Proxy(urlsplit(broker.url).port)
     proxy.delay = 0.01
     try:
-        proc = launch("serve", Broker(proxy.url(broker.url)), '[http]\nprocesses = 1\n' + NO_SPOOL)
+        # connect_timeout well past the slowed set-up, so that only a process that does not wait can fail
+        proc = launch("serve", Broker(proxy.url(broker.url)),
+                      '[http]\nprocesses = 1\n[broker]\nconnect_timeout = "30s"\n' + NO_SPOOL)
 
         def listening() -> bool:
             try:
@@ -61,6 +63,7 @@ def test_an_ingress_process_takes_webhooks_only_once_its_broker_link_is_up(launc
         assert [status for status, _, _ in answers] == [202] * 5, answers
         logs = [line.get("msg") for line in proc.logs()]
         assert logs.index("broker_connected") < logs.index("serving")
+        assert next(line for line in proc.logs() if line.get("msg") == "serving")["broker"] == "connected"
         assert sorted(m.message_id for m in broker.take("hipcall.call_hangup", expect=5)) == \
             sorted(answer["id"] for _, _, answer in answers)
         assert proc.stop() == 0
@@ -68,21 +71,41 @@ def test_an_ingress_process_takes_webhooks_only_once_its_broker_link_is_up(launc
         proxy.close()
 
 
-def test_a_stalled_broker_delays_an_ingress_process_s_start_by_connect_timeout_at_most(launch, broker):
+def test_a_broker_that_never_answers_holds_a_starting_process_back_only_until_its_attempt_fails(launch, broker):
     """The wait for the link is bounded: a broker that never answers (a proxy that forwards nothing) holds
-    a process back for broker.connect_timeout, then the spool takes the webhooks."""
+    a process back until its connect times out (broker.connect_timeout), then it serves with the spool."""
     proxy = Proxy(urlsplit(broker.url).port)
     proxy.frozen.set()
     try:
         proc = launch("serve", Broker(proxy.url(broker.url)), '[http]\nprocesses = 1\n[broker]\nconnect_timeout = "2s"\n')
         proc.wait_http("/healthz")
-        status, _, answer = post_webhook(proc, payload("call_hangup"))
+        logs = [line.get("msg") for line in proc.logs()]
+        assert logs.index("broker_unavailable") < logs.index("serving")  # it waited for the attempt...
+        assert next(line for line in proc.logs() if line.get("msg") == "serving")["broker"] == "down"
+        status, _, answer = post_webhook(proc, payload("call_hangup"))  # ...then served with the spool
         assert status == 202, answer
         assert any(line.get("msg") == "spooled" for line in proc.logs())
         proxy.heal()
         proc.wait_http("/readyz", timeout=30)
         assert [m.message_id for m in broker.take("hipcall.call_hangup", expect=1, timeout=30)] == [answer["id"]]
         assert proc.stop() == 0
+    finally:
+        proxy.close()
+
+
+def test_an_ingress_process_asked_to_stop_while_it_waits_for_its_broker_link_never_accepts(launch, broker):
+    """SIGTERM while the only process waits for a broker that never answers: it stops without accepting
+    (no `serving` line) and the supervisor exits 0 before the wait would have ended."""
+    proxy = Proxy(urlsplit(broker.url).port)
+    proxy.frozen.set()
+    try:
+        proc = launch("serve", Broker(proxy.url(broker.url)), '[http]\nprocesses = 1\n[broker]\nconnect_timeout = "60s"\n')
+        wait_until(lambda: proxy.connections() == 1, what="the process's link connecting")  # it waits now
+        assert proc.stop(timeout=20) == 0  # the wait alone would be 15 s, the connect 60 s
+        lines = proc.logs()
+        assert "serving" not in [line.get("msg") for line in lines]
+        assert [line.get("accepted") for line in lines if line.get("msg") == "stopping"] == [False]
+        assert "stopped" in [line.get("msg") for line in lines]
     finally:
         proxy.close()
 
