@@ -573,6 +573,7 @@ def check(load: Load, nemesis: Nemesis, deployment: Deployment, seed: int) -> tu
     t0 = load.answers[0].started if load.answers else 0.0  # the schedule's times count from here too
     if result["lost"]:
         failures.append(f"lost {result['lost']}: e.g. {sorted(lost_sink | lost_rows)[:3]}")
+        result["lost_detail"] = where_lost(load, deployment, lost_sink, lost_rows, t0)
     if unrecovered:
         failures.append(f"{len(unrecovered)} of {len(unsent)} calls never sent as webhooks were not recovered by reconcile")
     if bad_refusals:
@@ -584,6 +585,32 @@ def check(load: Load, nemesis: Nemesis, deployment: Deployment, seed: int) -> tu
     if result["p99_ms"] > ANSWER_BUDGET * 1000:
         failures.append(f"answer p99 {result['p99_ms']} ms over the {ANSWER_BUDGET:g} s budget")
     return result, failures
+
+
+def where_lost(load: Load, deployment: Deployment, lost_sink: set[str], lost_rows: set[str], t0: float) -> dict:
+    """What a lost webhook's search starts from: when each was answered (s after the first request,
+    status, seconds the answer took, missing from sink or rows), what every queue still holds, and what
+    the spool still holds (segment names and sizes)."""
+    answers = {a.key: a for a in load.answers}
+    keys = sorted(lost_sink | lost_rows, key=lambda k: answers[k].started)
+    queues: dict[str, object] = {}
+    for node in deployment.nodes:
+        if node.process is None:
+            continue
+        try:
+            done = node.rabbitmqctl("list_queues", "name", "messages", "--no-table-headers", "--quiet", timeout=60)
+        except subprocess.TimeoutExpired:
+            continue
+        if done.returncode == 0:
+            queues = {name: int(n) for name, _, n in (line.rpartition("\t") for line in done.stdout.splitlines())
+                      if n.isdigit() and int(n)}
+            break
+    spool = {p.name: p.stat().st_size for p in deployment.spool.glob("*") if p.is_file() and p.name != "filler"}
+    return {
+        "answers": [(k, answers[k].status, round(answers[k].started - t0, 2), round(answers[k].seconds, 3),
+                     "sink" if k in lost_sink else "", "rows" if k in lost_rows else "") for k in keys[:50]],
+        "queues_holding_messages": queues, "spool_files": spool,
+    }
 
 
 def table(result: dict) -> str:
