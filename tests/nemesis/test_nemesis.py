@@ -324,6 +324,10 @@ class Nemesis:
         self.errors: list[str] = []
         self._threads: list[threading.Thread] = []
         self._node_locks = [threading.Lock() for _ in deployment.nodes]
+        # A fault of one kind may start again while the heal of the last one still runs (PostgreSQL's start,
+        # a policy cleared through a node that answers slowly): its start waits for that heal, or the heal
+        # would undo it, or fail half-way (seen: a stop landed between PostgreSQL's start and its createdb).
+        self._kind_locks = {"postgres_stopped": threading.Lock(), "queue_full": threading.Lock()}
 
     def run(self, seconds: float) -> None:
         end = time.monotonic() + seconds
@@ -433,6 +437,10 @@ class Nemesis:
 
     def _queue_full(self, fault: Fault, start: bool) -> None:
         """The sink consumer's queue at its length limit (0): the broker refuses every call_hangup."""
+        with self._kind_locks[fault.kind]:
+            self._set_queue_full(start)
+
+    def _set_queue_full(self, start: bool) -> None:
         args = (("set_policy", "nemesis-full", r"^sink\.call_hangup$", '{"max-length": 0, "overflow": "reject-publish"}',
                  "--apply-to", "queues", "--priority", "9") if start else ("clear_policy", "nemesis-full"))
         deadline = time.monotonic() + 300
@@ -462,10 +470,11 @@ class Nemesis:
                 pass  # ENOSPC: full
 
     def _postgres_stopped(self, fault: Fault, start: bool) -> None:
-        if start:
-            self.d.postgres.stop()
-        else:
-            self.d.postgres.start("postgres", "nemesis")
+        with self._kind_locks[fault.kind]:
+            if start:
+                self.d.postgres.stop()
+            else:
+                self.d.postgres.start("postgres", "nemesis")
 
     def _stdout_stalled(self, fault: Fault, start: bool) -> None:
         relay = self.d.relay
