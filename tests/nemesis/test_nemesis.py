@@ -46,6 +46,11 @@ ANSWER_BUDGET = 1.0  # http.answer_timeout; the run fails when the answers' p99 
 CLIENT_TIMEOUT = 10.0  # Hipcall gives up after 5 to 10 s: no answer by then is "unanswered"
 KILL_WINDOW = (-0.1, 1.0)  # an unanswered request is excused when it ended this close to an ingress kill
 RESULT = ROOT / ".run" / "nemesis" / "result.json"
+# A broker-side fault's heal takes effect after its command returns: a cleared policy reaches the quorum
+# queue a moment later (seen: nacks for 3 s after clear_policy returned, on a loaded machine), a restarted
+# node's queues elect leaders, a slowed link's backlog drains. Within this many seconds after its heal the
+# broker is still counted as unable to take a webhook.
+HEAL_SETTLE = 5.0
 UNSENT_CALLS = 20  # calls in Hipcall's API whose webhooks never came: reconcile must recover them
 
 
@@ -518,8 +523,9 @@ class Nemesis:
 # --- the checker -----------------------------------------------------------------------------------------
 
 
-def _overlaps(fault: Fault, start: float, end: float) -> bool:
-    return fault.started <= end and (fault.healed is None or fault.healed >= start)
+def _overlaps(fault: Fault, start: float, end: float, after: float = 0.0) -> bool:
+    """Whether the fault was on during [start, end], counting `after` seconds past its heal as on."""
+    return fault.started <= end and (fault.healed is None or fault.healed + after >= start)
 
 
 def check(load: Load, nemesis: Nemesis, deployment: Deployment, seed: int) -> tuple[dict, list[str]]:
@@ -556,7 +562,7 @@ def check(load: Load, nemesis: Nemesis, deployment: Deployment, seed: int) -> tu
         end = a.started + a.seconds
         if a.status and not 200 <= a.status < 300:
             excused = any(_overlaps(f, a.started, end) for f in refusals_allowed) and \
-                any(_overlaps(f, a.started, end) for f in broker_faults)
+                any(_overlaps(f, a.started, end, HEAL_SETTLE) for f in broker_faults)
             if not excused:
                 bad_refusals.append(a)
         if not a.status and not any(KILL_WINDOW[0] <= end - k <= KILL_WINDOW[1] for k in kills):
