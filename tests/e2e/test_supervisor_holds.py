@@ -54,10 +54,10 @@ def _hup_once_it_is_caught(proc) -> None:
     """The first SIGHUP as soon as the supervisor's handler exists (the first line of `ingest/__main__.py`),
     its imports still to come. Not at a fixed time: before that line the interpreter's own start is left
     to the default action, tens of milliseconds on a quiet machine, over 200 ms seen on a loaded one."""
-    wait_until(lambda: _catches(proc.process.pid, signal.SIGHUP) or proc.process.poll() is not None,
+    wait_until(lambda: _alive_or_say_why(proc) and _catches(proc.process.pid, signal.SIGHUP),
                interval=0.002, what="the SIGHUP handler installed")
+    maps = Path(f"/proc/{proc.process.pid}/maps").read_text()  # at once: the imports go on meanwhile
     proc.process.send_signal(signal.SIGHUP)
-    maps = Path(f"/proc/{proc.process.pid}/maps").read_text()
     assert "orjson" not in maps, "the handler came only after the imports (orjson loaded): not during start-up"
 
 

@@ -29,6 +29,8 @@ import tempfile
 import threading
 import time
 import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
@@ -46,10 +48,10 @@ ANSWER_BUDGET = 1.0  # http.answer_timeout; the run fails when the answers' p99 
 CLIENT_TIMEOUT = 10.0  # Hipcall gives up after 5 to 10 s: no answer by then is "unanswered"
 KILL_WINDOW = (-0.1, 1.0)  # an unanswered request is excused when it ended this close to an ingress kill
 RESULT = ROOT / ".run" / "nemesis" / "result.json"
-# A broker-side fault's heal takes effect after its command returns: a cleared policy reaches the quorum
-# queue a moment later (seen: nacks for 3 s after clear_policy returned, on a loaded machine), a restarted
-# node's queues elect leaders, a slowed link's backlog drains. Within this many seconds after its heal the
-# broker is still counted as unable to take a webhook.
+# The heal of a fault inside the broker takes effect after its command returns: a cleared policy reaches
+# the quorum queue a moment later (seen: nacks for 3 s after clear_policy returned, on a loaded machine), a
+# restarted node's queues elect leaders, a lifted alarm unblocks connections. Within this many seconds after
+# such a heal the broker is still counted as unable to take a webhook (not after a proxy's: it is immediate).
 HEAL_SETTLE = 5.0
 UNSENT_CALLS = 20  # calls in Hipcall's API whose webhooks never came: reconcile must recover them
 
@@ -301,6 +303,7 @@ PROXY_FAULTS = ("proxy_cut", "proxy_stall", "proxy_slow")
 LASTING = (*NODE_FAULTS, *PROXY_FAULTS, "queue_full", "spool_disk_full", "postgres_stopped", "stdout_stalled")
 INSTANT = ("proxy_reset", "ingress_kill", "supervisor_hup", "supervisor_usr2", "worker_kill", "reconcile_kill")
 BROKER_SIDE = (*NODE_FAULTS, *PROXY_FAULTS, "proxy_reset", "queue_full")  # the broker may not take a webhook
+SETTLING = (*NODE_FAULTS, "queue_full")  # broker-side faults whose heal takes effect inside the broker (HEAL_SETTLE)
 
 
 @dataclass
@@ -314,6 +317,30 @@ class Fault:
     @property
     def name(self) -> str:
         return self.kind if self.target is None else f"{self.kind}[{self.target}]"
+
+
+class InOrder:
+    """Actions on one thing run one at a time, in the order their tickets were taken."""
+
+    def __init__(self) -> None:
+        self._turn = threading.Condition()
+        self._next = 0
+        self._issued = 0
+
+    def ticket(self) -> int:
+        self._issued += 1
+        return self._issued - 1
+
+    @contextmanager
+    def turn(self, ticket: int) -> Iterator[None]:
+        with self._turn:
+            self._turn.wait_for(lambda: self._next == ticket)
+        try:
+            yield
+        finally:
+            with self._turn:
+                self._next += 1
+                self._turn.notify_all()
 
 
 class Nemesis:
@@ -330,9 +357,10 @@ class Nemesis:
         self._threads: list[threading.Thread] = []
         self._node_locks = [threading.Lock() for _ in deployment.nodes]
         # A fault of one kind may start again while the heal of the last one still runs (PostgreSQL's start,
-        # a policy cleared through a node that answers slowly): its start waits for that heal, or the heal
-        # would undo it, or fail half-way (seen: a stop landed between PostgreSQL's start and its createdb).
-        self._kind_locks = {"postgres_stopped": threading.Lock(), "queue_full": threading.Lock()}
+        # a policy cleared through a node that answers slowly): its actions run one at a time in the order
+        # the schedule took them, or a heal would undo a later start, or fail half-way (seen: a stop landed
+        # between PostgreSQL's start and its createdb).
+        self._in_order = {"postgres_stopped": InOrder(), "queue_full": InOrder()}
 
     def run(self, seconds: float) -> None:
         end = time.monotonic() + seconds
@@ -372,9 +400,16 @@ class Nemesis:
         self._spawn(getattr(self, f"_{fault.kind}"), fault, False)
 
     def _spawn(self, action, fault: Fault, start: bool) -> None:
+        order = self._in_order.get(fault.kind)
+        ticket = order.ticket() if order else 0  # here, in the schedule's order
+
         def run() -> None:
             try:
-                action(fault, start)
+                if order:
+                    with order.turn(ticket):
+                        action(fault, start)
+                else:
+                    action(fault, start)
             except BaseException as exc:  # noqa: BLE001 - reported, not raised (RabbitNode fails with pytest's Failed)
                 self.errors.append(f"{fault.name} {'start' if start else 'heal'}: {type(exc).__name__}: {exc}")
             if not start or fault.kind in INSTANT:
@@ -442,10 +477,6 @@ class Nemesis:
 
     def _queue_full(self, fault: Fault, start: bool) -> None:
         """The sink consumer's queue at its length limit (0): the broker refuses every call_hangup."""
-        with self._kind_locks[fault.kind]:
-            self._set_queue_full(start)
-
-    def _set_queue_full(self, start: bool) -> None:
         args = (("set_policy", "nemesis-full", r"^sink\.call_hangup$", '{"max-length": 0, "overflow": "reject-publish"}',
                  "--apply-to", "queues", "--priority", "9") if start else ("clear_policy", "nemesis-full"))
         deadline = time.monotonic() + 300
@@ -475,11 +506,10 @@ class Nemesis:
                 pass  # ENOSPC: full
 
     def _postgres_stopped(self, fault: Fault, start: bool) -> None:
-        with self._kind_locks[fault.kind]:
-            if start:
-                self.d.postgres.stop()
-            else:
-                self.d.postgres.start("postgres", "nemesis")
+        if start:
+            self.d.postgres.stop()
+        else:
+            self.d.postgres.start("postgres", "nemesis")
 
     def _stdout_stalled(self, fault: Fault, start: bool) -> None:
         relay = self.d.relay
@@ -562,7 +592,7 @@ def check(load: Load, nemesis: Nemesis, deployment: Deployment, seed: int) -> tu
         end = a.started + a.seconds
         if a.status and not 200 <= a.status < 300:
             excused = any(_overlaps(f, a.started, end) for f in refusals_allowed) and \
-                any(_overlaps(f, a.started, end, HEAL_SETTLE) for f in broker_faults)
+                any(_overlaps(f, a.started, end, HEAL_SETTLE if f.kind in SETTLING else 0.0) for f in broker_faults)
             if not excused:
                 bad_refusals.append(a)
         if not a.status and not any(KILL_WINDOW[0] <= end - k <= KILL_WINDOW[1] for k in kills):
@@ -588,7 +618,10 @@ def check(load: Load, nemesis: Nemesis, deployment: Deployment, seed: int) -> tu
     t0 = load.answers[0].started if load.answers else 0.0  # the schedule's times count from here too
     if result["lost"]:
         failures.append(f"lost {result['lost']}: e.g. {sorted(lost_sink | lost_rows)[:3]}")
-        result["lost_detail"] = where_lost(load, deployment, lost_sink, lost_rows, t0)
+        try:
+            result["lost_detail"] = where_lost(load, deployment, lost_sink, lost_rows, t0)
+        except Exception as exc:  # noqa: BLE001 - a spool file drained away meanwhile, say: the loss is the news
+            result["lost_detail"] = {"error": f"{type(exc).__name__}: {exc}"}
     if unrecovered:
         failures.append(f"{len(unrecovered)} of {len(unsent)} calls never sent as webhooks were not recovered by reconcile")
     if bad_refusals:
