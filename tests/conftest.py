@@ -20,6 +20,8 @@ import time
 import urllib.error
 import urllib.parse
 import urllib.request
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import quote, urlsplit
@@ -29,6 +31,7 @@ import pytest
 
 from ingest.errors import NodeError
 from ingest.localnode import LocalNode, reachable
+from netproxy import Proxy
 
 FIXTURES = Path(__file__).parent / "fixtures"
 ROOT = Path(__file__).parent.parent
@@ -189,6 +192,16 @@ class Broker:
                         for _ in range(start, min(copies, start + 500))))
 
         self._run(main())
+
+
+@contextmanager
+def proxied(broker: Broker) -> Iterator[tuple[Broker, Proxy]]:
+    """The broker behind a TCP proxy on this host (tests/netproxy.py: slow it, stall it, cut it), closed after."""
+    proxy = Proxy(urlsplit(broker.url).port)
+    try:
+        yield Broker(proxy.url(broker.url)), proxy
+    finally:
+        proxy.close()
 
 
 def _reachable(url: str, timeout: float = 2.0) -> bool:

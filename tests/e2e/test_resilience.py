@@ -3,15 +3,12 @@
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 from concurrent.futures import ThreadPoolExecutor
-from urllib.parse import urlsplit
 
-from conftest import ROOT, Broker, free_port, http, payload, post_webhook, wait_until
+from conftest import ROOT, Broker, free_port, http, payload, post_webhook, proxied, wait_until
 from ingest.localnode import LocalNode, reachable
-from netproxy import Proxy
 
 NO_SPOOL = '[spool]\nenabled = false\n'
 
@@ -43,21 +40,11 @@ def test_an_ingress_process_takes_webhooks_only_once_its_broker_link_is_up(launc
     restarted after a kill while the spool's disk was full answered 503 in its first 75 ms). Through a
     proxy that delays each chunk by 10 ms, connecting and declaring the topology takes a second or more; webhooks
     sent as soon as the supervisor's socket listens wait in its queue and are all taken by the broker."""
-    proxy = Proxy(urlsplit(broker.url).port)
-    proxy.delay = 0.01
-    try:
+    with proxied(broker) as (slowed, proxy):
+        proxy.delay = 0.01
         # connect_timeout well past the slowed set-up, so that only a process that does not wait can fail
-        proc = launch("serve", Broker(proxy.url(broker.url)),
-                      '[http]\nprocesses = 1\n[broker]\nconnect_timeout = "30s"\n' + NO_SPOOL)
-
-        def listening() -> bool:
-            try:
-                socket.create_connection(("127.0.0.1", proc.port), timeout=1).close()
-                return True
-            except OSError:
-                return False
-
-        wait_until(listening, what="the supervisor's socket listening")
+        proc = launch("serve", slowed, '[http]\nprocesses = 1\n[broker]\nconnect_timeout = "30s"\n' + NO_SPOOL)
+        wait_until(lambda: reachable("127.0.0.1", proc.port), what="the supervisor's socket listening")
         with ThreadPoolExecutor(5) as pool:
             answers = list(pool.map(lambda n: post_webhook(proc, payload("call_hangup")), range(5)))
         assert [status for status, _, _ in answers] == [202] * 5, answers
@@ -67,17 +54,14 @@ def test_an_ingress_process_takes_webhooks_only_once_its_broker_link_is_up(launc
         assert sorted(m.message_id for m in broker.take("hipcall.call_hangup", expect=5)) == \
             sorted(answer["id"] for _, _, answer in answers)
         assert proc.stop() == 0
-    finally:
-        proxy.close()
 
 
 def test_a_broker_that_never_answers_holds_a_starting_process_back_only_until_its_attempt_fails(launch, broker):
     """The wait for the link is bounded: a broker that never answers (a proxy that forwards nothing) holds
     a process back until its connect times out (broker.connect_timeout), then it serves with the spool."""
-    proxy = Proxy(urlsplit(broker.url).port)
-    proxy.frozen.set()
-    try:
-        proc = launch("serve", Broker(proxy.url(broker.url)), '[http]\nprocesses = 1\n[broker]\nconnect_timeout = "2s"\n')
+    with proxied(broker) as (stalled, proxy):
+        proxy.frozen.set()
+        proc = launch("serve", stalled, '[http]\nprocesses = 1\n[broker]\nconnect_timeout = "2s"\n')
         proc.wait_http("/healthz")
         logs = [line.get("msg") for line in proc.logs()]
         assert logs.index("broker_unavailable") < logs.index("serving")  # it waited for the attempt...
@@ -89,25 +73,20 @@ def test_a_broker_that_never_answers_holds_a_starting_process_back_only_until_it
         proc.wait_http("/readyz", timeout=30)
         assert [m.message_id for m in broker.take("hipcall.call_hangup", expect=1, timeout=30)] == [answer["id"]]
         assert proc.stop() == 0
-    finally:
-        proxy.close()
 
 
 def test_an_ingress_process_asked_to_stop_while_it_waits_for_its_broker_link_never_accepts(launch, broker):
     """SIGTERM while the only process waits for a broker that never answers: it stops without accepting
     (no `serving` line) and the supervisor exits 0 before the wait would have ended."""
-    proxy = Proxy(urlsplit(broker.url).port)
-    proxy.frozen.set()
-    try:
-        proc = launch("serve", Broker(proxy.url(broker.url)), '[http]\nprocesses = 1\n[broker]\nconnect_timeout = "60s"\n')
+    with proxied(broker) as (stalled, proxy):
+        proxy.frozen.set()
+        proc = launch("serve", stalled, '[http]\nprocesses = 1\n[broker]\nconnect_timeout = "60s"\n')
         wait_until(lambda: proxy.connections() == 1, what="the process's link connecting")  # it waits now
         assert proc.stop(timeout=20) == 0  # the wait alone would be 15 s, the connect 60 s
         lines = proc.logs()
         assert "serving" not in [line.get("msg") for line in lines]
         assert [line.get("accepted") for line in lines if line.get("msg") == "stopping"] == [False]
         assert "stopped" in [line.get("msg") for line in lines]
-    finally:
-        proxy.close()
 
 
 def test_without_a_broker_webhooks_are_spooled_answered_202_and_drained_when_it_is_back(launch, node_broker, rabbit_node):

@@ -10,11 +10,9 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from urllib.parse import urlsplit
 
-from conftest import ROOT, Broker, Proc, free_port, http, payload, post_webhook, wait_until
+from conftest import ROOT, Proc, free_port, http, payload, post_webhook, proxied, wait_until
 from ingest.localnode import LocalNode, reachable
-from netproxy import Proxy
 
 SERVE = '[http]\nhost = "127.0.0.1"\n'
 
@@ -307,27 +305,20 @@ def test_sighups_queued_during_a_reload_run_one_more_reload_not_one_each(launch,
     """The four SIGHUPs take 0.8 s; a reload of two processes on a quiet machine took less (a third reload
     came). Behind a proxy that delays each chunk 10 ms, each fresh process waits a second or more for its
     broker link before it is ready, so the reload outlasts them."""
-    proxy = Proxy(urlsplit(broker.url).port)
-    proxy.delay = 0.01
-    try:
-        _sighups_during_a_reload(launch, Broker(proxy.url(broker.url)))
-    finally:
-        proxy.close()
-
-
-def _sighups_during_a_reload(launch, broker) -> None:
-    proc = launch("serve", broker, SERVE, wait="/readyz")
-    proc.process.send_signal(signal.SIGHUP)
-    wait_until(lambda: _lines(proc, "reload"), what="the reload running")
-    for _ in range(4):  # apart, so that the kernel does not merge them: the supervisor catches each
-        time.sleep(0.2)
+    with proxied(broker) as (slowed, proxy):
+        proxy.delay = 0.01
+        proc = launch("serve", slowed, SERVE, wait="/readyz")
         proc.process.send_signal(signal.SIGHUP)
-    wait_until(lambda: _alive_or_say_why(proc) and len(_lines(proc, "reload_done")) >= 2, timeout=120,
-               what="two reloads done")
-    second = _lines(proc, "reload")[1]
-    assert second.get("signals", 1) >= 2, second  # one reload for the SIGHUPs queued during the first
-    assert proc.stop(timeout=90) == 0
-    assert len(_lines(proc, "reload")) == 2
+        wait_until(lambda: _lines(proc, "reload"), what="the reload running")
+        for _ in range(4):  # apart, so that the kernel does not merge them: the supervisor catches each
+            time.sleep(0.2)
+            proc.process.send_signal(signal.SIGHUP)
+        wait_until(lambda: _alive_or_say_why(proc) and len(_lines(proc, "reload_done")) >= 2, timeout=120,
+                   what="two reloads done")
+        second = _lines(proc, "reload")[1]
+        assert second.get("signals", 1) >= 2, second  # one reload for the SIGHUPs queued during the first
+        assert proc.stop(timeout=90) == 0
+        assert len(_lines(proc, "reload")) == 2
 
 
 def test_a_sighup_while_run_starts_its_local_rabbitmq_node_is_queued(tmp_path):

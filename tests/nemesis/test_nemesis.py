@@ -30,7 +30,7 @@ import threading
 import time
 import uuid
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
@@ -405,10 +405,7 @@ class Nemesis:
 
         def run() -> None:
             try:
-                if order:
-                    with order.turn(ticket):
-                        action(fault, start)
-                else:
+                with order.turn(ticket) if order else nullcontext():
                     action(fault, start)
             except BaseException as exc:  # noqa: BLE001 - reported, not raised (RabbitNode fails with pytest's Failed)
                 self.errors.append(f"{fault.name} {'start' if start else 'heal'}: {type(exc).__name__}: {exc}")
